@@ -1,0 +1,57 @@
+# presence-gateway: the two commands a newcomer needs are `make run` and `make test`.
+# Both install what they need first (Debian's redis packages, a virtualenv, the Rust module).
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test setup system-deps native lint fmt bench clean
+
+run: setup
+	$(VENV)/bin/presence-gateway dev
+
+test: setup lint
+	cargo test --workspace --quiet
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+setup: system-deps $(STAMP) native
+
+system-deps:
+	@bash scripts/install-system-deps.sh
+
+$(STAMP): pyproject.toml
+	@command -v python3 >/dev/null || { echo "python3 (>= 3.11) is required"; exit 1; }
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "maturin>=1.9.4,<2" "uvloop>=0.19" "websockets>=14" "redis[hiredis]>=5.0" \
+		"pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3" "hypothesis>=6.100" \
+		"ruff>=0.6" "mypy>=1.11"
+	touch $(STAMP)
+
+# Builds the Rust extension in release mode and installs the package (editable) into the venv.
+native: $(STAMP)
+	@command -v cargo >/dev/null || { echo "cargo (Rust toolchain) is required: https://rustup.rs"; exit 1; }
+	$(VENV)/bin/maturin develop --release --quiet
+
+lint: setup
+	$(VENV)/bin/ruff check gateway tests bench loadtests
+	$(VENV)/bin/ruff format --check gateway tests bench loadtests
+	$(VENV)/bin/mypy --strict gateway
+	$(PY) -m mypy.stubtest gateway._native
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --quiet -- -D warnings
+	cargo clippy --workspace --all-targets --features python --quiet -- -D warnings
+
+fmt: setup
+	$(VENV)/bin/ruff format gateway tests bench loadtests
+	$(VENV)/bin/ruff check --fix gateway tests bench loadtests
+	cargo fmt --all
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) target .pytest_cache .mypy_cache .ruff_cache
