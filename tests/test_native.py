@@ -1,0 +1,563 @@
+"""The native write path (gateway._native) against its pure-Python reference and real Redis."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway import _native as native
+from gateway._native import (
+    BadOpError,
+    BadTagError,
+    NoIdentityError,
+    ReadOnlyError,
+    ReplyError,
+    ReplyReader,
+    RespError,
+    RoutingError,
+    StaleEpochError,
+    WrongShardError,
+)
+from gateway.shards import reference as ref
+
+VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "key_slot.tsv"
+REDIS_SERVER = "/usr/bin/redis-server"
+
+# ---------------------------------------------------------------------------- strategies
+
+brace_heavy = st.binary(max_size=24) | st.lists(
+    st.sampled_from([b"{", b"}", b"a", b"b", b"\x00", b"\xff", b":"]), max_size=16
+).map(b"".join)
+uuids = st.text(alphabet="0123456789abcdef", min_size=1, max_size=40)
+epochs = st.integers(min_value=1, max_value=2**63 - 1)
+args_st = st.lists(st.binary(max_size=40), max_size=4)
+op_st = st.tuples(
+    st.sampled_from([b"hset", b"hdel", b"del", b"pexpire", b""]), brace_heavy, args_st
+)
+
+
+def table_pair(n: int, epoch: int = 1) -> tuple[native.SlotTable, ref.SlotTable]:
+    ids = [f"{i:032x}" for i in range(n)]
+    return native.SlotTable.even(epoch, ids), ref.SlotTable.even(epoch, ids)
+
+
+# ---------------------------------------------------------------------------- key_slot
+
+
+def test_key_slot_shared_vectors() -> None:
+    if not VECTORS.exists():
+        pytest.skip(f"{VECTORS} not found")
+    rows = [
+        line.split("\t")
+        for line in VECTORS.read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert len(rows) > 3000
+    for hex_key, slot in rows:
+        key = bytes.fromhex(hex_key)
+        assert native.key_slot(key) == int(slot), hex_key
+        assert ref.key_slot(key) == int(slot), hex_key
+
+
+def test_key_slot_known() -> None:
+    assert native.key_slot(b"foo") == 12182
+    assert native.key_slot(b"{user1000}.following") == native.key_slot(b"user1000")
+    assert native.key_slot(b"foo{}{bar}") == ref.crc16(b"foo{}{bar}") % 16384
+    assert ref.crc16(b"123456789") == 0x31C3
+
+
+@given(brace_heavy)
+def test_key_slot_matches_reference(key: bytes) -> None:
+    assert native.key_slot(key) == ref.key_slot(key)
+
+
+def test_key_slot_rejects_str() -> None:
+    with pytest.raises(TypeError):
+        native.key_slot("foo")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- write_tag
+
+
+def test_write_tag_definition() -> None:
+    import hashlib
+
+    want = hashlib.sha1(b"u:42:k").hexdigest()[:16]
+    assert native.write_tag("u", 42, b"k") == want == ref.write_tag("u", 42, b"k")
+
+
+@given(uuids | st.text(max_size=10), epochs, brace_heavy)
+def test_write_tag_matches_reference(uuid: str, epoch: int, key: bytes) -> None:
+    assert native.write_tag(uuid, epoch, key) == ref.write_tag(uuid, epoch, key)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "exc"), [(0, ValueError), (-1, ValueError), (2**64, ValueError), (True, TypeError)]
+)
+def test_write_tag_bad_epoch(epoch: int, exc: type[Exception]) -> None:
+    with pytest.raises(exc):
+        native.write_tag("u", epoch, b"k")
+    with pytest.raises(exc):
+        ref.write_tag("u", epoch, b"k")
+
+
+# ---------------------------------------------------------------------------- pack_command
+
+
+def test_pack_command_exact() -> None:
+    assert native.pack_command([b"SET", "k\u00e9", -5, 2**70]) == (
+        b"*4\r\n$3\r\nSET\r\n$3\r\nk\xc3\xa9\r\n$2\r\n-5\r\n$22\r\n1180591620717411303424\r\n"
+    )
+    assert native.pack_command(()) == b"*0\r\n"
+
+
+@given(st.lists(st.binary(max_size=30) | st.text(max_size=10) | st.integers(), max_size=8))
+def test_pack_command_matches_reference(args: list[bytes | str | int]) -> None:
+    assert native.pack_command(args) == ref.pack_command(args)
+
+
+@pytest.mark.parametrize("bad", [[1.5], [True], [None], b"SET", "SET", [bytearray(b"x")]])
+def test_pack_command_rejects(bad: object) -> None:
+    with pytest.raises(TypeError):
+        native.pack_command(bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        ref.pack_command(bad)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- SlotTable
+
+
+def test_slot_table_lookups() -> None:
+    t = native.SlotTable(5, ["a", "b"], [(0, 8191), (8192, 16383)])
+    assert (t.epoch, t.num_shards, t.uuid(0), t.uuid(1)) == (5, 2, "a", "b")
+    assert t.shard_of_slot(8191) == 0
+    assert t.shard_of_slot(8192) == 1
+    assert t.shard_for_key(b"foo") == 1
+    assert native.SlotTable.even_ranges(3) == ref.even_ranges(3)
+    assert native.SlotTable.even_ranges(2) == [(0, 8191), (8192, 16383)]
+    for bad in (-1, 16384):
+        with pytest.raises(ValueError, match="out of range"):
+            t.shard_of_slot(bad)
+    with pytest.raises(ValueError, match="out of range"):
+        t.uuid(2)
+
+
+@given(st.integers(min_value=1, max_value=40), st.integers(min_value=0, max_value=16383))
+def test_slot_table_matches_reference(n: int, slot: int) -> None:
+    nat, py = table_pair(n)
+    assert nat.shard_of_slot(slot) == py.shard_of_slot(slot)
+    assert native.SlotTable.even_ranges(n) == ref.SlotTable.even_ranges(n)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "ids", "ranges", "message"),
+    [
+        (0, ["a"], [(0, 16383)], "epoch must be >= 1"),
+        (1, [], [], "at least one shard"),
+        (1, ["a", "b"], [(0, 16383)], "2 uuids but 1 slot ranges"),
+        (1, [""], [(0, 16383)], "uuid of shard 0"),
+        (1, ["caf\u00e9"], [(0, 16383)], "uuid of shard 0"),
+        (1, ["a"], [(0, 16384)], "outside"),
+        (1, ["a", "b"], [(0, 100), (100, 16383)], "slot 100 is in the ranges of both"),
+        (1, ["a", "b"], [(0, 100), (102, 16383)], "slot 101 is not in any"),
+        (1, ["a", "b"], [(0, 100), (16383, 101)], "starts after it ends"),
+    ],
+)
+def test_slot_table_validation(
+    epoch: int, ids: list[str], ranges: list[tuple[int, int]], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        native.SlotTable(epoch, ids, ranges)
+    with pytest.raises(ValueError, match=message):
+        ref.SlotTable(epoch, ids, ranges)
+
+
+def test_slot_table_type_errors() -> None:
+    with pytest.raises(TypeError):
+        native.SlotTable("1", ["a"], [(0, 16383)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        native.SlotTable(1, "a", [(0, 16383)])
+    with pytest.raises(ValueError, match="number of shards"):
+        native.SlotTable.even_ranges(0)
+    for module in (native, ref):
+        with pytest.raises(ValueError, match="at least one shard"):
+            module.SlotTable.even(1, [])
+
+
+# ---------------------------------------------------------------------------- build_batches
+
+
+def test_build_batches_framing() -> None:
+    nat, _ = table_pair(1, epoch=3)
+    uuid = nat.uuid(0)
+    [batch] = native.build_batches(nat, [(b"hset", b"k", [b"f", b"v", b"0"]), (b"del", b"j", ())])
+    tag_k, tag_j = native.write_tag(uuid, 3, b"k"), native.write_tag(uuid, 3, b"j")
+    cmd: list[bytes | str | int] = ["FCALL", "pg_apply", 2, b"k", b"j", uuid, 3]
+    cmd += [b"hset", tag_k, 3, b"f", b"v", b"0", b"del", tag_j, 0]
+    assert batch.payload == native.pack_command(cmd)
+    assert (batch.shard, batch.op_indices, batch.n_commands) == (0, [0, 1], 1)
+    assert native.build_batches(nat, []) == []
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(op_st, max_size=40),
+    st.integers(min_value=1, max_value=5),
+    st.integers(min_value=1, max_value=6),
+    epochs,
+)
+def test_build_batches_matches_reference(
+    ops: list[tuple[bytes, bytes, list[bytes]]], shards: int, group: int, epoch: int
+) -> None:
+    nat_table, ref_table = table_pair(shards, epoch)
+    got = native.build_batches(nat_table, ops, group=group)
+    want = ref.build_batches(ref_table, ops, group=group)
+    assert [(b.shard, b.payload, b.op_indices, b.n_commands) for b in got] == [
+        (b.shard, b.payload, b.op_indices, b.n_commands) for b in want
+    ]
+    assert sorted(i for b in got for i in b.op_indices) == list(range(len(ops)))
+
+
+def test_build_batches_bad_input() -> None:
+    t, _ = table_pair(2)
+    with pytest.raises(ValueError, match="group"):
+        native.build_batches(t, [], group=0)
+    bad_ops: list[object] = [
+        [(b"hset", "k", [])],
+        [(b"hset", b"k", [b"f", 1])],
+        [(b"hset", b"k", b"args")],
+        [[b"hset", b"k", []]],
+        [(b"hset", b"k")],
+    ]
+    for ops in bad_ops:
+        with pytest.raises(TypeError):
+            native.build_batches(t, ops)  # type: ignore[arg-type]
+
+
+def test_map_replies() -> None:
+    t, _ = table_pair(1)
+    ops = [(b"del", f"k{i}".encode(), ()) for i in range(5)]
+    [batch] = native.build_batches(t, ops, group=2)
+    assert batch.n_commands == 3
+    err = WrongShardError("WRONGSHARD other")
+    results = batch.map_replies([[1, 0], err, [BadTagError("BADTAG x")]])
+    assert results[:2] == [1, 0]
+    assert results[2] is err
+    assert results[3] is err
+    assert isinstance(results[4], BadTagError)
+    with pytest.raises(RespError, match="expected 3 replies"):
+        batch.map_replies([[1, 0], err])
+    with pytest.raises(RespError, match="elements"):
+        batch.map_replies([[1], err, [1]])
+    with pytest.raises(RespError, match="neither"):
+        batch.map_replies([[1, 0], "OK", [1]])
+
+
+# ---------------------------------------------------------------------------- ReplyReader
+
+WIRE = (
+    b"+OK\r\n"
+    b"-ERR unknown command\r\n"
+    b":-42\r\n"
+    b"$5\r\nhe\r\no\r\n"
+    b"$-1\r\n"
+    b"*-1\r\n"
+    b"*0\r\n"
+    b"*3\r\n*2\r\n:1\r\n$0\r\n\r\n-BADTAG tag mismatch\r\n+x\r\n"
+    b"$0\r\n\r\n"
+)
+
+
+def check_wire_replies(replies: list[object]) -> None:
+    assert replies[0] == "OK"
+    assert type(replies[1]) is ReplyError
+    assert replies[1].args == ("ERR unknown command",)
+    assert replies[1].code == "ERR"
+    assert replies[2:7] == [-42, b"he\r\no", None, None, []]
+    nested = replies[7]
+    assert isinstance(nested, list)
+    assert nested[0] == [1, b""]
+    assert isinstance(nested[1], BadTagError)
+    assert nested[1].code == "BADTAG"
+    assert nested[2] == "x"
+    assert replies[8] == b""
+
+
+def test_reader_whole() -> None:
+    r = ReplyReader()
+    r.feed(WIRE)
+    assert r.available() == 9
+    replies = r.take(9)
+    assert replies is not None
+    check_wire_replies(replies)
+
+
+def test_reader_every_split() -> None:
+    for cut in range(len(WIRE) + 1):
+        r = ReplyReader()
+        r.feed(WIRE[:cut])
+        r.feed(WIRE[cut:])
+        replies = r.take(9)
+        assert replies is not None, cut
+        check_wire_replies(replies)
+
+
+def test_reader_byte_by_byte() -> None:
+    r = ReplyReader()
+    seen = 0
+    for i in range(len(WIRE)):
+        r.feed(WIRE[i : i + 1])
+        assert r.available() >= seen
+        seen = r.available()
+    replies = r.take(9)
+    assert replies is not None
+    check_wire_replies(replies)
+
+
+def test_reader_take_all_or_nothing() -> None:
+    r = ReplyReader()
+    r.feed(b":1\r\n:2\r\n*2\r\n:3\r\n")
+    assert r.available() == 2
+    assert r.take(3) is None
+    assert r.take(1) == [1]
+    r.feed(b":4\r\n")
+    assert r.take(2) == [2, [3, 4]]
+    assert r.take(0) == []
+    with pytest.raises(ValueError):
+        r.take(-1)
+
+
+@pytest.mark.parametrize(
+    ("message", "cls"),
+    [
+        ("WRONGSHARD expected shard-1", WrongShardError),
+        ("STALEEPOCH stored 2", StaleEpochError),
+        ("NOIDENTITY", NoIdentityError),
+        ("READONLY You can't write against a read only replica.", ReadOnlyError),
+        ("BADTAG op 3", BadTagError),
+        ("BADOP nope", BadOpError),
+        ("ERR something", ReplyError),
+        ("WRONGSHARDX y", ReplyError),
+    ],
+)
+def test_reader_error_classes(message: str, cls: type[ReplyError]) -> None:
+    r = ReplyReader()
+    r.feed(b"-" + message.encode() + b"\r\n")
+    [err] = r.take(1) or []
+    assert type(err) is cls
+    assert isinstance(err, ReplyError)
+    assert isinstance(err, RuntimeError)
+    assert err.args == (message,)
+    assert err.code == message.split(" ", maxsplit=1)[0]
+    routing = cls in {WrongShardError, StaleEpochError, NoIdentityError, ReadOnlyError}
+    assert isinstance(err, RoutingError) == routing
+
+
+def test_exception_hierarchy() -> None:
+    assert issubclass(RespError, ValueError)
+    assert issubclass(ReplyError, RuntimeError)
+    e = StaleEpochError("STALEEPOCH now 3")
+    assert (e.code, str(e)) == ("STALEEPOCH", "STALEEPOCH now 3")
+    with pytest.raises(RoutingError):
+        raise e
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"?\r\n",
+        b":12x\r\n",
+        b":\r\n",
+        b":99999999999999999999\r\n",
+        b"$3\r\nabcd\r\n",
+        b"$-2\r\n",
+        b"*-3\r\n",
+        b"+a\rb\r\n",
+        b"%1\r\n",
+        b"*1\r\n:1\r\n!",
+    ],
+)
+def test_reader_malformed(bad: bytes) -> None:
+    r = ReplyReader()
+    with pytest.raises(RespError):
+        for i in range(len(bad)):
+            r.feed(bad[i : i + 1])
+    with pytest.raises(RespError):
+        r.feed(b"+OK\r\n")
+    with pytest.raises(RespError):
+        r.available()
+    with pytest.raises(RespError):
+        r.take(0)
+
+
+# ---------------------------------------------------------------------------- real Redis
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _start_redis(tmp_path: Path, *extra: str) -> Iterator[int]:
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip("redis-server not installed")
+    for _attempt in range(5):
+        port = _free_port()
+        cmd = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        cmd += ["--appendonly", "no", "--dir", str(tmp_path), *extra]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                        s.sendall(native.pack_command(["PING"]))
+                        if s.recv(64).startswith(b"+PONG"):
+                            break
+                except OSError:
+                    time.sleep(0.05)
+            if proc.poll() is None:
+                yield port
+                return
+        finally:
+            proc.kill()
+            proc.wait()
+    pytest.fail("could not start redis-server")
+
+
+@pytest.fixture
+def redis_port(tmp_path: Path) -> Iterator[int]:
+    yield from _start_redis(tmp_path)
+
+
+@pytest.fixture
+def cluster_port(tmp_path: Path) -> Iterator[int]:
+    yield from _start_redis(
+        tmp_path, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"
+    )
+
+
+def test_key_slot_equals_cluster_keyslot(cluster_port: int) -> None:
+    rng = random.Random(1234)
+    keys = [rng.randbytes(rng.randrange(0, 24)) for _ in range(2000)]
+    alphabet = [b"{", b"}", b"a", b"{}", b"x:"]
+    keys += [b"".join(rng.choices(alphabet, k=rng.randrange(0, 10))) for _ in range(1000)]
+    keys += [f"{{1:presence-room-{i}}}:pres".encode() for i in range(500)]
+    client = redis.Redis(host="127.0.0.1", port=cluster_port)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.execute_command("CLUSTER", "KEYSLOT", key)  # type: ignore[no-untyped-call]
+        slots = pipe.execute()
+    finally:
+        client.close()
+    for key, slot in zip(keys, slots, strict=True):
+        assert native.key_slot(key) == slot, key
+
+
+def _exchange(port: int, payload: bytes, n: int) -> list[object]:
+    reader = ReplyReader()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(payload)
+        while reader.available() < n:
+            chunk = s.recv(7)  # tiny reads exercise the incremental parser
+            assert chunk, "server closed the connection"
+            reader.feed(chunk)
+    replies = reader.take(n)
+    assert replies is not None
+    return replies
+
+
+def test_pipeline_against_redis(redis_port: int) -> None:
+    commands: list[list[bytes | str | int]] = [
+        [b"SET", b"k", b"v\r\nv"],
+        ["GET", "k"],
+        ["HSET", "h", "f", 1, "g", b"2"],
+        ["HGETALL", "h"],
+        ["NOSUCHCOMMAND", 1],
+        ["GET", "h"],
+        ["GET", "missing"],
+        ["INCRBY", "n", -5],
+    ]
+    payload = b"".join(native.pack_command(c) for c in commands)
+    replies = _exchange(redis_port, payload, 8)
+    assert replies[:4] == ["OK", b"v\r\nv", 2, [b"f", b"1", b"g", b"2"]]
+    assert type(replies[4]) is ReplyError
+    assert replies[4].code == "ERR"
+    assert type(replies[5]) is ReplyError
+    assert replies[5].code == "WRONGTYPE"
+    assert replies[6:] == [None, -5]
+
+
+# A stand-in for the real library: checks the framing and the tags the way the shard does.
+TEST_LIBRARY = """#!lua name=pgtest
+redis.register_function('pg_apply', function(keys, argv)
+  if argv[1] ~= 'shard-good' then
+    return redis.error_reply('WRONGSHARD this is shard-good')
+  end
+  local out = {}
+  local i = 3
+  for k = 1, #keys do
+    local op, tag, argc = argv[i], argv[i + 1], tonumber(argv[i + 2])
+    local want = string.sub(redis.sha1hex(argv[1] .. ':' .. argv[2] .. ':' .. keys[k]), 1, 16)
+    if tag ~= want then
+      out[k] = redis.error_reply('BADTAG tag mismatch')
+    elseif op == 'hset' and argc == 2 then
+      out[k] = redis.call('HSET', keys[k], argv[i + 3], argv[i + 4])
+    else
+      out[k] = redis.error_reply('BADOP ' .. op)
+    end
+    i = i + 3 + argc
+  end
+  if i ~= #argv + 1 then
+    return redis.error_reply('ERR bad framing')
+  end
+  return out
+end)
+"""
+
+
+def test_batches_against_redis_function(redis_port: int) -> None:
+    table = native.SlotTable(4, ["shard-good", "shard-bad"], native.SlotTable.even_ranges(2))
+    [loaded] = _exchange(
+        redis_port, native.pack_command(["FUNCTION", "LOAD", "REPLACE", TEST_LIBRARY]), 1
+    )
+    assert loaded == b"pgtest"
+    ops: list[tuple[bytes, bytes, list[bytes]]] = [
+        (b"hset", f"{{1:presence-room-{i}}}:pres".encode(), [b"node-a/user-%d" % i, b"{}"])
+        for i in range(40)
+    ]
+    ops.append((b"nope", b"{1:presence-room-0}:pres", []))
+    batches = native.build_batches(table, ops, group=8)
+    assert [b.shard for b in batches] == [0, 1]
+    good, bad = batches
+    tampered_key = ops[good.op_indices[3]][1]
+    tag = native.write_tag("shard-good", 4, tampered_key).encode()
+    payload = good.payload.replace(tag, b"0" * 16)
+
+    results = good.map_replies(_exchange(redis_port, payload, good.n_commands))
+    for pos, (i, result) in enumerate(zip(good.op_indices, results, strict=True)):
+        if pos == 3:
+            assert isinstance(result, BadTagError)
+        elif ops[i][0] == b"nope":
+            assert isinstance(result, BadOpError)
+        else:
+            assert result == 1
+
+    results = bad.map_replies(_exchange(redis_port, bad.payload, bad.n_commands))
+    assert len(results) == len(bad.op_indices)
+    assert all(isinstance(r, WrongShardError) for r in results)
+    # One error object per call, shared by the ops of that call.
+    assert results[0] is results[min(7, len(results) - 1)]
