@@ -1,0 +1,154 @@
+"""Shared pytest fixtures: real local Redis + Sentinel topologies started by gateway.localcluster.
+
+Fixtures for test authors:
+
+``cluster`` (session scope)
+    A running :class:`~gateway.localcluster.LocalCluster` — 2 shards, 1 replica each,
+    3 sentinels (master names ``shard-0``, ``shard-1``) — on a free port range in a temporary
+    directory, started once and stopped at the end of the session. It is *shared*: tests may
+    read and write keys (clean up after yourself or use unique key names) but must not change
+    the topology (no kills, failovers or sentinel repointing). ``cluster.topology_path`` is the
+    ``topology.json`` to hand to code under test; ``cluster.client(addr)`` gives a redis-py
+    client (use it in a ``with`` block).
+
+``fresh_cluster`` (function scope)
+    The same layout, started for one test and stopped after it, whatever the test did to it.
+    Use it for chaos tests: ``stop_process``, ``start_process``, ``failover``,
+    ``repoint_sentinels``. Starting one costs about 2-3 s.
+
+``cluster_factory`` (function scope)
+    ``cluster_factory(**options) -> LocalCluster`` starts a topology with other options (for
+    example ``shards=3`` or ``sentinels=0``) on a free port range; every topology it started
+    is stopped after the test.
+
+Plain helpers behind the fixtures: :func:`find_free_port_range` picks a base port whose whole
+range binds on 127.0.0.1 right now; :func:`start_local_cluster` starts a topology on such a
+range, retrying with another range if a port is taken meanwhile. Prefer the fixtures.
+
+All of them skip the test when ``redis-server`` or ``redis-sentinel`` is not installed.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.localcluster import LocalCluster, PortInUseError
+
+__all__ = ["find_free_port_range", "start_local_cluster"]
+
+# Below Linux's default ephemeral range (32768-60999), so client sockets do not collide.
+_PORT_LOW = 20000
+_PORT_HIGH = 32000
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def find_free_port_range(count: int, *, host: str = "127.0.0.1", attempts: int = 200) -> int:
+    """Return a base port such that ``base .. base+count-1`` all bind on ``host`` right now.
+
+    The base is random, so concurrent test processes rarely pick the same range; the range
+    can still be taken before it is used, which :func:`start_local_cluster` handles.
+
+    Args:
+        count: Number of consecutive ports needed.
+        host: Address to bind-check.
+        attempts: Random bases to try before giving up.
+
+    Raises:
+        RuntimeError: No free range was found.
+    """
+    for _ in range(attempts):
+        base = random.randrange(_PORT_LOW, _PORT_HIGH - count)
+        if all(_port_free(host, base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no free range of {count} ports on {host}")
+
+
+def start_local_cluster(directory: Path, *, retries: int = 5, **options: Any) -> LocalCluster:
+    """Start a :class:`LocalCluster` in ``directory`` on a free port range and return it.
+
+    Args:
+        directory: Cluster directory (configs, logs, ``topology.json``).
+        retries: Port ranges to try when one turns out to be taken.
+        **options: ``LocalCluster`` keyword options except ``base_port``.
+
+    Raises:
+        PortInUseError: Every range tried was taken.
+        ClusterError: The topology did not come up (its processes are stopped again).
+    """
+    if shutil.which("redis-server") is None or shutil.which("redis-sentinel") is None:
+        pytest.skip("redis-server / redis-sentinel not installed")
+    probe = LocalCluster(directory, **options)
+    count = len(probe.processes)
+    for attempt in range(retries):
+        base = find_free_port_range(count, host=probe.host)
+        local = LocalCluster(directory, base_port=base, **options)
+        try:
+            local.up()
+        except PortInUseError:
+            if attempt == retries - 1:
+                raise
+            continue
+        return local
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Shared running topology (2 shards x 1 replica, 3 sentinels); do not damage it."""
+    local = start_local_cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield local
+    finally:
+        local.down()
+
+
+@pytest.fixture
+def fresh_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """Private running topology (2 shards x 1 replica, 3 sentinels) for one test."""
+    local = start_local_cluster(tmp_path / "cluster")
+    try:
+        yield local
+    finally:
+        local.down()
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
+    """Factory ``(**LocalCluster options) -> running LocalCluster``; all stopped after the test."""
+    started: list[LocalCluster] = []
+
+    def factory(**options: Any) -> LocalCluster:
+        local = start_local_cluster(tmp_path / f"cluster-{len(started)}", **options)
+        started.append(local)
+        return local
+
+    try:
+        yield factory
+    finally:
+        for local in started:
+            local.down()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run every async test on uvloop, the loop the gateway runs on in production."""
+    import asyncio
+
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

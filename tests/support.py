@@ -1,0 +1,11 @@
+"""Helpers shared by tests (not fixtures): raw Redis clients that return bytes."""
+
+from __future__ import annotations
+
+import redis
+
+
+def raw_client(addr: str) -> redis.Redis:
+    """A redis-py client for ``host:port`` whose replies are bytes, not decoded text."""
+    host, _, port = addr.rpartition(":")
+    return redis.Redis(host=host, port=int(port), socket_timeout=5, protocol=2)
