@@ -1,0 +1,69 @@
+"""Process-wide counters and gauges, rendered in the Prometheus text format."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = ["Metrics"]
+
+_Labels = tuple[tuple[str, str], ...]
+
+
+class Metrics:
+    """A small registry of labelled counters and gauges.
+
+    Counters only go up; gauges are read from callbacks at render time so they are never stale.
+    """
+
+    def __init__(self) -> None:
+        self._counters: dict[str, dict[_Labels, float]] = {}
+        self._help: dict[str, str] = {}
+        self._gauges: dict[str, tuple[str, Callable[[], dict[_Labels, float]]]] = {}
+
+    def describe(self, name: str, text: str) -> None:
+        """Set the ``# HELP`` text of a counter."""
+        self._help[name] = text
+
+    def inc(self, name: str, amount: float = 1, **labels: str) -> None:
+        """Add ``amount`` to counter ``name`` with the given labels."""
+        series = self._counters.setdefault(name, {})
+        key = tuple(sorted(labels.items()))
+        series[key] = series.get(key, 0) + amount
+
+    def get(self, name: str, **labels: str) -> float:
+        """Current value of one counter series (0 if never incremented)."""
+        return self._counters.get(name, {}).get(tuple(sorted(labels.items())), 0)
+
+    def total(self, name: str) -> float:
+        """Sum of a counter over all its label sets."""
+        return sum(self._counters.get(name, {}).values())
+
+    def gauge(self, name: str, text: str, read: Callable[[], dict[_Labels, float]]) -> None:
+        """Register a gauge whose series are produced by ``read`` at render time."""
+        self._gauges[name] = (text, read)
+
+    def render(self) -> str:
+        """The Prometheus text exposition of every counter and gauge."""
+        lines: list[str] = []
+        for name in sorted(self._counters):
+            lines.append(f"# HELP {name} {self._help.get(name, name)}")
+            lines.append(f"# TYPE {name} counter")
+            for labels, value in sorted(self._counters[name].items()):
+                lines.append(f"{name}{_fmt(labels)} {value:g}")
+        for name in sorted(self._gauges):
+            text, read = self._gauges[name]
+            lines.append(f"# HELP {name} {text}")
+            lines.append(f"# TYPE {name} gauge")
+            for labels, value in sorted(read().items()):
+                lines.append(f"{name}{_fmt(labels)} {value:g}")
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(labels: _Labels) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(
+        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+        for k, v in labels
+    )
+    return "{" + inner + "}"

@@ -1,0 +1,144 @@
+"""One pipelined RESP connection to one Redis server, driven by the native reply reader."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any, cast
+
+from gateway._native import ReplyError, ReplyReader, RespError, pack_command
+from gateway.shards.topology import Address
+
+__all__ = ["ConnectionLost", "ShardConnection", "open_connection"]
+
+
+class ConnectionLost(ConnectionError):
+    """The connection to a shard server closed or broke while requests were pending."""
+
+
+class _Protocol(asyncio.Protocol):
+    """Feeds received bytes to the native reader and completes requests in FIFO order."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.reader = ReplyReader()
+        # Each pending request: (number of replies expected, future of their list).
+        self.pending: collections.deque[tuple[int, asyncio.Future[list[object]]]] = (
+            collections.deque()
+        )
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.error: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the Transport interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.reader.feed(data)
+        except RespError as exc:
+            self._fail(ConnectionLost(f"protocol error from server: {exc}"))
+            return
+        pending = self.pending
+        reader = self.reader
+        while pending:
+            n, fut = pending[0]
+            replies = reader.take(n)
+            if replies is None:
+                break
+            pending.popleft()
+            if not fut.done():
+                fut.set_result(replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionLost(f"connection closed: {exc}" if exc else "connection closed"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        while self.pending:
+            _, fut = self.pending.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class ShardConnection:
+    """A pipelined connection: many requests may be in flight; replies return in order.
+
+    Use :func:`open_connection` to create one.
+    """
+
+    def __init__(self, address: Address, protocol: _Protocol) -> None:
+        self.address = address
+        self._protocol = protocol
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether the connection has failed or been closed."""
+        return self._protocol.error is not None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent whose replies have not all arrived."""
+        return len(self._protocol.pending)
+
+    def send(self, payload: bytes, n_replies: int) -> asyncio.Future[list[object]]:
+        """Write an already packed pipeline and return a future of its ``n_replies`` replies.
+
+        The future fails with :class:`ConnectionLost` if the connection breaks first.
+        """
+        proto = self._protocol
+        fut: asyncio.Future[list[object]] = asyncio.get_running_loop().create_future()
+        if proto.error is not None or proto.transport is None:
+            fut.set_exception(ConnectionLost(f"{self.address}: connection is closed"))
+            return fut
+        proto.pending.append((n_replies, fut))
+        proto.transport.write(payload)
+        return fut
+
+    async def command(self, *args: bytes | str | int, timeout: float = 5.0) -> Any:
+        """Run one command and return its reply; an error reply is raised.
+
+        Raises:
+            ReplyError: The server answered with an error (subclass chosen by its code).
+            ConnectionLost: The connection broke.
+            TimeoutError: No reply within ``timeout`` seconds (the connection is closed).
+        """
+        fut = self.send(pack_command(args), 1)
+        try:
+            replies = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            self.close()
+            raise
+        reply = replies[0]
+        if isinstance(reply, ReplyError):
+            raise reply
+        return reply
+
+    def close(self) -> None:
+        """Close the connection; pending requests fail with :class:`ConnectionLost`."""
+        self._protocol._fail(ConnectionLost(f"{self.address}: closed by the gateway"))
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed."""
+        await self._protocol.closed
+
+
+async def open_connection(address: Address, *, timeout: float = 2.0) -> ShardConnection:
+    """Connect to a Redis server.
+
+    Raises:
+        ConnectionLost: The server is unreachable within ``timeout`` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        _, protocol = await asyncio.wait_for(
+            loop.create_connection(_Protocol, address.host, address.port), timeout
+        )
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionLost(f"{address}: cannot connect: {exc}") from exc
+    return ShardConnection(address, protocol)

@@ -1,0 +1,347 @@
+"""The set of shard links: discovery, identity verification, periodic re-checks, the slot table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway._native import ReplyError, SlotTable
+from gateway.metrics import Metrics
+from gateway.shards.admin import IDENTITY_KEY, ShardIdentity
+from gateway.shards.connection import ConnectionLost, ShardConnection, open_connection
+from gateway.shards.topology import Address, ShardSpec, TopologyConfig
+
+__all__ = ["IdentityMismatch", "ShardLink", "ShardSet", "discover_master"]
+
+log = logging.getLogger("gateway.shards")
+
+#: uuid used in the slot table for a shard whose identity is not known yet; never sent.
+_UNKNOWN_UUID = "unverified"
+
+
+class IdentityMismatch(RuntimeError):
+    """The server found for a shard is not that shard (or not a master)."""
+
+
+async def discover_master(
+    sentinels: tuple[Address, ...], name: str, *, timeout: float = 1.0
+) -> Address | None:
+    """Ask every Sentinel for master ``name``; return the address most of them report.
+
+    Sentinels that do not answer in ``timeout`` seconds are ignored. Returns ``None`` when no
+    Sentinel knows the name.
+    """
+
+    async def ask(sentinel: Address) -> Address | None:
+        try:
+            conn = await open_connection(sentinel, timeout=timeout)
+        except ConnectionLost:
+            return None
+        try:
+            reply = await conn.command("SENTINEL", "get-master-addr-by-name", name, timeout=timeout)
+        except (ReplyError, ConnectionLost, TimeoutError):
+            return None
+        finally:
+            conn.close()
+        if not isinstance(reply, list) or len(reply) != 2:
+            return None
+        return Address(bytes(reply[0]).decode(), int(bytes(reply[1])))
+
+    answers = await asyncio.gather(*(ask(s) for s in sentinels))
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return None
+    return votes.most_common(1)[0][0]
+
+
+def _decode_hash(reply: object) -> dict[str, str]:
+    if not isinstance(reply, list):
+        return {}
+    items = [x.decode() if isinstance(x, bytes) else str(x) for x in reply]
+    return dict(zip(items[0::2], items[1::2], strict=True))
+
+
+def _info_field(info: bytes, name: str) -> str:
+    prefix = name.encode() + b":"
+    for line in info.splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix) :].decode().strip()
+    return ""
+
+
+@dataclass
+class ShardLink:
+    """The gateway's connection to one shard's current master, and what it verified there.
+
+    Attributes:
+        index: Position in the slot table.
+        spec: The configured shard.
+        conn: Open, verified connection, or None while the shard is unavailable.
+        identity: The identity last verified on this shard.
+        run_id: ``run_id`` of the verified server (changes when the master changes).
+        replid: Replication id of the verified master.
+        last_error: Why the link is down, for health reports.
+    """
+
+    index: int
+    spec: ShardSpec
+    conn: ShardConnection | None = None
+    identity: ShardIdentity | None = None
+    run_id: str = ""
+    replid: str = ""
+    last_error: str = "not connected yet"
+    usable: bool = False
+    suspect_reason: str | None = None
+    failures: int = 0
+    generation: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> Address | None:
+        """Address of the server this link is connected to."""
+        return self.conn.address if self.conn is not None else None
+
+
+class ShardSet:
+    """Keeps one verified connection per shard and the slot table that tags writes.
+
+    A link is *usable* only while its server answered ``ROLE`` as master and holds the identity
+    of that shard (same deployment, name, index and shard count; same uuid, or a newer epoch).
+    A supervisor task per shard re-resolves the master through Sentinel every
+    ``recheck_interval`` seconds, re-verifies the identity on the open connection, and
+    reconnects at once when a write was rejected for routing (:meth:`mark_suspect`).
+    """
+
+    def __init__(
+        self,
+        topology: TopologyConfig,
+        *,
+        metrics: Metrics | None = None,
+        recheck_interval: float = 1.0,
+        connect_timeout: float = 2.0,
+        verify_identity: bool = True,
+    ) -> None:
+        self.topology = topology
+        self.metrics = metrics or Metrics()
+        self.recheck_interval = recheck_interval
+        self.connect_timeout = connect_timeout
+        self.verify_identity = verify_identity
+        self.links = [ShardLink(i, spec) for i, spec in enumerate(topology.shards)]
+        self._ranges = SlotTable.even_ranges(len(self.links))
+        self.table = SlotTable(1, [_UNKNOWN_UUID] * len(self.links), self._ranges)
+        self._listeners: list[Callable[[ShardLink], None]] = []
+        self._master_change_listeners: list[Callable[[ShardLink], None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self.metrics.describe(
+            "pg_identity_rejections_total",
+            "Servers refused by identity verification (wrong shard, not master, stale epoch)",
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start one supervisor task per shard; returns at once (see :meth:`wait_ready`)."""
+        self._tasks = [asyncio.create_task(self._supervise(link)) for link in self.links]
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait until every shard is usable.
+
+        Raises:
+            TimeoutError: Some shard is still unavailable; the message says why.
+        """
+        deadline = time.monotonic() + timeout
+        while not all(link.usable for link in self.links):
+            if time.monotonic() > deadline:
+                down = "; ".join(
+                    f"{link.spec.name}: {link.last_error}" for link in self.links if not link.usable
+                )
+                raise TimeoutError(f"shards not ready: {down}")
+            await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        """Stop the supervisors and close every connection."""
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for link in self.links:
+            if link.conn is not None:
+                link.conn.close()
+                link.conn = None
+            link.usable = False
+
+    def on_link_up(self, callback: Callable[[ShardLink], None]) -> None:
+        """Call ``callback(link)`` whenever a link becomes usable."""
+        self._listeners.append(callback)
+
+    def on_master_change(self, callback: Callable[[ShardLink], None]) -> None:
+        """Call ``callback(link)`` when a shard's verified master is a different server."""
+        self._master_change_listeners.append(callback)
+
+    # -- routing feedback ------------------------------------------------------------------
+
+    def mark_suspect(self, index: int, reason: str) -> None:
+        """Stop using shard ``index`` until it is rediscovered and verified again."""
+        link = self.links[index]
+        link.failures += 1
+        if link.usable:
+            log.warning("shard %s: suspended (%s); rediscovering", link.spec.name, reason)
+        link.usable = False
+        link.suspect_reason = reason
+        link.last_error = reason
+        link.wake.set()
+
+    def mark_healthy(self, index: int) -> None:
+        """Record that shard ``index`` applied writes (resets the rediscovery back-off)."""
+        self.links[index].failures = 0
+
+    def status(self) -> list[dict[str, object]]:
+        """Per-shard status for health reports."""
+        return [
+            {
+                "shard": link.spec.name,
+                "usable": link.usable,
+                "address": str(link.address) if link.address else None,
+                "epoch": link.identity.epoch if link.identity else None,
+                "error": None if link.usable else link.last_error,
+            }
+            for link in self.links
+        ]
+
+    # -- supervision -----------------------------------------------------------------------
+
+    async def _supervise(self, link: ShardLink) -> None:
+        while not self._closing:
+            if link.suspect_reason is not None:
+                # A rejected write woke us: back off (50 ms doubling up to the re-check
+                # interval) so a persistent misroute cannot turn into a retry storm.
+                delay = 0.05 * 2 ** min(link.failures - 1, 10)
+                await asyncio.sleep(min(delay, self.recheck_interval))
+            try:
+                await self._check(link)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep supervising whatever happened
+                self._down(link, f"check failed: {exc!r}")
+            link.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(link.wake.wait(), self.recheck_interval)
+
+    async def _resolve(self, link: ShardLink) -> Address | None:
+        if self.topology.uses_sentinel:
+            return await discover_master(
+                self.topology.sentinels, link.spec.name, timeout=self.connect_timeout
+            )
+        return link.spec.master
+
+    async def _check(self, link: ShardLink) -> None:
+        addr = await self._resolve(link)
+        if addr is None:
+            self._down(link, "no Sentinel knows a master for this shard")
+            return
+        conn = link.conn
+        if conn is not None and (
+            conn.is_closed or conn.address != addr or link.suspect_reason is not None
+        ):
+            conn.close()
+            link.conn = conn = None
+        if conn is None:
+            try:
+                conn = await open_connection(addr, timeout=self.connect_timeout)
+            except ConnectionLost as exc:
+                self._down(link, str(exc))
+                return
+        try:
+            identity, run_id, replid = await self._verify(link, conn)
+        except (IdentityMismatch, ReplyError) as exc:
+            conn.close()
+            self._down(link, f"{addr}: {exc}")
+            self.metrics.inc("pg_identity_rejections_total", shard=link.spec.name)
+            return
+        except (ConnectionLost, TimeoutError) as exc:
+            conn.close()
+            self._down(link, f"{addr}: {exc!r}")
+            return
+        master_changed = bool(link.run_id) and (run_id, replid) != (link.run_id, link.replid)
+        link.conn = conn
+        link.run_id, link.replid = run_id, replid
+        link.suspect_reason = None
+        self._set_identity(link, identity)
+        if master_changed:
+            log.warning("shard %s: master is now %s (run id %s)", link.spec.name, addr, run_id)
+            for cb in self._master_change_listeners:
+                cb(link)
+        if not link.usable:
+            link.usable = True
+            link.generation += 1
+            link.last_error = ""
+            log.info("shard %s: using master %s (epoch %d)", link.spec.name, addr, identity.epoch)
+            for cb in self._listeners:
+                cb(link)
+
+    async def _verify(
+        self, link: ShardLink, conn: ShardConnection
+    ) -> tuple[ShardIdentity, str, str]:
+        role = await conn.command("ROLE", timeout=self.connect_timeout)
+        raw = await conn.command("HGETALL", IDENTITY_KEY, timeout=self.connect_timeout)
+        info = await conn.command("INFO", "server", "replication", timeout=self.connect_timeout)
+        kind = role[0].decode() if isinstance(role, list) and role else "unknown"
+        if kind != "master":
+            raise IdentityMismatch(f"server is a {kind}, not a master")
+        fields = _decode_hash(raw)
+        if not fields:
+            raise IdentityMismatch("server holds no shard identity (run shards init)")
+        try:
+            identity = ShardIdentity.from_hash(fields)
+        except ValueError as exc:
+            raise IdentityMismatch(str(exc)) from exc
+        expected = (self.topology.cluster, link.spec.name, link.index, len(self.links))
+        found = (identity.cluster, identity.name, identity.index, identity.shards)
+        if self.verify_identity:
+            if found != expected:
+                raise IdentityMismatch(
+                    f"server is {identity.cluster}/{identity.name} (index {identity.index} of "
+                    f"{identity.shards}), expected {expected[0]}/{expected[1]} "
+                    f"(index {expected[2]} of {expected[3]})"
+                )
+            old = link.identity
+            if old is not None and identity.uuid != old.uuid and identity.epoch <= old.epoch:
+                raise IdentityMismatch(
+                    f"server claims {identity.name} with uuid {identity.uuid} at epoch "
+                    f"{identity.epoch}, but this shard is uuid {old.uuid} at epoch {old.epoch}"
+                )
+        assert isinstance(info, bytes)
+        return identity, _info_field(info, "run_id"), _info_field(info, "master_replid")
+
+    def _set_identity(self, link: ShardLink, identity: ShardIdentity) -> None:
+        if self.verify_identity or link.identity is None:
+            link.identity = identity
+        self._rebuild_table()
+
+    def _rebuild_table(self) -> None:
+        epoch = max((link.identity.epoch for link in self.links if link.identity), default=1)
+        uuids = [
+            link.identity.uuid if link.identity is not None else _UNKNOWN_UUID
+            for link in self.links
+        ]
+        if epoch != self.table.epoch or uuids != [
+            self.table.uuid(i) for i in range(len(self.links))
+        ]:
+            self.table = SlotTable(epoch, uuids, self._ranges)
+        for link in self.links:
+            if link.identity is not None and link.identity.epoch != epoch and link.usable:
+                self.mark_suspect(link.index, f"stale epoch {link.identity.epoch} < {epoch}")
+
+    def _down(self, link: ShardLink, reason: str) -> None:
+        if link.usable:
+            log.warning("shard %s: unavailable: %s", link.spec.name, reason)
+        link.usable = False
+        link.last_error = reason

@@ -1,0 +1,327 @@
+"""The batched, verified write path: ops in, one tagged pipeline per shard per loop tick out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gateway._native import (
+    BadOpError,
+    BadTagError,
+    NoIdentityError,
+    ReadOnlyError,
+    ReplyError,
+    RoutingError,
+    ShardBatch,
+    StaleEpochError,
+    WrongShardError,
+    build_batches,
+)
+from gateway.metrics import Metrics
+from gateway.shards.connection import ConnectionLost
+from gateway.shards.shardset import ShardLink, ShardSet
+
+__all__ = ["BatchWriter", "Op", "ShardUnavailableError", "WriteFailed"]
+
+log = logging.getLogger("gateway.shards.writer")
+
+#: One write: (op name, key, args), framed as described in docs/write-path.md.
+Op = tuple[bytes, bytes, Sequence[bytes]]
+
+_REASONS: dict[type[BaseException], str] = {
+    WrongShardError: "wrong_shard",
+    StaleEpochError: "stale_epoch",
+    NoIdentityError: "no_identity",
+    ReadOnlyError: "read_only",
+    BadTagError: "bad_tag",
+    BadOpError: "bad_op",
+    ConnectionLost: "connection_lost",
+}
+
+
+class WriteFailed(RuntimeError):
+    """A write could not be applied; it was not silently dropped: this is its error."""
+
+
+class ShardUnavailableError(WriteFailed):
+    """The write's shard stayed unavailable for longer than the write timeout."""
+
+
+@dataclass(eq=False)
+class _Request:
+    ops: Sequence[Op]
+    future: asyncio.Future[list[object]]
+    deadline: float
+    seq: int
+    results: list[object] = field(default_factory=list)
+    remaining: int = 0
+
+
+def _submission_order(entry: tuple[Op, _Request, int]) -> tuple[int, int]:
+    return entry[1].seq, entry[2]
+
+
+class BatchWriter:
+    """Collects writes from the whole process and sends them as verified per-shard pipelines.
+
+    Writes submitted during one event-loop tick are packed together by the native module (one
+    ``FCALL pg_apply`` per ``group`` operations, all of a shard's calls in one pipeline) and
+    sent once per tick. A write the shard refused for routing (wrong shard, stale epoch,
+    replica, no identity) or lost with its connection is counted by reason, held, and sent
+    again, in order, once its shard is verified again; a write still held after
+    ``write_timeout`` seconds fails with :class:`ShardUnavailableError`. Writes are absolute
+    (``HSET`` of a value the gateway owns), so a retry after a lost reply is harmless.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        *,
+        metrics: Metrics | None = None,
+        group: int = 128,
+        max_pipeline_ops: int = 1024,
+        write_timeout: float = 30.0,
+    ) -> None:
+        self.shards = shards
+        self.metrics = metrics or shards.metrics
+        self.group = group
+        self.max_pipeline_ops = max_pipeline_ops
+        self.write_timeout = write_timeout
+        self._new: list[_Request] = []
+        # Per shard: ops waiting for the shard to be usable again, in original order.
+        self._held: list[list[tuple[Op, _Request, int]]] = [[] for _ in shards.links]
+        self._scheduled = False
+        self._seq = 0
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
+        shards.on_link_up(self._link_up)
+        m = self.metrics
+        m.describe("pg_writes_applied_total", "Writes applied by the right shard")
+        m.describe(
+            "pg_writes_rejected_total",
+            "Writes refused by a shard or lost in flight (all reasons but bad_tag, bad_op retry)",
+        )
+        m.describe("pg_writes_retried_total", "Writes sent again after a rejection")
+        m.describe("pg_writes_failed_total", "Writes that failed to their caller, by reason")
+        m.describe("pg_write_batches_total", "Pipelines sent, by shard")
+        m.gauge("pg_writes_held", "Writes waiting for their shard", self._held_gauge)
+
+    def _held_gauge(self) -> dict[tuple[tuple[str, str], ...], float]:
+        return {
+            (("shard", link.spec.name),): float(len(self._held[link.index]))
+            for link in self.shards.links
+        }
+
+    # -- public API --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the task that fails writes held past their timeout."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep())
+
+    async def close(self) -> None:
+        """Stop; writes still held fail with :class:`ShardUnavailableError`."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for held in self._held:
+            for _, req, pos in held:
+                self._fail(req, pos, ShardUnavailableError("gateway shutting down"), "shutdown")
+            held.clear()
+
+    def submit_many(self, ops: Sequence[Op]) -> asyncio.Future[list[object]]:
+        """Queue ``ops`` for this tick's flush.
+
+        Returns a future of one result per op, in order: the shard's reply, or an exception
+        instance (:class:`WriteFailed`, ``BadTagError``, ``BadOpError``) for an op that failed.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[object]] = loop.create_future()
+        if not ops:
+            fut.set_result([])
+            return fut
+        self._seq += 1
+        req = _Request(
+            ops, fut, time.monotonic() + self.write_timeout, self._seq, [None] * len(ops), len(ops)
+        )
+        self._new.append(req)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    async def write(self, op: bytes, key: bytes, *args: bytes) -> object:
+        """Apply one write and return the shard's reply.
+
+        Raises:
+            WriteFailed: The shard stayed unavailable past the write timeout.
+            BadTagError, BadOpError: The shard refused the write as malformed.
+        """
+        (result,) = await self.submit_many([(op, key, args)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def held_count(self) -> int:
+        """Writes currently waiting for their shard."""
+        return sum(len(h) for h in self._held)
+
+    # -- flushing ----------------------------------------------------------------------------
+
+    def _link_up(self, link: ShardLink) -> None:
+        if self._held[link.index] and not self._scheduled and not self._closed:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        ops: list[Op] = []
+        owners: list[_Request] = []
+        positions: list[int] = []
+        links = self.shards.links
+        # Held writes of shards that are usable again go first, to keep per-shard order.
+        for index, held in enumerate(self._held):
+            if held and links[index].usable:
+                self.metrics.inc("pg_writes_retried_total", len(held))
+                # Failures of pipelined batches can interleave with newer held writes.
+                held.sort(key=_submission_order)
+                for op, req, pos in held:
+                    ops.append(op)
+                    owners.append(req)
+                    positions.append(pos)
+                held.clear()
+        for req in self._new:
+            ops.extend(req.ops)
+            owners.extend(itertools.repeat(req, len(req.ops)))
+            positions.extend(range(len(req.ops)))
+        self._new = []
+        if not ops:
+            return
+        # Several smaller pipelines instead of one huge one: replies of the first are handled
+        # while the shard still works on the next, so gateway and Redis overlap.
+        step = self.max_pipeline_ops
+        for start in range(0, len(ops), step):
+            if len(ops) <= step:
+                self._send(ops, owners, positions)
+            else:
+                end = start + step
+                self._send(ops[start:end], owners[start:end], positions[start:end])
+
+    def _send(self, ops: list[Op], owners: list[_Request], positions: list[int]) -> None:
+        links = self.shards.links
+        for batch in build_batches(self.shards.table, ops, group=self.group):
+            link = links[batch.shard]
+            conn = link.conn
+            if not link.usable or conn is None or self._held[batch.shard]:
+                self._hold(batch.shard, batch.op_indices, ops, owners, positions)
+                continue
+            self.metrics.inc("pg_write_batches_total", shard=link.spec.name)
+            fut = conn.send(batch.payload, batch.n_commands)
+            fut.add_done_callback(
+                functools.partial(self._done, batch, link.generation, ops, owners, positions)
+            )
+
+    def _hold(
+        self,
+        shard: int,
+        indices: Sequence[int],
+        ops: list[Op],
+        owners: list[_Request],
+        positions: list[int],
+    ) -> None:
+        held = self._held[shard]
+        for i in indices:
+            held.append((ops[i], owners[i], positions[i]))
+
+    def _done(
+        self,
+        batch: ShardBatch,
+        generation: int,
+        ops: list[Op],
+        owners: list[_Request],
+        positions: list[int],
+        fut: asyncio.Future[list[object]],
+    ) -> None:
+        link = self.shards.links[batch.shard]
+        exc = fut.exception()
+        if exc is not None:
+            reason = _REASONS.get(type(exc), "error")
+            self.metrics.inc("pg_writes_rejected_total", len(batch.op_indices), reason=reason)
+            if link.generation == generation:
+                self.shards.mark_suspect(batch.shard, f"{reason}: {exc}")
+            self._hold(batch.shard, batch.op_indices, ops, owners, positions)
+            return
+        results = batch.map_replies(fut.result())
+        applied = 0
+        rerouted: list[int] = []
+        for i, result in zip(batch.op_indices, results, strict=True):
+            if isinstance(result, ReplyError):
+                if isinstance(result, RoutingError):
+                    rerouted.append(i)
+                    continue
+                reason = _REASONS.get(type(result), result.code.lower())
+                self.metrics.inc("pg_writes_rejected_total", reason=reason)
+                self._fail(owners[i], positions[i], result, reason)
+                continue
+            applied += 1
+            self._set(owners[i], positions[i], result)
+        if applied:
+            self.metrics.inc("pg_writes_applied_total", applied, shard=link.spec.name)
+            if not rerouted:
+                self.shards.mark_healthy(batch.shard)
+        if rerouted:
+            first = results[batch.op_indices.index(rerouted[0])]
+            assert isinstance(first, RoutingError)
+            reason = _REASONS.get(type(first), "routing")
+            self.metrics.inc("pg_writes_rejected_total", len(rerouted), reason=reason)
+            if link.generation == generation:
+                self.shards.mark_suspect(batch.shard, f"{reason}: {first}")
+            self._hold(batch.shard, rerouted, ops, owners, positions)
+            log.warning(
+                "shard %s: %d writes rejected (%s); held for retry",
+                link.spec.name,
+                len(rerouted),
+                reason,
+            )
+
+    # -- completion --------------------------------------------------------------------------
+
+    @staticmethod
+    def _set(req: _Request, pos: int, value: object) -> None:
+        req.results[pos] = value
+        req.remaining -= 1
+        if req.remaining == 0 and not req.future.done():
+            req.future.set_result(req.results)
+
+    def _fail(self, req: _Request, pos: int, exc: BaseException, reason: str) -> None:
+        self.metrics.inc("pg_writes_failed_total", reason=reason)
+        self._set(req, pos, exc)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for index, held in enumerate(self._held):
+                if not held or held[0][1].deadline > now:
+                    continue
+                keep = []
+                for entry in held:
+                    _, req, pos = entry
+                    if req.deadline <= now:
+                        name = self.shards.links[index].spec.name
+                        error = ShardUnavailableError(
+                            f"{name} unavailable for {self.write_timeout:g} s: "
+                            f"{self.shards.links[index].last_error}"
+                        )
+                        self._fail(req, pos, error, "timeout")
+                    else:
+                        keep.append(entry)
+                self._held[index] = keep

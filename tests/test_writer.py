@@ -1,0 +1,113 @@
+"""The batched writer and shard links against real Redis and Sentinel processes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from support import raw_client
+
+from gateway._native import BadOpError, key_slot
+from gateway.localcluster import LocalCluster
+from gateway.shards.admin import init_shards
+from gateway.shards.shardset import ShardSet, discover_master
+from gateway.shards.topology import Address, TopologyConfig, load_topology
+from gateway.shards.writer import BatchWriter, ShardUnavailableError
+
+
+async def _start(topo: TopologyConfig, **kw: float) -> tuple[ShardSet, BatchWriter]:
+    shards = ShardSet(topo, recheck_interval=0.2)
+    writer = BatchWriter(shards, **kw)
+    await shards.start()
+    await shards.wait_ready(10)
+    writer.start()
+    return shards, writer
+
+
+async def test_discover_master_by_sentinel(cluster: LocalCluster) -> None:
+    topo = load_topology(cluster.topology_path)
+    for i, spec in enumerate(topo.shards):
+        found = await discover_master(topo.sentinels, spec.name)
+        assert str(found) == cluster.masters()[i].addr
+    assert await discover_master(topo.sentinels, "no-such-shard") is None
+
+
+async def test_writes_land_on_their_shard(cluster: LocalCluster) -> None:
+    topo = load_topology(cluster.topology_path)
+    init_shards(topo)
+    shards, writer = await _start(topo)
+    try:
+        ops = [
+            (b"hset", f"{{w:room-{n}}}:pres".encode(), [b"node/u", str(n).encode(), b"60000"])
+            for n in range(2000)
+        ]
+        results = await writer.submit_many(ops)
+        assert all(r in (0, 1) for r in results)
+        assert await writer.write(b"hdel", b"{w:room-1}:pres", b"node/u") == 1
+        with pytest.raises(BadOpError):
+            await writer.write(b"nosuchop", b"{w:room-2}:pres")
+    finally:
+        await writer.close()
+        await shards.close()
+    clients = [raw_client(m.addr) for m in cluster.masters()]
+    for n in range(2000):
+        key = f"{{w:room-{n}}}:pres".encode()
+        owner = 0 if key_slot(key) < 8192 else 1
+        expected = None if n == 1 else str(n).encode()
+        assert clients[owner].hget(key, "node/u") == expected
+        assert clients[1 - owner].exists(key) == 0
+    assert shards.metrics.get("pg_writes_rejected_total", reason="bad_op") == 1
+
+
+async def test_reinit_with_new_epoch_is_followed(fresh_cluster: LocalCluster) -> None:
+    """After `shards init --force` the writer sees STALEEPOCH, re-verifies, re-tags, retries."""
+    topo = load_topology(fresh_cluster.topology_path)
+    init_shards(topo)
+    shards, writer = await _start(topo)
+    try:
+        assert await writer.write(b"hset", b"{w:a}:pres", b"f", b"1", b"0") == 1
+        loop = asyncio.get_running_loop()
+        new = await loop.run_in_executor(None, lambda: init_shards(topo, force=True))
+        results = await writer.submit_many(
+            [(b"hset", f"{{w:e-{n}}}:pres".encode(), [b"f", b"2", b"0"]) for n in range(100)]
+        )
+        assert results == [1] * 100
+        assert shards.table.epoch == new[0].epoch == 2
+        # The re-initialised shards have new uuids, so the first refusal names the shard.
+        m = shards.metrics
+        rejected = m.get("pg_writes_rejected_total", reason="wrong_shard") + m.get(
+            "pg_writes_rejected_total", reason="stale_epoch"
+        )
+        assert rejected > 0
+    finally:
+        await writer.close()
+        await shards.close()
+
+
+async def test_unavailable_shard_fails_write_after_timeout(cluster: LocalCluster) -> None:
+    """A write is never dropped silently: with its shard gone it fails to the caller."""
+    topo = load_topology(cluster.topology_path)
+    init_shards(topo)
+    static = TopologyConfig(
+        cluster=topo.cluster,
+        shards=tuple(
+            type(s)(name=s.name, master=Address("127.0.0.1", 1) if i == 1 else s.master)
+            for i, s in enumerate(topo.shards)
+        ),
+    )
+    shards = ShardSet(static, recheck_interval=0.1, connect_timeout=0.2)
+    writer = BatchWriter(shards, write_timeout=0.5)
+    await shards.start()
+    writer.start()
+    try:
+        key1 = next(
+            f"{{w:x{n}}}".encode() for n in range(100) if key_slot(f"{{w:x{n}}}".encode()) >= 8192
+        )
+        with pytest.raises(ShardUnavailableError, match="shard-1"):
+            await asyncio.wait_for(writer.write(b"del", key1), 10)
+        assert shards.metrics.get("pg_writes_failed_total", reason="timeout") == 1
+        assert not shards.links[1].usable
+        assert "cannot connect" in shards.links[1].last_error
+    finally:
+        await writer.close()
+        await shards.close()
