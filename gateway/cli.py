@@ -1,0 +1,183 @@
+"""The ``presence-gateway`` command: dev, serve, cluster, shards."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.config import DEFAULT_APP, ConfigError, NodeConfig, parse_app
+from gateway.shards.topology import TopologyConfig, TopologyError, load_topology
+
+__all__ = ["main"]
+
+
+def _cluster_args(p: argparse.ArgumentParser, *, dir_default: str | None = None) -> None:
+    p.add_argument(
+        "--dir",
+        required=dir_default is None,
+        default=dir_default,
+        help="working directory for configs, logs, pids and topology.json",
+    )
+    p.add_argument("--shards", type=int, default=2, help="number of shards (default 2)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas per shard (default 1)")
+    p.add_argument("--sentinels", type=int, default=3, help="number of Sentinels (default 3)")
+    p.add_argument("--base-port", type=int, default=7100, help="first port used (default 7100)")
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=6001, help="port (default 6001)")
+    p.add_argument("--node-id", default=None, help="stable node name (default host-pid)")
+    p.add_argument(
+        "--app",
+        action="append",
+        default=[],
+        metavar="ID:KEY:SECRET",
+        help="serve this app (repeatable); default app 1:app-key:app-secret",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="presence-gateway",
+        description="Pusher-compatible WebSocket gateway with verified, sharded presence state.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="local topology + shards init + one gateway node")
+    _cluster_args(dev, dir_default=".work/dev")
+    _serve_args(dev)
+
+    serve = sub.add_parser("serve", help="run one gateway node")
+    serve.add_argument("--topology", required=True, help="topology.json (from cluster up)")
+    _serve_args(serve)
+
+    cluster = sub.add_parser("cluster", help="local Redis topology (masters, replicas, Sentinels)")
+    csub = cluster.add_subparsers(dest="action", required=True)
+    for action in ("up", "down", "status"):
+        _cluster_args(csub.add_parser(action, help=f"{action} the local topology"))
+
+    shards = sub.add_parser("shards", help="shard administration")
+    ssub = shards.add_subparsers(dest="action", required=True)
+    init = ssub.add_parser("init", help="write shard identities and load the function library")
+    init.add_argument("--topology", required=True, help="topology.json")
+    init.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite different existing identities (new topology epoch)",
+    )
+    return parser
+
+
+def _node_config(args: argparse.Namespace, topology: str | None) -> NodeConfig:
+    apps = tuple(parse_app(a) for a in args.app) or (DEFAULT_APP,)
+    kwargs: dict[str, object] = {
+        "host": args.host,
+        "port": args.port,
+        "apps": apps,
+        "topology": topology,
+    }
+    if args.node_id:
+        kwargs["node_id"] = args.node_id
+    return NodeConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def _local_cluster(args: argparse.Namespace) -> object:
+    from gateway.localcluster import LocalCluster
+
+    return LocalCluster(
+        Path(args.dir),
+        shards=args.shards,
+        replicas=args.replicas,
+        sentinels=args.sentinels,
+        base_port=args.base_port,
+    )
+
+
+def _run_serve(config: NodeConfig, topology: TopologyConfig) -> None:
+    import uvloop
+
+    from gateway.server.node import run_node
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(run_node(config, topology))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``presence-gateway``; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "cluster":
+            from gateway.localcluster import LocalCluster, format_status
+
+            lc = _local_cluster(args)
+            assert isinstance(lc, LocalCluster)
+            if args.action == "up":
+                print(json.dumps(lc.up(), indent=2))
+            elif args.action == "down":
+                lc.down()
+            else:
+                print(format_status(lc.status()))
+            return 0
+        if args.command == "shards":
+            from gateway.shards.admin import init_shards
+
+            topo = load_topology(args.topology)
+            for ident in init_shards(topo, force=args.force):
+                print(
+                    f"{ident.name}: index {ident.index}, uuid {ident.uuid}, "
+                    f"epoch {ident.epoch}, slots {ident.slots}"
+                )
+            return 0
+        if args.command == "serve":
+            topo = load_topology(args.topology)
+            _run_serve(_node_config(args, args.topology), topo)
+            return 0
+        if args.command == "dev":
+            return _dev(args)
+    except (ConfigError, TopologyError) as exc:
+        print(f"presence-gateway: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"presence-gateway: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from gateway.localcluster import LocalCluster
+    from gateway.shards.admin import init_shards
+
+    lc = _local_cluster(args)
+    assert isinstance(lc, LocalCluster)
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    topology_file = Path(args.dir) / "topology.json"
+    try:
+        lc.up()
+        topo = load_topology(topology_file)
+        init_shards(topo)
+        config = _node_config(args, str(topology_file))
+        app = config.apps[0]
+        print(
+            f"presence-gateway dev: ws://{config.host}:{config.port}/app/{app.key} "
+            f"(app id {app.id}, secret {app.secret}); topology {topology_file}; Ctrl-C stops",
+            flush=True,
+        )
+        _run_serve(config, topo)
+    finally:
+        lc.down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
