@@ -17,6 +17,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from gateway import _native as native
 from gateway.shards import reference as ref
@@ -76,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="runs per side (default 7)")
     parser.add_argument("--shards", type=int, default=2, help="shards (default 2)")
     parser.add_argument("--group", type=int, default=128, help="ops per FCALL (default 128)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     if min(args.ops, args.batch, args.repeats, args.shards, args.group) < 1:
         parser.error("--ops, --batch, --repeats, --shards and --group must be >= 1")
@@ -133,9 +135,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             best_time(lambda: ref.build_batches(ref_table, ops, group=args.group), args.repeats),
         ),
     )
+    rows = []
     for label, t_native, t_ref in figures:
         per_native = t_native / args.ops * 1e9
         per_ref = t_ref / args.ops * 1e9
+        rows.append(
+            {
+                "case": label,
+                "native_ns_per_op": round(per_native, 1),
+                "reference_ns_per_op": round(per_ref, 1),
+                "ratio": round(per_ref / per_native, 1),
+            }
+        )
         print(
             f"  {label:>22}: native {per_native:7.1f} ns/op, reference {per_ref:7.1f} ns/op, "
             f"ratio {per_ref / per_native:5.1f}x"
@@ -144,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "  (fresh: each call's ops are built just before it, untimed, as in the writer; the "
         "others reuse ops built once, so their objects are cold in the CPU cache)"
     )
+    if args.json:
+        args.json.write_text(json.dumps({"ops": args.ops, "group": args.group, "rows": rows}))
 
 
 if __name__ == "__main__":
