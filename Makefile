@@ -37,8 +37,8 @@ native: $(STAMP)
 	$(VENV)/bin/maturin develop --release --quiet
 
 lint: setup
-	$(VENV)/bin/ruff check gateway tests bench loadtests
-	$(VENV)/bin/ruff format --check gateway tests bench loadtests
+	$(VENV)/bin/ruff check gateway tests bench
+	$(VENV)/bin/ruff format --check gateway tests bench
 	$(VENV)/bin/mypy --strict gateway
 	$(PY) -m mypy.stubtest gateway._native
 	cargo fmt --all -- --check
@@ -46,8 +46,8 @@ lint: setup
 	cargo clippy --workspace --all-targets --features python --quiet -- -D warnings
 
 fmt: setup
-	$(VENV)/bin/ruff format gateway tests bench loadtests
-	$(VENV)/bin/ruff check --fix gateway tests bench loadtests
+	$(VENV)/bin/ruff format gateway tests bench
+	$(VENV)/bin/ruff check --fix gateway tests bench
 	cargo fmt --all
 
 bench: setup

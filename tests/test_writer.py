@@ -111,3 +111,39 @@ async def test_unavailable_shard_fails_write_after_timeout(cluster: LocalCluster
     finally:
         await writer.close()
         await shards.close()
+
+
+async def test_demoted_master_read_only_is_retried(fresh_cluster: LocalCluster) -> None:
+    """A master turned replica answers READONLY: counted, held, applied once it is master."""
+    topo = load_topology(fresh_cluster.topology_path)
+    init_shards(topo)
+    static = TopologyConfig.from_dict({**fresh_cluster.topology(), "sentinels": []})
+    # Sentinel would undo the demotion below; take it out of the picture.
+    for s in fresh_cluster.sentinel_processes():
+        fresh_cluster.stop_process(s.addr)
+    shards, writer = await _start(static)
+    master = raw_client(fresh_cluster.masters()[0].addr)
+    replica_addr = fresh_cluster.replicas_of(0)[0].addr
+    key0 = next(
+        f"{{w:ro{n}}}".encode() for n in range(100) if key_slot(f"{{w:ro{n}}}".encode()) < 8192
+    )
+    try:
+        assert await writer.write(b"hset", key0, b"f", b"1", b"0") == 1
+        host, _, port = replica_addr.rpartition(":")
+        raw_client(replica_addr).execute_command("REPLICAOF", "NO", "ONE")
+        master.execute_command("REPLICAOF", host, port)
+        pending = asyncio.ensure_future(writer.write(b"hset", key0, b"f", b"2", b"0"))
+        for _ in range(100):
+            if shards.metrics.get("pg_writes_rejected_total", reason="read_only"):
+                break
+            await asyncio.sleep(0.05)
+        assert shards.metrics.get("pg_writes_rejected_total", reason="read_only") >= 1
+        assert not pending.done()
+        assert writer.held_count() == 1
+        # The operator promotes it back: the held write is applied there.
+        master.execute_command("REPLICAOF", "NO", "ONE")
+        assert await asyncio.wait_for(pending, 10) == 0
+        assert master.hget(key0, "f") == b"2"
+    finally:
+        await writer.close()
+        await shards.close()

@@ -1,0 +1,57 @@
+"""Runs every benchmark and prints the ratios measured in this run.
+
+Usage: python bench/run.py [--quick]
+
+* native: tag + slot + RESP packing per operation, native module vs the pure-Python reference;
+* store: verified writes/s through the gateway's shard client vs raw pipelined HSET measured by
+  redis-benchmark on the same server.
+
+Figures are also written to bench/results/*.json (ignored by git) for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    """Run the benchmarks in sequence; return non-zero if one of them failed."""
+    parser = argparse.ArgumentParser(description="run all benchmarks")
+    parser.add_argument("--quick", action="store_true", help="smaller counts (smoke run)")
+    args = parser.parse_args()
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    print(
+        f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"python {platform.python_version()}"
+    )
+    runs = [
+        [
+            "bench_native.py",
+            *(["--ops", "20000"] if args.quick else []),
+            "--json",
+            str(results / "native.json"),
+        ],
+        [
+            "bench_store.py",
+            *(["--ops", "50000", "--rounds", "1"] if args.quick else []),
+            "--json",
+            str(results / "store.json"),
+        ],
+    ]
+    status = 0
+    for script, *rest in runs:
+        print(f"\n== {script} ==", flush=True)
+        rc = subprocess.call([sys.executable, str(HERE / script), *rest])
+        status = status or rc
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
