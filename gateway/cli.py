@@ -105,6 +105,7 @@ def _run_serve(config: NodeConfig, topology: TopologyConfig) -> None:
 
     from gateway.server.node import run_node
 
+    # run_node handles SIGINT/SIGTERM itself; KeyboardInterrupt can only come before that.
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(run_node(config, topology))
 

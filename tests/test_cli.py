@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,18 +36,18 @@ def test_dev_serves_connection_established_and_stops_everything(tmp_path: Path) 
         stderr=subprocess.STDOUT,
         text=True,
     )
+    # Drain its output continuously so a full pipe can never block it.
+    lines: list[str] = []
+    assert proc.stdout is not None
+    drain = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))
+    drain.start()
     try:
-        assert proc.stdout is not None
         deadline = time.monotonic() + 60
-        banner = ""
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any("presence-gateway dev: ws://" in line for line in lines):
                 break
-            if "presence-gateway dev: ws://" in line:
-                banner = line
-                break
-        assert banner, "dev did not print its banner"
+            time.sleep(0.05)
+        assert any("presence-gateway dev: ws://" in line for line in lines), "".join(lines)
         url = f"ws://127.0.0.1:{ws_port}/app/app-key?protocol=7&client=js&version=8.4.0"
         for _ in range(100):  # the node listens right after the banner
             try:
@@ -73,8 +74,14 @@ def test_dev_serves_connection_established_and_stops_everything(tmp_path: Path) 
             assert found
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
-        if proc.stdout is not None:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+            pytest.fail("dev did not stop on SIGINT within 30 s; its output:\n" + "".join(lines))
+        finally:
+            drain.join(timeout=10)
             proc.stdout.close()
     pids = [int(p.read_text()) for p in work.glob("*.pid") if p.read_text().strip()]
     for pid in pids:

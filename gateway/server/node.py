@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import secrets
+import signal
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -117,10 +118,20 @@ class GatewayNode:
 
 
 async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
-    """Run a node until cancelled."""
+    """Run a node until SIGINT or SIGTERM, then shut it down (bounded in time)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     node = GatewayNode(config, topology)
-    await node.start()
     try:
-        await asyncio.Event().wait()
+        await node.start()
+        await stop.wait()
+        log.info("gateway node %s: stopping", config.node_id)
     finally:
-        await node.close()
+        try:
+            await asyncio.wait_for(node.close(), 10)
+        except TimeoutError:
+            log.error("gateway node %s: shutdown took longer than 10 s", config.node_id)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
