@@ -6,11 +6,12 @@ import secrets
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
+from collections.abc import Sequence
 from typing import Any, cast
 
 import redis
 
-from gateway._native import SlotTable
+from gateway._native import SlotTable, key_slot
 from gateway.shards.topology import Address, TopologyConfig
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "library_source",
     "library_version",
     "resolve_master_sync",
+    "shard_tag",
 ]
 
 IDENTITY_KEY = "__pg:shard"
@@ -43,6 +45,7 @@ class ShardIdentity:
     uuid: str
     epoch: int
     slots: str
+    tag: str = ""
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> ShardIdentity:
@@ -56,6 +59,7 @@ class ShardIdentity:
                 uuid=data["uuid"],
                 epoch=int(data["epoch"]),
                 slots=data["slots"],
+                tag=data.get("tag", ""),
             )
         except KeyError as exc:
             raise ValueError(f"shard identity lacks field {exc.args[0]!r}") from exc
@@ -72,6 +76,7 @@ class ShardIdentity:
             "uuid": self.uuid,
             "epoch": str(self.epoch),
             "slots": self.slots,
+            "tag": self.tag,
             "lib": library_version(),
         }
 
@@ -84,6 +89,17 @@ class ShardIdentity:
             other.shards,
             other.slots,
         )
+
+
+def shard_tag(index: int, ranges: Sequence[tuple[int, int]]) -> str:
+    """The hash tag of shard ``index``'s own keys: ``{pgs-<index>-<n>}`` with the least ``n``
+    whose slot falls in the shard's range (so shard-wide keys obey the slot table too)."""
+    first, last = ranges[index]
+    for n in range(1_000_000):
+        tag = f"{{pgs-{index}-{n}}}"
+        if first <= key_slot(tag.encode()) <= last:
+            return tag
+    raise ValueError(f"no hash tag found for slots {first}-{last}")
 
 
 def library_source() -> str:
@@ -203,6 +219,7 @@ def init_shards(
                 uuid="",
                 epoch=0,
                 slots=f"{ranges[i][0]}-{ranges[i][1]}",
+                tag=shard_tag(i, ranges),
             )
             for i, spec in enumerate(topology.shards)
         ]

@@ -1,0 +1,273 @@
+"""Presence and subscription state on the shards: joins, leaves, counts, events, reads.
+
+Every write goes through the verified batch writer as an op of the shard function library
+(``pjoin``, ``pleave``, ``subs``, ``publish``, ``cache``, ``claim``); the global transitions
+(first connection of a user anywhere, last one gone, channel occupied or vacated) are decided
+atomically on the channel's shard and published there, so they happen once however many
+gateway nodes are involved. The Redis layout is described in docs/store.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+from gateway._native import ReplyError
+from gateway.shards.connection import ConnectionLost
+from gateway.shards.shardset import ShardSet
+from gateway.shards.writer import BatchWriter, ShardUnavailableError
+
+__all__ = [
+    "ChannelCounts",
+    "DueWebhook",
+    "JoinResult",
+    "PresenceStore",
+    "SubsResult",
+    "channel_key",
+    "parse_channel_key",
+]
+
+
+def channel_key(app_id: str, channel: str) -> bytes:
+    """The hash-tagged base key (and Pub/Sub channel) of a channel: ``{<app_id>:<channel>}``."""
+    return f"{{{app_id}:{channel}}}".encode()
+
+
+def parse_channel_key(key: bytes) -> tuple[str, str]:
+    """Inverse of :func:`channel_key`.
+
+    Raises:
+        ValueError: ``key`` is not a channel key.
+    """
+    text = key.decode()
+    if not (text.startswith("{") and text.endswith("}")) or ":" not in text:
+        raise ValueError(f"not a channel key: {text!r}")
+    app_id, _, channel = text[1:-1].partition(":")
+    return app_id, channel
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    """Outcome of a presence join.
+
+    Attributes:
+        added: This was the user's first connection in the channel on any node
+            (``member_added`` was published to every node).
+        webhook: A ``member_added`` webhook is due (false when the join cancelled a held
+            ``member_removed``: the user came back within the hold).
+        roster: The channel's members, user id to ``user_info`` JSON text (None if none);
+            None when the channel is full and the join was refused.
+    """
+
+    added: bool
+    webhook: bool
+    roster: dict[str, str | None] | None
+
+
+@dataclass(frozen=True)
+class SubsResult:
+    """Outcome of setting this node's subscriber count of a channel."""
+
+    before: int
+    after: int
+    occupied_webhook: bool
+
+
+@dataclass(frozen=True)
+class ChannelCounts:
+    """Subscription count (connections) and user count (distinct presence users)."""
+
+    subscription_count: int
+    user_count: int
+
+
+@dataclass(frozen=True)
+class DueWebhook:
+    """A held ``member_removed`` or ``channel_vacated`` webhook whose hold has passed."""
+
+    app_id: str
+    channel: str
+    name: str
+    user_id: str | None
+
+
+def _roster(flat: object) -> dict[str, str | None]:
+    items = cast(list[bytes], flat)
+    return {items[i].decode(): (items[i + 1].decode() or None) for i in range(0, len(items), 2)}
+
+
+class PresenceStore:
+    """This node's view of the sharded presence and subscription state.
+
+    Args:
+        shards: The verified shard links (reads go to the shard's verified master).
+        writer: The batched writer (all writes).
+        owner: This node's owner string (``node_id@incarnation``); entries it writes carry it.
+        hold_ms: How long ``member_removed`` / ``channel_vacated`` webhooks are held.
+        max_members: Presence members per channel.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        writer: BatchWriter,
+        *,
+        owner: str,
+        hold_ms: int = 3000,
+        max_members: int = 100,
+    ) -> None:
+        self.shards = shards
+        self.writer = writer
+        self.owner = owner.encode()
+        self.hold = str(hold_ms).encode()
+        self.max_members = str(max_members).encode()
+
+    def shard_of(self, app_id: str, channel: str) -> int:
+        """The shard holding ``channel``."""
+        return self.shards.table.shard_for_key(channel_key(app_id, channel))
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def join(
+        self, app_id: str, channel: str, user_id: str, user_info: str | None, exclude: str
+    ) -> JoinResult:
+        """Record that this node holds ``user_id`` in presence ``channel``.
+
+        ``exclude`` is the joining socket's id: it gets ``subscription_succeeded``, not
+        ``member_added``.
+        """
+        reply = cast(
+            list[object],
+            await self.writer.write(
+                b"pjoin",
+                channel_key(app_id, channel),
+                self.owner,
+                user_id.encode(),
+                (user_info or "").encode(),
+                exclude.encode(),
+                self.max_members,
+                self.hold,
+            ),
+        )
+        if reply[0] == -1:
+            return JoinResult(False, False, None)
+        return JoinResult(reply[0] == 1, reply[1] == 1, _roster(reply[2]))
+
+    async def leave(self, app_id: str, channel: str, user_id: str) -> bool:
+        """Record that this node no longer holds ``user_id``; True if it was the last anywhere."""
+        reply = await self.writer.write(
+            b"pleave", channel_key(app_id, channel), self.owner, user_id.encode(), self.hold
+        )
+        return reply == 1
+
+    async def set_subscribers(
+        self, app_id: str, channel: str, count: int, *, publish_count: bool
+    ) -> SubsResult:
+        """Set this node's absolute subscriber count of ``channel``."""
+        reply = cast(
+            list[int],
+            await self.writer.write(
+                b"subs",
+                channel_key(app_id, channel),
+                self.owner,
+                str(count).encode(),
+                self.hold,
+                b"1" if publish_count else b"0",
+            ),
+        )
+        return SubsResult(reply[0], reply[1], reply[2] == 1)
+
+    async def publish(self, app_id: str, channel: str, payload: bytes) -> None:
+        """Publish ``payload`` to every node listening to ``channel``."""
+        await self.writer.write(b"publish", channel_key(app_id, channel), payload)
+
+    async def cache_set(self, app_id: str, channel: str, frame: str, ttl_ms: int) -> None:
+        """Remember ``frame`` as the last event of cache channel ``channel``."""
+        await self.writer.write(
+            b"cache", channel_key(app_id, channel), frame.encode(), str(ttl_ms).encode()
+        )
+
+    async def claim_due(self, limit: int = 100) -> list[DueWebhook]:
+        """Claim held webhooks whose hold has passed, on every usable shard.
+
+        Each item is claimed by exactly one caller in the whole deployment.
+        """
+        out: list[DueWebhook] = []
+        for link in self.shards.links:
+            if not link.usable or link.identity is None or not link.identity.tag:
+                continue
+            try:
+                items = await self.writer.write(
+                    b"claim", link.identity.tag.encode(), str(limit).encode()
+                )
+            except (ShardUnavailableError, ReplyError):
+                continue
+            for item in cast(list[bytes], items):
+                key, kind, user = item.split(b"\0", 2)
+                app_id, channel = parse_channel_key(key)
+                if kind == b"m":
+                    out.append(DueWebhook(app_id, channel, "member_removed", user.decode()))
+                else:
+                    out.append(DueWebhook(app_id, channel, "channel_vacated", None))
+        return out
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def _read(self, shard: int, *args: bytes | str | int) -> object:
+        link = self.shards.links[shard]
+        conn = link.conn
+        if not link.usable or conn is None:
+            raise ShardUnavailableError(f"{link.spec.name} unavailable: {link.last_error}")
+        try:
+            return await conn.command(*args)
+        except (ConnectionLost, TimeoutError) as exc:
+            raise ShardUnavailableError(f"{link.spec.name}: {exc}") from exc
+
+    async def roster(self, app_id: str, channel: str) -> dict[str, str | None]:
+        """Members of a presence channel: user id to ``user_info`` JSON text."""
+        key = channel_key(app_id, channel)
+        flat = await self._read(
+            self.shards.table.shard_for_key(key), "FCALL_RO", "pg_roster", 1, key
+        )
+        return _roster(flat)
+
+    async def counts(self, app_id: str, channel: str) -> ChannelCounts:
+        """Subscription and user counts of a channel (0, 0 when unoccupied)."""
+        key = channel_key(app_id, channel)
+        reply = cast(
+            list[int],
+            await self._read(self.shards.table.shard_for_key(key), "FCALL_RO", "pg_info", 1, key),
+        )
+        return ChannelCounts(reply[0], reply[1])
+
+    async def channels(self, app_id: str, prefix: str = "") -> dict[str, ChannelCounts]:
+        """Occupied channels of an app whose name starts with ``prefix``, from every shard.
+
+        Raises:
+            ShardUnavailableError: A shard could not be read (the answer would be partial).
+        """
+        match = f"{{{app_id}:{prefix}"
+        out: dict[str, ChannelCounts] = {}
+        for link in self.shards.links:
+            if link.identity is None or not link.identity.tag:
+                raise ShardUnavailableError(f"{link.spec.name} unavailable: {link.last_error}")
+            flat = cast(
+                list[object],
+                await self._read(
+                    link.index, "FCALL_RO", "pg_channels", 1, link.identity.tag, match
+                ),
+            )
+            for i in range(0, len(flat), 3):
+                _, channel = parse_channel_key(cast(bytes, flat[i]))
+                out[channel] = ChannelCounts(cast(int, flat[i + 1]), cast(int, flat[i + 2]))
+        return out
+
+    async def cache_get(self, app_id: str, channel: str) -> tuple[str | None, int]:
+        """The cached last event of a cache channel and its remaining time to live (ms)."""
+        key = channel_key(app_id, channel)
+        reply = cast(
+            list[object],
+            await self._read(self.shards.table.shard_for_key(key), "FCALL_RO", "pg_cache", 1, key),
+        )
+        frame = reply[0]
+        return (frame.decode() if isinstance(frame, bytes) else None), cast(int, reply[1])
