@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.config import DEFAULT_APP, ConfigError, NodeConfig, parse_app
+from gateway.config import ConfigError, NodeConfig, load_config, parse_app
 from gateway.shards.topology import TopologyConfig, TopologyError, load_topology
 
 __all__ = ["main"]
@@ -30,8 +30,9 @@ def _cluster_args(p: argparse.ArgumentParser, *, dir_default: str | None = None)
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=6001, help="port (default 6001)")
+    p.add_argument("--config", default=None, help="TOML file with [node] and [[apps]] tables")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 6001)")
     p.add_argument("--node-id", default=None, help="stable node name (default host-pid)")
     p.add_argument(
         "--app",
@@ -39,6 +40,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="ID:KEY:SECRET",
         help="serve this app (repeatable); default app 1:app-key:app-secret",
+    )
+    p.add_argument(
+        "--webhook-url", default=None, help="webhook URL for every app that has none configured"
     )
 
 
@@ -55,7 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     _serve_args(dev)
 
     serve = sub.add_parser("serve", help="run one gateway node")
-    serve.add_argument("--topology", required=True, help="topology.json (from cluster up)")
+    serve.add_argument(
+        "--topology",
+        default=None,
+        help="topology.json (from cluster up); or GATEWAY_TOPOLOGY / [node] topology",
+    )
     _serve_args(serve)
 
     cluster = sub.add_parser("cluster", help="local Redis topology (masters, replicas, Sentinels)")
@@ -76,16 +84,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _node_config(args: argparse.Namespace, topology: str | None) -> NodeConfig:
-    apps = tuple(parse_app(a) for a in args.app) or (DEFAULT_APP,)
-    kwargs: dict[str, object] = {
-        "host": args.host,
-        "port": args.port,
-        "apps": apps,
-        "topology": topology,
-    }
-    if args.node_id:
-        kwargs["node_id"] = args.node_id
-    return NodeConfig(**kwargs)  # type: ignore[arg-type]
+    return load_config(
+        args.config,
+        overrides={
+            "host": args.host,
+            "port": args.port,
+            "node_id": args.node_id,
+            "topology": topology,
+            "apps": tuple(parse_app(a) for a in args.app),
+            "webhook_url": args.webhook_url,
+        },
+    )
 
 
 def _local_cluster(args: argparse.Namespace) -> object:
@@ -141,8 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             return 0
         if args.command == "serve":
-            topo = load_topology(args.topology)
-            _run_serve(_node_config(args, args.topology), topo)
+            config = _node_config(args, args.topology)
+            if config.topology is None:
+                raise ConfigError("topology: give --topology, GATEWAY_TOPOLOGY or [node] topology")
+            _run_serve(config, load_topology(config.topology))
             return 0
         if args.command == "dev":
             return _dev(args)

@@ -1,13 +1,28 @@
-"""Gateway configuration: apps and node settings, validated; no I/O besides reading files."""
+"""Gateway configuration: apps and node settings from TOML, environment and flags, validated.
+
+Precedence, highest first: command-line flags, ``GATEWAY_*`` environment variables, the TOML
+file given with ``--config``, built-in defaults. Every error names the setting at fault.
+"""
 
 from __future__ import annotations
 
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
 
-__all__ = ["DEFAULT_APP", "AppConfig", "ConfigError", "NodeConfig", "parse_app"]
+__all__ = [
+    "DEFAULT_APP",
+    "AppConfig",
+    "ConfigError",
+    "NodeConfig",
+    "load_config",
+    "parse_app",
+]
 
 
 class ConfigError(ValueError):
@@ -16,11 +31,26 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AppConfig:
-    """One Pusher app: its numeric id, public key and signing secret."""
+    """One Pusher app.
+
+    Attributes:
+        id: Numeric app id (the official Python server library accepts only digits).
+        key: Public key, used by clients in ``/app/{key}``.
+        secret: Signing secret.
+        webhook_url: Where webhooks are POSTed; None disables webhooks.
+        client_events: Whether ``client-*`` events are accepted.
+        subscription_count: Whether subscription counting (``pusher_internal:subscription_count``
+            events and the ``subscription_count`` attribute) is on.
+        max_connections: Connections this app may hold on one node (0 = unlimited).
+    """
 
     id: str
     key: str
     secret: str
+    webhook_url: str | None = None
+    client_events: bool = True
+    subscription_count: bool = True
+    max_connections: int = 0
 
 
 #: The app ``presence-gateway dev`` serves (numeric id: the official Python library requires it).
@@ -28,6 +58,20 @@ DEFAULT_APP = AppConfig(id="1", key="app-key", secret="app-secret")
 
 _APP_ID = re.compile(r"\A[0-9]+\Z")
 _TOKEN = re.compile(r"\A[A-Za-z0-9_\-.]+\Z")
+
+
+def _check_app(app: AppConfig, where: str) -> AppConfig:
+    if not _APP_ID.match(app.id):
+        raise ConfigError(f"{where}: app id must be all digits, got {app.id!r}")
+    for name in ("key", "secret"):
+        value = getattr(app, name)
+        if not isinstance(value, str) or not _TOKEN.match(value):
+            raise ConfigError(f"{where}: app {name} must match [A-Za-z0-9_.-]+, got {value!r}")
+    if app.webhook_url is not None and not re.match(r"\Ahttps?://[^\s/]+", app.webhook_url):
+        raise ConfigError(f"{where}: webhook_url must be an http(s) URL, got {app.webhook_url!r}")
+    if not isinstance(app.max_connections, int) or app.max_connections < 0:
+        raise ConfigError(f"{where}: max_connections must be an integer >= 0")
+    return app
 
 
 def parse_app(text: str, *, where: str = "--app") -> AppConfig:
@@ -39,13 +83,7 @@ def parse_app(text: str, *, where: str = "--app") -> AppConfig:
     parts = text.split(":")
     if len(parts) != 3:
         raise ConfigError(f"{where}: expected ID:KEY:SECRET, got {text!r}")
-    app_id, key, secret = parts
-    if not _APP_ID.match(app_id):
-        raise ConfigError(f"{where}: app id must be all digits, got {app_id!r}")
-    for name, value in (("key", key), ("secret", secret)):
-        if not _TOKEN.match(value):
-            raise ConfigError(f"{where}: app {name} must match [A-Za-z0-9_.-]+, got {value!r}")
-    return AppConfig(app_id, key, secret)
+    return _check_app(AppConfig(id=parts[0], key=parts[1], secret=parts[2]), where)
 
 
 def _default_node_id() -> str:
@@ -59,9 +97,13 @@ class NodeConfig:
     Attributes:
         host: Bind address (loopback by default).
         port: TCP port for WebSocket, HTTP API, ``/metrics`` and ``/health``.
-        node_id: Stable name of this node; entries it writes carry it.
+        node_id: Stable name of this node; entries it writes carry it with an incarnation.
         topology: Path of a ``topology.json``.
         apps: Apps served; the default app when none is given.
+        activity_timeout: Seconds of client silence before the server pings (sent to clients).
+        write_timeout: Seconds a write may wait for its shard before failing to its caller.
+        webhook_hold_ms: Hold of ``member_removed`` / ``channel_vacated`` webhooks.
+        max_message_bytes: Largest WebSocket message accepted from a client.
     """
 
     host: str = "127.0.0.1"
@@ -69,15 +111,34 @@ class NodeConfig:
     node_id: str = field(default_factory=_default_node_id)
     topology: str | None = None
     apps: tuple[AppConfig, ...] = (DEFAULT_APP,)
+    activity_timeout: int = 120
+    write_timeout: float = 30.0
+    webhook_hold_ms: int = 3000
+    max_message_bytes: int = 65536
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"port: must be 0..65535, got {self.port}")
-        if not self.node_id or "/" in self.node_id or len(self.node_id) > 64:
-            raise ConfigError(f"node_id: 1-64 characters without '/', got {self.node_id!r}")
-        keys = [a.key for a in self.apps]
-        if len(set(keys)) != len(keys):
-            raise ConfigError("apps: two apps share a key")
+        if not isinstance(self.port, int) or not 0 <= self.port < 65536:
+            raise ConfigError(f"port: must be 0..65535, got {self.port!r}")
+        if not isinstance(self.node_id, str) or not re.match(
+            r"\A[A-Za-z0-9_.\-]{1,64}\Z", self.node_id
+        ):
+            raise ConfigError(f"node_id: 1-64 characters of [A-Za-z0-9_.-], got {self.node_id!r}")
+        if not self.apps:
+            raise ConfigError("apps: at least one app is required")
+        for label, values in (
+            ("key", [a.key for a in self.apps]),
+            ("id", [a.id for a in self.apps]),
+        ):
+            if len(set(values)) != len(values):
+                raise ConfigError(f"apps: two apps share an {label}")
+        if not isinstance(self.activity_timeout, int) or not 1 <= self.activity_timeout <= 3600:
+            raise ConfigError("activity_timeout: must be an integer 1..3600 (seconds)")
+        if not isinstance(self.write_timeout, (int, float)) or self.write_timeout <= 0:
+            raise ConfigError("write_timeout: must be a positive number of seconds")
+        if not isinstance(self.webhook_hold_ms, int) or not 0 <= self.webhook_hold_ms <= 60000:
+            raise ConfigError("webhook_hold_ms: must be an integer 0..60000")
+        if not isinstance(self.max_message_bytes, int) or self.max_message_bytes < 1024:
+            raise ConfigError("max_message_bytes: must be an integer >= 1024")
 
     def app_by_key(self, key: str) -> AppConfig | None:
         """The app with this public key, if any."""
@@ -85,3 +146,127 @@ class NodeConfig:
             if app.key == key:
                 return app
         return None
+
+    def app_by_id(self, app_id: str) -> AppConfig | None:
+        """The app with this id, if any."""
+        for app in self.apps:
+            if app.id == app_id:
+                return app
+        return None
+
+
+_NODE_FIELDS = {f.name: f for f in fields(NodeConfig) if f.name != "apps"}
+_APP_FIELDS = {f.name for f in fields(AppConfig)}
+
+
+def _coerce(name: str, value: Any, kind: object) -> Any:
+    """Convert environment text to the field's type; pass TOML values through for checking."""
+    if not isinstance(value, str):
+        return value
+    text = str(kind)
+    try:
+        if "int" in text and "str" not in text:
+            return int(value)
+        if "float" in text:
+            return float(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: not a number: {value!r}") from exc
+    return value
+
+
+def _apps_from_toml(raw: Any, source: str) -> tuple[AppConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: [[apps]] must be an array of tables")
+    apps = []
+    for i, entry in enumerate(raw):
+        where = f"{source}: apps[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a table")
+        unknown = set(entry) - _APP_FIELDS
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {sorted(unknown)}")
+        missing = {"id", "key", "secret"} - set(entry)
+        if missing:
+            raise ConfigError(f"{where}: missing {sorted(missing)}")
+        values: dict[str, Any] = {
+            k: (str(v) if k == "id" and isinstance(v, int) else v) for k, v in entry.items()
+        }
+        for flag in ("client_events", "subscription_count"):
+            if flag in values and not isinstance(values[flag], bool):
+                raise ConfigError(f"{where}.{flag}: must be true or false")
+        try:
+            app = AppConfig(**values)
+        except TypeError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        apps.append(_check_app(app, where))
+    return tuple(apps)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Build the node configuration from a TOML file, ``GATEWAY_*`` variables and flags.
+
+    TOML layout: a ``[node]`` table with any :class:`NodeConfig` field, and ``[[apps]]``
+    tables with :class:`AppConfig` fields. Environment: ``GATEWAY_<FIELD>`` for node fields
+    (``GATEWAY_PORT=6002``), ``GATEWAY_APPS="ID:KEY:SECRET,..."`` and
+    ``GATEWAY_WEBHOOK_URL`` (applied to every app that has none).
+
+    Raises:
+        ConfigError: Unreadable file, unknown or malformed setting; the message names it.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    apps: tuple[AppConfig, ...] = ()
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+        unknown = set(data) - {"node", "apps"}
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}")
+        node = data.get("node", {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: [node] must be a table")
+        bad = set(node) - set(_NODE_FIELDS)
+        if bad:
+            raise ConfigError(f"{source}: [node] unknown setting(s) {sorted(bad)}")
+        values.update(node)
+        if "apps" in data:
+            apps = _apps_from_toml(data["apps"], source)
+    for name, spec in _NODE_FIELDS.items():
+        var = f"GATEWAY_{name.upper()}"
+        if var in env:
+            values[name] = _coerce(var, env[var], spec.type)
+    if "GATEWAY_APPS" in env:
+        apps = tuple(
+            parse_app(item.strip(), where="GATEWAY_APPS")
+            for item in env["GATEWAY_APPS"].split(",")
+            if item.strip()
+        )
+    for name, value in (overrides or {}).items():
+        if name == "apps":
+            if value:
+                apps = tuple(value)
+        elif value is not None:
+            values[name] = value
+    webhook = (overrides or {}).get("webhook_url") or env.get("GATEWAY_WEBHOOK_URL")
+    values.pop("webhook_url", None)
+    if not apps:
+        apps = (DEFAULT_APP,)
+    if webhook:
+        apps = tuple(
+            _check_app(replace(a, webhook_url=a.webhook_url or webhook), "webhook_url")
+            for a in apps
+        )
+    try:
+        return NodeConfig(apps=apps, **values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -1,0 +1,89 @@
+"""Configuration from TOML, environment and flags: precedence and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import DEFAULT_APP, AppConfig, ConfigError, load_config, parse_app
+
+
+def _toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_serve_the_default_app() -> None:
+    config = load_config(env={})
+    assert config.apps == (DEFAULT_APP,)
+    assert (config.host, config.port, config.activity_timeout) == ("127.0.0.1", 6001, 120)
+
+
+def test_toml_env_and_flags_in_order(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+[node]
+port = 7001
+node_id = "gw-1"
+activity_timeout = 60
+
+[[apps]]
+id = 42
+key = "k42"
+secret = "s42"
+webhook_url = "http://127.0.0.1:9999/hooks"
+client_events = false
+""",
+    )
+    config = load_config(path, env={"GATEWAY_PORT": "7002", "GATEWAY_NODE_ID": "gw-env"})
+    assert config.port == 7002  # environment beats the file
+    assert config.node_id == "gw-env"
+    assert config.activity_timeout == 60
+    (app,) = config.apps
+    assert app == AppConfig("42", "k42", "s42", "http://127.0.0.1:9999/hooks", False)
+    config = load_config(path, env={"GATEWAY_PORT": "7002"}, overrides={"port": 7003})
+    assert config.port == 7003  # flags beat both
+
+
+def test_env_apps_and_webhook() -> None:
+    config = load_config(
+        env={"GATEWAY_APPS": "1:a:b, 2:c:d", "GATEWAY_WEBHOOK_URL": "https://hooks.example/x"}
+    )
+    assert [a.key for a in config.apps] == ["a", "c"]
+    assert all(a.webhook_url == "https://hooks.example/x" for a in config.apps)
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "message"),
+    [
+        ("[node]\nport = 70000\n", {}, "port"),
+        ("[node]\nbogus = 1\n", {}, "bogus"),
+        ("[[apps]]\nid = 'x1'\nkey = 'k'\nsecret = 's'\n", {}, "apps[0]: app id must be all"),
+        ("[[apps]]\nid = 1\nkey = 'k'\n", {}, "apps[0]: missing ['secret']"),
+        ("[[apps]]\nid = 1\nkey = 'k'\nsecret = 's'\nclient_events = 'yes'\n", {},
+         "client_events"),
+        ("[[apps]]\nid = 1\nkey = 'k'\nsecret = 's'\nwebhook_url = 'ftp:'\n", {},
+         "webhook_url"),
+        ("[[apps]]\nid = 1\nkey = 'k'\nsecret = 's'\n[[apps]]\nid = 2\nkey = 'k'\nsecret = 't'\n",
+         {}, "share an key"),
+        ("not toml [", {}, "not valid TOML"),
+        ("", {"GATEWAY_PORT": "many"}, "GATEWAY_PORT"),
+        ("", {"GATEWAY_APPS": "1:k"}, "GATEWAY_APPS"),
+        ("[node]\nnode_id = 'a/b'\n", {}, "node_id"),
+    ],
+)  # fmt: skip
+def test_bad_settings_are_named(
+    tmp_path: Path, toml: str, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(_toml(tmp_path, toml), env=env)
+
+
+def test_missing_file_and_bad_app_flag(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml", env={})
+    with pytest.raises(ConfigError, match="--app: expected ID:KEY:SECRET"):
+        parse_app("1:2")
