@@ -1,0 +1,892 @@
+"""The one-port front door: HTTP/1.1 requests and WebSocket upgrades on one listening socket.
+
+Each TCP connection is one :class:`asyncio.Protocol` (no task per connection). Requests are
+parsed by ``httptools``; a ``GET`` with ``Upgrade: websocket`` is handed to websockets' sans-I/O
+:class:`~websockets.server.ServerProtocol`, which does the handshake, framing, masking checks,
+automatic pongs and the closing handshake, while this module moves bytes and owns the timers.
+Any other request goes to the application's :class:`HttpHandler`, one at a time per connection
+(keep-alive and pipelining, answered in order).
+
+Choices worth knowing:
+
+* Request bodies may be sent with ``Content-Length`` or ``Transfer-Encoding: chunked`` (llhttp
+  decodes chunks); either way at most ``max_body`` bytes, else 413 and the connection closes.
+  ``Expect: 100-continue`` is answered when the request is next in line.
+* Limits: request target 8 KiB (414), 100 header fields and 64 KiB of header data (431);
+  anything the parser rejects gets 400; every error response closes the connection.
+* WebSocket extensions (permessage-deflate) are never negotiated, so a server frame is the same
+  bytes for every receiver: :func:`encode_text_frame` once, then
+  :meth:`WsConnection.send_frame_bytes` per receiver, is how fan-out stays cheap.
+* A socket whose transport write buffer grows past ``ws_high_water`` is a slow consumer and is
+  closed with 4100 ("over capacity": pusher-js retries after 1 s).
+* Targets: ``path`` and ``query`` are the raw (undecoded) request target split at ``?``;
+  absolute-form targets (``http://host/p?q``) keep only path and query, and a target without a
+  leading ``/`` gets one (``*`` stays ``*``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import itertools
+import json
+import logging
+import struct
+import typing
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import httptools
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import Event, State
+from websockets.server import ServerProtocol
+
+__all__ = [
+    "FrontDoor",
+    "HttpHandler",
+    "HttpRequest",
+    "HttpResponse",
+    "WsConnection",
+    "WsHandler",
+    "broadcast_frame",
+    "encode_text_frame",
+    "start_frontdoor",
+]
+
+log = logging.getLogger("gateway.server.frontdoor")
+
+MAX_TARGET = 8192
+MAX_HEADERS = 100
+MAX_HEAD_BYTES = 65_536
+#: Requests parsed ahead of the one being answered before reading pauses.
+MAX_PIPELINE = 16
+#: Seconds to keep reading (and discarding) after the last response before closing.
+LINGER = 2.0
+
+_OPEN = State.OPEN
+_TEXT = Opcode.TEXT
+_BINARY = Opcode.BINARY
+_CONT = Opcode.CONT
+_ids = itertools.count(1)
+_pack_16 = struct.Struct("!BBH").pack
+_pack_64 = struct.Struct("!BBQ").pack
+_ws_logger = logging.getLogger("websockets.server")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public data types and the application's side of the contract
+
+
+@dataclass(slots=True)
+class HttpRequest:
+    """One parsed HTTP request.
+
+    Attributes:
+        method: Upper-case method, e.g. ``"POST"``.
+        path: Raw (not percent-decoded) path part of the request target.
+        query: Raw query string (without ``?``), empty if none.
+        headers: Header fields with lower-cased names; repeated fields joined with ``", "``.
+        body: The whole request body (chunked bodies already decoded).
+        remote: Peer ``(host, port)`` if known.
+    """
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    remote: tuple[str, int] | None
+
+
+@dataclass(slots=True)
+class HttpResponse:
+    """What an :class:`HttpHandler` answers.
+
+    ``Content-Length`` and ``Connection`` are set by the front door; values in ``headers`` for
+    those names (and ``Transfer-Encoding``) are ignored.
+
+    Attributes:
+        status: Status code (100-599).
+        body: Response body.
+        headers: Extra header fields.
+        content_type: Value of ``Content-Type``.
+    """
+
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+
+
+class WsHandler(typing.Protocol):
+    """The application's callbacks for WebSocket connections.
+
+    All calls are synchronous and happen on the event loop; the handler may call
+    :meth:`WsConnection.send_text` or :meth:`WsConnection.close` from inside them. An exception
+    from a callback is logged and closes that connection with 1011.
+    """
+
+    def ws_open(self, conn: WsConnection) -> None:
+        """A handshake completed; ``conn`` is open."""
+
+    def ws_text(self, conn: WsConnection, text: str) -> None:
+        """A complete text message arrived."""
+
+    def ws_binary(self, conn: WsConnection, data: bytes) -> None:
+        """A complete binary message arrived."""
+
+    def ws_closed(self, conn: WsConnection, code: int | None) -> None:
+        """The connection is gone; called exactly once per opened connection.
+
+        ``code`` is the close code the client sent (1005 for a close frame without one), or
+        ``None`` when the TCP connection ended without a close frame from the client.
+        """
+
+
+class HttpHandler(typing.Protocol):
+    """The application's handler for plain HTTP requests."""
+
+    async def http_request(self, request: HttpRequest) -> HttpResponse:
+        """Answer one request; an exception becomes a logged 500."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# WebSocket side
+
+
+def encode_text_frame(text: str) -> bytes:
+    """Serialize ``text`` as one unmasked, unfragmented server text frame.
+
+    The result is the same bytes websockets' ``ServerProtocol.send_text`` produces when no
+    extension is negotiated (the front door never negotiates one), so it can be written to any
+    number of connections with :meth:`WsConnection.send_frame_bytes`.
+    """
+    data = text.encode()
+    n = len(data)
+    if n < 126:
+        return bytes((0x81, n)) + data
+    if n < 65_536:
+        return _pack_16(0x81, 126, n) + data
+    return _pack_64(0x81, 127, n) + data
+
+
+def broadcast_frame(conns: Iterable[WsConnection], frame: bytes) -> int:
+    """Write an already-encoded frame to every open connection in ``conns``.
+
+    Returns:
+        How many connections were open (and so received the frame).
+    """
+    sent = 0
+    for conn in conns:
+        if conn._open:
+            conn._write(frame)
+            sent += 1
+    return sent
+
+
+class WsConnection(asyncio.Protocol):
+    """One WebSocket connection after (or during) its opening handshake.
+
+    This object is also the transport's :class:`asyncio.Protocol` once the connection is
+    upgraded; the ``connection_*``, ``data_received``, ``eof_received`` and ``*_writing``
+    methods are for the event loop, not for applications.
+
+    Attributes:
+        id: Unique per connection in this process.
+        path: Raw path of the handshake request target.
+        query: Raw query string of the handshake request target.
+        remote: Peer ``(host, port)`` if known.
+    """
+
+    __slots__ = (
+        "_close_timer",
+        "_door",
+        "_fragments",
+        "_fragments_text",
+        "_notified",
+        "_open",
+        "_opened",
+        "_proto",
+        "_transport",
+        "_write",
+        "id",
+        "path",
+        "query",
+        "remote",
+    )
+
+    def __init__(
+        self,
+        door: FrontDoor,
+        transport: asyncio.Transport,
+        path: str,
+        query: str,
+        remote: tuple[str, int] | None,
+    ) -> None:
+        self.id = next(_ids)
+        self.path = path
+        self.query = query
+        self.remote = remote
+        self._door = door
+        self._transport = transport
+        self._write = transport.write
+        self._proto = ServerProtocol(max_size=door.max_ws_message, logger=_ws_logger)
+        self._open = False
+        self._opened = False
+        self._notified = False
+        self._fragments: list[bytes] | None = None
+        self._fragments_text = False
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<WsConnection {self.id} {self.path!r} open={self._open}>"
+
+    # -- application API ---------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        """True while messages can be sent (handshake done, no close frame sent or received)."""
+        return self._open
+
+    @property
+    def buffered(self) -> int:
+        """Bytes waiting in the transport's write buffer."""
+        return self._transport.get_write_buffer_size()
+
+    def send_text(self, text: str) -> None:
+        """Queue a text frame; a no-op once the connection is no longer open."""
+        if self._open:
+            self._write(encode_text_frame(text))
+
+    def send_frame_bytes(self, frame: bytes) -> None:
+        """Queue an already-serialized server frame (see :func:`encode_text_frame`).
+
+        A no-op once the connection is no longer open.
+        """
+        if self._open:
+            self._write(frame)
+
+    def ping(self) -> None:
+        """Send a protocol-level ping (the client's pong is consumed silently)."""
+        if self._open:
+            self._proto.send_ping(b"")
+            self._flush()
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake with ``code``; the transport closes after it.
+
+        If the client does not finish the handshake within the front door's close timeout,
+        the TCP connection is aborted. A no-op if the connection is not open.
+        """
+        if not self._open:
+            return
+        reason_bytes = reason.encode()[:123]
+        reason = reason_bytes.decode(errors="ignore")
+        try:
+            self._proto.send_close(code, reason)
+        except Exception:  # an invalid close code from the caller must not leave us half-open
+            log.warning("invalid close code %r for connection %d; using 1011", code, self.id)
+            self._proto.fail(1011, "internal error")
+        self._open = False
+        self._flush()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        proto = self._proto
+        proto.receive_data(data)
+        events = proto.events_received()
+        self._open = proto.state is _OPEN
+        if events:
+            self._dispatch(events)
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        self._proto.receive_eof()
+        self._open = False
+        self._flush()
+        return None  # the transport closes itself
+
+    def pause_writing(self) -> None:
+        # Called by the transport, synchronously inside write(), when its buffer passes
+        # ws_high_water: this client does not read as fast as we send.
+        if self._open and self._transport.get_write_buffer_size() > self._door.ws_high_water:
+            self._door.slow_consumers_closed += 1
+            log.info("closing slow consumer %d (%d bytes buffered)", self.id, self.buffered)
+            self.close(4100, "over capacity")
+
+    def resume_writing(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._open = False
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self._door._forget(self)
+        if self._opened and not self._notified:
+            self._notified = True
+            received = self._proto.close_rcvd
+            code = received.code if received is not None else None
+            try:
+                self._door.ws_handler.ws_closed(self, code)
+            except Exception:
+                log.exception("ws_closed handler failed for connection %d", self.id)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _start(self, raw_request: bytes) -> None:
+        """Run the opening handshake on the request bytes (plus any bytes that followed)."""
+        proto = self._proto
+        proto.receive_data(raw_request)
+        events = proto.events_received()
+        if not events or not isinstance(events[0], Request):
+            self._flush()  # websockets could not parse it and already sent EOF
+            return
+        response = proto.accept(events[0])
+        proto.send_response(response)
+        self._open = proto.state is _OPEN
+        self._flush()
+        if not self._open:
+            return
+        self._opened = True
+        self._transport.set_write_buffer_limits(high=self._door.ws_high_water)
+        try:
+            self._door.ws_handler.ws_open(self)
+        except Exception:
+            log.exception("ws_open handler failed for connection %d", self.id)
+            self._fail(1011, "internal error")
+            return
+        if len(events) > 1:
+            self._dispatch(events[1:])
+            self._flush()
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            if not self._open:
+                return
+            if not isinstance(event, Frame):
+                continue
+            opcode = event.opcode
+            if opcode is _TEXT or opcode is _BINARY:
+                if event.fin:
+                    self._deliver(opcode is _TEXT, bytes(event.data))
+                else:
+                    self._fragments = [bytes(event.data)]
+                    self._fragments_text = opcode is _TEXT
+            elif opcode is _CONT and self._fragments is not None:
+                self._fragments.append(bytes(event.data))
+                if event.fin:
+                    data = b"".join(self._fragments)
+                    self._fragments = None
+                    self._deliver(self._fragments_text, data)
+            # PING (auto-ponged by websockets), PONG and CLOSE need nothing from us.
+
+    def _deliver(self, is_text: bool, data: bytes) -> None:
+        handler = self._door.ws_handler
+        try:
+            if is_text:
+                try:
+                    text = data.decode()
+                except UnicodeDecodeError:
+                    self._fail(1007, "invalid UTF-8")
+                    return
+                handler.ws_text(self, text)
+            else:
+                handler.ws_binary(self, data)
+        except Exception:
+            log.exception("WebSocket handler failed for connection %d", self.id)
+            self._fail(1011, "internal error")
+
+    def _fail(self, code: int, reason: str) -> None:
+        if self._proto.state is _OPEN:
+            self._proto.fail(code, reason)
+        self._open = False
+        self._flush()
+
+    def _flush(self) -> None:
+        transport = self._transport
+        for chunk in self._proto.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            elif transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+        if self._close_timer is None and self._proto.close_expected():
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(self._door.ws_close_timeout, self._abort)
+
+    def _abort(self) -> None:
+        self._close_timer = None
+        self._open = False
+        self._transport.abort()
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP side
+
+
+class _Rejected(Exception):
+    """Raised inside a parser callback to stop parsing with an HTTP error status."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: HttpRequest | None  # None: answer ``error`` and close
+    keep_alive: bool
+    error: int = 0
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def _json_error(status: int, message: str | None = None) -> HttpResponse:
+    text = message if message is not None else _reason(status)
+    return HttpResponse(status, json.dumps({"error": text}).encode())
+
+
+_SKIPPED_HEADERS = frozenset({"content-length", "connection", "transfer-encoding"})
+
+
+def _serialize(response: HttpResponse, *, keep_alive: bool, head: bool) -> bytes:
+    body = response.body
+    parts = [
+        f"HTTP/1.1 {response.status} {_reason(response.status)}\r\n"
+        f"Content-Type: {response.content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n"
+    ]
+    for name, value in response.headers.items():
+        if name.lower() in _SKIPPED_HEADERS:
+            continue
+        # A CR or LF from the application must never split the response.
+        parts.append(f"{name}: {value}\r\n".replace("\r", " ").replace("\n", " ")[:-2] + "\r\n")
+    parts.append("\r\n")
+    head_bytes = "".join(parts).encode("latin-1", errors="replace")
+    return head_bytes if head else head_bytes + body
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """Split a request target into raw ``(path, query)``; see the module docstring."""
+    if not target.startswith("/"):
+        scheme, sep, rest = target.partition("://")
+        if sep and scheme.isalpha():
+            cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+            target = rest[cut:]
+            if not target.startswith("/"):
+                target = "/" + target
+        elif target != "*":
+            target = "/" + target
+    path, _, query = target.partition("?")
+    return path.partition("#")[0], query.partition("#")[0]
+
+
+class _HttpConnection(asyncio.Protocol):
+    """A connection before (or without) a WebSocket upgrade."""
+
+    def __init__(self, door: FrontDoor) -> None:
+        self._door = door
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._remote: tuple[str, int] | None = None
+        self._queue: deque[_Pending] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False  # the parser is done with this connection
+        self._closed = False
+        self._reading = True
+        self._upgrade: bytearray | None = None  # handshake bytes (+ what followed) to hand over
+        self._upgrade_target = ("/", "")
+        self._reject = 0
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self.last_active = self._loop.time()
+        self._head_spans = False  # the current request head started in an earlier chunk
+        self._head_extra = 0
+        self._new_message()
+
+    def _new_message(self) -> None:
+        self._in_head = False
+        self._url = bytearray()
+        self._headers: dict[str, str] = {}
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._body = bytearray()
+
+    @property
+    def idle(self) -> bool:
+        return self._task is None and not self._queue and not self._in_head
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport does not subclass asyncio.Transport, so no isinstance check.
+        transport = typing.cast(asyncio.Transport, transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self._remote = (str(peer[0]), int(peer[1]))
+        self._door._http.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        self._door._forget(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._upgrade is not None:
+            self._upgrade += data  # pipelined requests still being answered; hand over later
+            return
+        if self._stopped:
+            return
+        self.last_active = self._loop.time()
+        continued = self._in_head
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if self._upgrade is not None:
+                self._upgrade += data[int(exc.args[0]) :]
+            else:  # an upgrade to something else (h2c, CONNECT): answer it, then close
+                self._stopped = True
+        except httptools.HttpParserError:
+            if self._upgrade is None:  # after an upgrade request the rest is not HTTP anyway
+                self._stopped = True
+                self._queue.append(_Pending(None, False, self._reject or 400))
+        else:
+            if self._in_head:
+                # llhttp has no limit of its own on a head arriving in many small reads.
+                self._head_extra = self._head_extra + len(data) if continued else 0
+                if self._head_extra > MAX_HEAD_BYTES:
+                    self._stopped = True
+                    self._queue.append(_Pending(None, False, 431))
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        # Half-closed by the client: finish answering what was received, then close.
+        if self._task is None and not self._queue:
+            return None
+        self._stopped = True
+        self._upgrade = None
+        return True
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._new_message()
+        self._in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_TARGET:
+            self._fail_parse(414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        if len(self._raw_headers) > MAX_HEADERS or self._head_size > MAX_HEAD_BYTES:
+            self._fail_parse(431)
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        previous = self._headers.get(key)
+        self._headers[key] = text if previous is None else f"{previous}, {text}"
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_extra = 0
+        length = self._headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self._door.max_body:
+            self._fail_parse(413)
+        expect = self._headers.get("expect")
+        if (
+            expect is not None
+            and expect.lower() == "100-continue"
+            and self._task is None
+            and not self._queue
+            and self._transport is not None
+        ):
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+        if len(self._body) > self._door.max_body:
+            self._fail_parse(413)
+
+    def on_message_complete(self) -> None:
+        if self._stopped:
+            return
+        method = self._parser.get_method().decode("ascii", errors="replace")
+        target = self._url.decode("latin-1")
+        path, query = split_target(target)
+        if method == "GET" and self._headers.get("upgrade", "").lower() == "websocket":
+            # Rebuild the head for websockets to parse; bytes after it are appended later.
+            version = self._parser.get_http_version()
+            head = [f"GET {target} HTTP/{version}\r\n".encode("latin-1")]
+            head.extend(name + b": " + value + b"\r\n" for name, value in self._raw_headers)
+            head.append(b"\r\n")
+            self._upgrade = bytearray(b"".join(head))
+            self._upgrade_target = (path, query)
+            self._stopped = True
+            return
+        request = HttpRequest(method, path, query, self._headers, bytes(self._body), self._remote)
+        keep_alive = self._parser.should_keep_alive() and not self._parser.should_upgrade()
+        self._queue.append(_Pending(request, keep_alive))
+        if len(self._queue) >= MAX_PIPELINE and self._reading and self._transport is not None:
+            self._reading = False
+            self._transport.pause_reading()
+
+    def _fail_parse(self, status: int) -> typing.NoReturn:
+        self._reject = status
+        raise _Rejected(status)
+
+    # -- answering ---------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        if self._task is not None or self._closed:
+            return
+        if self._queue:
+            self._task = self._loop.create_task(self._serve())
+        elif self._upgrade is not None:
+            self._hand_over()
+        elif self._stopped:
+            self._linger()
+
+    async def _serve(self) -> None:
+        keep_alive = True
+        try:
+            while self._queue and not self._closed:
+                item = self._queue.popleft()
+                if not self._reading and len(self._queue) < MAX_PIPELINE // 2:
+                    self._reading = True
+                    if self._transport is not None:
+                        self._transport.resume_reading()
+                if item.request is None:
+                    self._send(_json_error(item.error), keep_alive=False, head=False)
+                    keep_alive = False
+                    break
+                response = await self._answer(item.request)
+                keep_alive = item.keep_alive and not self._door.shutting_down
+                self._send(response, keep_alive=keep_alive, head=item.request.method == "HEAD")
+                if not keep_alive:
+                    break
+        finally:
+            self._task = None
+        if not keep_alive:
+            self._linger()
+        else:
+            self._pump()
+
+    async def _answer(self, request: HttpRequest) -> HttpResponse:
+        try:
+            response = await self._door.http_handler.http_request(request)
+            if not isinstance(response, HttpResponse) or not 100 <= response.status <= 599:
+                raise TypeError(f"handler returned {response!r}, not an HttpResponse")
+            return response
+        except Exception:
+            log.exception("HTTP handler failed on %s %s", request.method, request.path)
+            return _json_error(500, "internal server error")
+
+    def _send(self, response: HttpResponse, *, keep_alive: bool, head: bool) -> None:
+        if self._closed or self._transport is None or self._transport.is_closing():
+            return
+        self.last_active = self._loop.time()
+        self._transport.write(_serialize(response, keep_alive=keep_alive, head=head))
+
+    def _close(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.close()
+
+    def _linger(self) -> None:
+        # Closing while the client still sends would make the kernel answer with a reset that
+        # can destroy our last response before the client reads it; so send FIN, keep reading
+        # (and discarding) until the client closes, for at most LINGER seconds.
+        transport = self._transport
+        if transport is None or self._closed or transport.is_closing():
+            return
+        self._stopped = True
+        if not self._reading:
+            self._reading = True
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._linger_timer = self._loop.call_later(LINGER, transport.close)
+        else:
+            transport.close()
+
+    def close_if_idle(self) -> None:
+        if self.idle and self._upgrade is None:
+            self._close()
+
+    def _hand_over(self) -> None:
+        transport = self._transport
+        assert transport is not None and self._upgrade is not None
+        raw = bytes(self._upgrade)
+        self._upgrade = None
+        self._door._http.discard(self)
+        if not self._reading:
+            self._reading = True
+            transport.resume_reading()
+        path, query = self._upgrade_target
+        conn = WsConnection(self._door, transport, path, query, self._remote)
+        self._door._ws.add(conn)
+        transport.set_protocol(conn)
+        conn._start(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The listening socket
+
+
+class FrontDoor:
+    """A listening front door; made by :func:`start_frontdoor`.
+
+    Attributes:
+        port: The bound port.
+        slow_consumers_closed: WebSockets closed with 4100 for exceeding ``ws_high_water``.
+    """
+
+    def __init__(
+        self,
+        *,
+        ws: WsHandler,
+        http: HttpHandler,
+        max_body: int,
+        max_ws_message: int,
+        ws_high_water: int,
+        ws_close_timeout: float,
+        http_idle_timeout: float,
+    ) -> None:
+        self.ws_handler = ws
+        self.http_handler = http
+        self.max_body = max_body
+        self.max_ws_message = max_ws_message
+        self.ws_high_water = ws_high_water
+        self.ws_close_timeout = ws_close_timeout
+        self.http_idle_timeout = http_idle_timeout
+        self.shutting_down = False
+        self.slow_consumers_closed = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._ws: set[WsConnection] = set()
+        self._http: set[_HttpConnection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._drained: asyncio.Event | None = None
+
+    @property
+    def connections(self) -> int:
+        """Open TCP connections (HTTP and WebSocket)."""
+        return len(self._ws) + len(self._http)
+
+    @property
+    def websockets(self) -> list[WsConnection]:
+        """The WebSocket connections whose handshake completed and that are still open."""
+        return [conn for conn in self._ws if conn._open]
+
+    def close(self) -> None:
+        """Stop accepting connections; existing ones are left alone."""
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    async def shutdown(
+        self, code: int = 4200, reason: str = "server shutting down", timeout: float = 5.0
+    ) -> None:
+        """Stop listening and close every connection, waiting at most ``timeout`` seconds.
+
+        WebSockets are closed with ``code`` (4200 makes pusher-js reconnect at once, to another
+        node behind the load balancer); idle HTTP connections are closed and busy ones after
+        their current response. Whatever is still open at the deadline is aborted.
+        """
+        self.shutting_down = True
+        self.close()
+        for conn in list(self._ws):
+            conn.close(code, reason)
+        for http_conn in list(self._http):
+            http_conn.close_if_idle()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self.connections:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), max(0.0, deadline - loop.time()))
+        for conn in list(self._ws):
+            conn._abort()
+        for http_conn in list(self._http):
+            if http_conn._transport is not None:
+                http_conn._transport.abort()
+        # Let the aborts reach connection_lost so ws_closed has been called on return.
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    def _forget(self, conn: WsConnection | _HttpConnection) -> None:
+        if isinstance(conn, WsConnection):
+            self._ws.discard(conn)
+        else:
+            self._http.discard(conn)
+        if self._drained is not None and not self.connections:
+            self._drained.set()
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        limit = loop.time() - self.http_idle_timeout
+        for conn in list(self._http):
+            if conn.last_active < limit and conn._task is None:
+                conn._close()
+        self._sweeper = loop.call_later(self.http_idle_timeout / 4, self._sweep)
+
+
+async def start_frontdoor(
+    host: str,
+    port: int,
+    *,
+    ws: WsHandler,
+    http: HttpHandler,
+    max_body: int = 1_048_576,
+    max_ws_message: int = 65_536,
+    ws_high_water: int = 1_048_576,
+    ws_close_timeout: float = 5.0,
+    http_idle_timeout: float = 60.0,
+    backlog: int = 2048,
+) -> FrontDoor:
+    """Listen on ``host:port`` (0 picks a free port) and serve WebSockets and HTTP.
+
+    Args:
+        host: Bind address.
+        port: Bind port; 0 for any free one (see :attr:`FrontDoor.port`).
+        ws: Receives WebSocket connections and messages.
+        http: Answers every request that is not a WebSocket upgrade.
+        max_body: Largest accepted request body in bytes (else 413).
+        max_ws_message: Largest accepted WebSocket message in bytes (else close 1009).
+        ws_high_water: Write-buffer size in bytes above which a socket is closed with 4100.
+        ws_close_timeout: Seconds to wait for the client's side of a closing handshake.
+        http_idle_timeout: Seconds after which an idle keep-alive connection is closed.
+        backlog: Listen backlog.
+    """
+    door = FrontDoor(
+        ws=ws,
+        http=http,
+        max_body=max_body,
+        max_ws_message=max_ws_message,
+        ws_high_water=ws_high_water,
+        ws_close_timeout=ws_close_timeout,
+        http_idle_timeout=http_idle_timeout,
+    )
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: _HttpConnection(door), host, port, backlog=backlog, reuse_address=True
+    )
+    door._server = server
+    with contextlib.suppress(IndexError):
+        door.port = int(server.sockets[0].getsockname()[1])
+    door._sweeper = loop.call_later(http_idle_timeout / 4, door._sweep)
+    return door

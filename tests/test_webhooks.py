@@ -1,0 +1,242 @@
+"""Webhook delivery against a loopback receiver, verified with the official pusher library."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pusher
+import pytest
+
+from gateway.config import AppConfig
+from gateway.metrics import Metrics
+from gateway.server import httpclient
+from gateway.server.webhooks import WebhookSender, sign_webhook
+
+APP = AppConfig(id="1", key="app-key", secret="app-secret")
+
+
+class Receiver:
+    """A tiny HTTP server recording each POST and answering with scripted statuses."""
+
+    def __init__(self, statuses: list[int] | None = None, *, chunked: bool = False) -> None:
+        self.statuses = list(statuses or [])
+        self.chunked = chunked
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.arrived = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/hooks?x=1"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            assert lines[0] == "POST /hooks?x=1 HTTP/1.1", lines[0]
+            headers = {}
+            for line in lines[1:]:
+                if line:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+            body = await reader.readexactly(int(headers["content-length"]))
+            self.requests.append((headers, body))
+            status = self.statuses.pop(0) if self.statuses else 200
+            if self.chunked:
+                writer.write(
+                    f"HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    "2\r\nok\r\n0\r\n\r\n".encode()
+                )
+            else:
+                writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 2\r\n\r\nok".encode())
+            await writer.drain()
+        finally:
+            writer.close()
+            self.arrived.set()
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.requests) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver()
+    await r.start()
+    yield r
+    await r.close()
+
+
+def validate(headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    client = pusher.Pusher(app_id=APP.id, key=APP.key, secret=APP.secret)
+    result = client.validate_webhook(
+        headers["x-pusher-key"], headers["x-pusher-signature"], body.decode()
+    )
+    assert result is not None, "the official library rejected the webhook"
+    return dict(result)
+
+
+def test_signature_matches_the_documented_vector() -> None:
+    body = (
+        b'{"time_ms":1327078148132,"events":[{"name":"channel_occupied","channel":"test-channel"}]}'
+    )
+    assert (
+        sign_webhook("7ad3773142a6692b25b8", body)
+        == "5dd6562a9f744b72a688bcdfea41c14c2c56d12c44c99e32c08face4cc1e8aeb"
+    )
+
+
+async def test_events_are_batched_signed_and_valid(receiver: Receiver) -> None:
+    metrics = Metrics()
+    sender = WebhookSender(metrics=metrics, batch_delay=0.05)
+    for i in range(5):
+        sender.enqueue(APP, receiver.url, {"name": "channel_occupied", "channel": f"c{i}"})
+    await receiver.wait_for(1)
+    await sender.close(timeout=2)
+    assert len(receiver.requests) == 1
+    headers, body = receiver.requests[0]
+    assert headers["content-type"] == "application/json"
+    assert headers["x-pusher-key"] == APP.key
+    payload = validate(headers, body)
+    assert isinstance(payload["time_ms"], int)
+    assert [e["channel"] for e in payload["events"]] == [f"c{i}" for i in range(5)]
+    assert metrics.total("pg_webhooks_sent_total") == 5
+
+
+async def test_batches_hold_at_most_max_batch_events(receiver: Receiver) -> None:
+    sender = WebhookSender(max_batch=100, batch_delay=0.05)
+    for i in range(250):
+        sender.enqueue(APP, receiver.url, {"name": "member_added", "channel": "p", "user_id": i})
+    await receiver.wait_for(3)
+    await sender.close(timeout=2)
+    sizes = [len(json.loads(body)["events"]) for _h, body in receiver.requests]
+    assert sizes == [100, 100, 50]
+    ids = [e["user_id"] for _h, body in receiver.requests for e in json.loads(body)["events"]]
+    assert ids == list(range(250))  # in order
+
+
+async def test_retries_after_500_then_succeeds(receiver: Receiver) -> None:
+    receiver.statuses = [500, 503]
+    metrics = Metrics()
+    sender = WebhookSender(metrics=metrics, batch_delay=0.01, initial_backoff=0.05)
+    sender.enqueue(APP, receiver.url, {"name": "channel_vacated", "channel": "c"})
+    await receiver.wait_for(3)
+    await sender.close(timeout=2)
+    bodies = {body for _h, body in receiver.requests}
+    assert len(bodies) == 1  # the same signed body every time
+    validate(*receiver.requests[-1])
+    assert metrics.get("pg_webhook_failures_total", reason="http_5xx") == 2
+    assert metrics.total("pg_webhooks_sent_total") == 1
+    assert metrics.total("pg_webhooks_dropped_total") == 0
+
+
+async def test_gives_up_after_the_deadline(receiver: Receiver) -> None:
+    receiver.statuses = [500] * 100
+    metrics = Metrics()
+    sender = WebhookSender(
+        metrics=metrics, batch_delay=0.01, initial_backoff=0.05, retry_deadline=0.3
+    )
+    sender.enqueue(APP, receiver.url, {"name": "channel_occupied", "channel": "c"})
+    sender.enqueue(APP, receiver.url, {"name": "channel_occupied", "channel": "d"})
+    async with asyncio.timeout(5):
+        while metrics.total("pg_webhooks_dropped_total") == 0:
+            await asyncio.sleep(0.02)
+    assert metrics.get("pg_webhooks_dropped_total", reason="deadline") == 2
+    assert 2 <= len(receiver.requests) <= 6
+    assert metrics.total("pg_webhooks_sent_total") == 0
+    await sender.close(timeout=1)
+
+
+async def test_connection_refused_is_retried_then_dropped() -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    metrics = Metrics()
+    sender = WebhookSender(
+        metrics=metrics, batch_delay=0.01, initial_backoff=0.02, retry_deadline=0.2
+    )
+    sender.enqueue(APP, f"http://127.0.0.1:{port}/", {"name": "channel_occupied", "channel": "c"})
+    async with asyncio.timeout(5):
+        while metrics.total("pg_webhooks_dropped_total") == 0:
+            await asyncio.sleep(0.02)
+    assert metrics.get("pg_webhook_failures_total", reason="connection") >= 2
+    await sender.close(timeout=1)
+
+
+async def test_full_queue_drops_oldest(receiver: Receiver) -> None:
+    metrics = Metrics()
+    sender = WebhookSender(metrics=metrics, max_queue=3, batch_delay=0.05)
+    for i in range(5):
+        sender.enqueue(APP, receiver.url, {"name": "channel_occupied", "channel": f"c{i}"})
+    await receiver.wait_for(1)
+    await sender.close(timeout=2)
+    events = [e["channel"] for _h, body in receiver.requests for e in json.loads(body)["events"]]
+    assert events == ["c2", "c3", "c4"]
+    assert metrics.get("pg_webhooks_dropped_total", reason="queue_full") == 2
+
+
+async def test_close_flushes_pending_events(receiver: Receiver) -> None:
+    sender = WebhookSender(batch_delay=10.0)  # would wait 10 s without close()
+    sender.enqueue(APP, receiver.url, {"name": "channel_occupied", "channel": "c"})
+    await asyncio.sleep(0.01)
+    await sender.close(timeout=2)
+    assert len(receiver.requests) == 1
+    sender.enqueue(APP, receiver.url, {"name": "channel_occupied", "channel": "late"})
+    assert sender.metrics.get("pg_webhooks_dropped_total", reason="closed") == 1
+
+
+async def test_http_client_reads_chunked_responses() -> None:
+    r = Receiver([202], chunked=True)
+    await r.start()
+    try:
+        result = await httpclient.post(r.url, b"{}", {"Content-Type": "application/json"})
+        assert (result.status, result.body) == (202, b"ok")
+    finally:
+        await r.close()
+
+
+async def test_http_client_reads_close_delimited_responses() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil close")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        result = await httpclient.post(f"http://127.0.0.1:{port}/", b"")
+        assert (result.status, result.body) == (200, b"until close")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_http_client_times_out() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)  # never answers; returns when the client gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(TimeoutError):
+            await httpclient.post(f"http://127.0.0.1:{port}/", b"", timeout=0.1)
+    finally:
+        server.close()
+        await server.wait_closed()
