@@ -16,6 +16,7 @@ from support import raw_client
 from websockets.sync.client import connect
 
 from gateway.cli import main
+from gateway.protocol.auth import sign
 
 CLI = [sys.executable, "-m", "gateway"]
 
@@ -61,17 +62,29 @@ def test_dev_serves_connection_established_and_stops_everything(tmp_path: Path) 
             data = json.loads(frame["data"])
             assert data["activity_timeout"] > 0
             socket_id = data["socket_id"]
-            # The join went through the verified writer to the channel's shard.
+            # A presence join goes through the verified writer to the channel's shard.
+            channel_data = json.dumps({"user_id": "dev-user"})
+            sig = sign("app-secret", f"{socket_id}:presence-dev:{channel_data}")
+            ws.send(
+                json.dumps(
+                    {
+                        "event": "pusher:subscribe",
+                        "data": {
+                            "channel": "presence-dev",
+                            "auth": f"app-key:{sig}",
+                            "channel_data": channel_data,
+                        },
+                    }
+                )
+            )
+            reply = json.loads(ws.recv(timeout=10))
+            assert reply["event"] == "pusher_internal:subscription_succeeded"
             topo = json.loads((work / "topology.json").read_text())
-            found = False
-            for _ in range(50):
-                for shard in topo["shards"]:
-                    entries = raw_client(shard["master"]).hgetall("{1:presence-lobby}:pres")
-                    found = found or any(socket_id.encode() in k for k in entries)
-                if found:
-                    break
-                time.sleep(0.1)
-            assert found
+            holders = [
+                raw_client(shard["master"]).hget("{1:presence-dev}:u", "dev-user")
+                for shard in topo["shards"]
+            ]
+            assert sorted(holders, key=str) == [None, b"1"]
     finally:
         proc.send_signal(signal.SIGINT)
         try:

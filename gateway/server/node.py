@@ -1,120 +1,131 @@
-"""One gateway node: shard links, the batched writer and the WebSocket front door, composed."""
+"""One gateway node: shard links, writer, store, Pub/Sub, hub, HTTP API and front door, composed."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import signal
 
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
-
 from gateway.config import NodeConfig
 from gateway.metrics import Metrics
+from gateway.server.api import Api
+from gateway.server.frontdoor import FrontDoor, start_frontdoor
+from gateway.server.hub import Hub
+from gateway.server.webhooks import WebhookSender
+from gateway.shards.pubsub import PubSub
 from gateway.shards.shardset import ShardSet
 from gateway.shards.topology import TopologyConfig
 from gateway.shards.writer import BatchWriter
+from gateway.store.presence import PresenceStore
 
-__all__ = ["GatewayNode", "new_socket_id"]
+__all__ = ["GatewayNode", "run_node"]
 
 log = logging.getLogger("gateway.server")
-
-ACTIVITY_TIMEOUT = 120
-MEMBER_TTL_MS = 60_000
-
-
-def new_socket_id() -> str:
-    """A Pusher socket id: two decimal integers joined by a dot."""
-    return f"{secrets.randbelow(10**10)}.{secrets.randbelow(10**10)}"
 
 
 class GatewayNode:
     """A running gateway node.
 
-    Every accepted WebSocket on ``/app/{key}`` receives ``pusher:connection_established`` and is
-    recorded as a member of the app's ``presence-lobby`` channel through the verified writer;
-    the entry is removed when the socket closes.
+    Args:
+        config: Node settings and apps.
+        topology: Where the shards are.
+
+    Attributes:
+        incarnation: Random id of this process's life; with the node id it owns every entry
+            this node writes, so a restarted node never mistakes old entries for its own.
     """
 
     def __init__(self, config: NodeConfig, topology: TopologyConfig) -> None:
         self.config = config
+        self.incarnation = secrets.token_hex(4)
+        self.owner = f"{config.node_id}@{self.incarnation}"
         self.metrics = Metrics()
         self.shards = ShardSet(topology, metrics=self.metrics)
-        self.writer = BatchWriter(self.shards, metrics=self.metrics)
-        self._server: Server | None = None
+        self.writer = BatchWriter(
+            self.shards, metrics=self.metrics, write_timeout=config.write_timeout
+        )
+        self.store = PresenceStore(
+            self.shards, self.writer, owner=self.owner, hold_ms=config.webhook_hold_ms
+        )
+        self.webhooks = WebhookSender(metrics=self.metrics)
+        self.pubsub = PubSub(self.shards, self._on_message)
+        self.hub = Hub(config, self.store, self.pubsub, self.webhooks, self.metrics)
+        self.api = Api(config, self.store, self.shards, self.hub, self.metrics)
+        self._door: FrontDoor | None = None
+        self._loops: list[asyncio.Task[None]] = []
+
+    def _on_message(self, shard: int, key: bytes, data: bytes) -> None:
+        self.hub.on_message(shard, key, data)
 
     @property
     def port(self) -> int:
         """The bound port (useful when configured as 0)."""
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        assert self._door is not None
+        return self._door.port
 
     async def start(self, *, ready_timeout: float = 15.0) -> None:
         """Connect to every shard, then listen."""
         await self.shards.start()
         await self.shards.wait_ready(ready_timeout)
         self.writer.start()
-        self._server = await serve(self._handle, self.config.host, self.config.port)
-        log.info(
-            "gateway node %s listening on %s:%d", self.config.node_id, self.config.host, self.port
+        self._door = await start_frontdoor(
+            self.config.host,
+            self.config.port,
+            ws=self.hub,
+            http=self.api,
+            max_ws_message=self.config.max_message_bytes,
         )
+        self._loops = [
+            asyncio.create_task(self._every(1.0, self._tick)),
+            asyncio.create_task(self._every(0.25, self._claim_due)),
+        ]
+        log.info(
+            "gateway node %s (owner %s) listening on %s:%d",
+            self.config.node_id,
+            self.owner,
+            self.config.host,
+            self.port,
+        )
+
+    async def _every(self, period: float, job: object) -> None:
+        assert callable(job)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                result = job()
+                if asyncio.iscoroutine(result):
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("periodic job failed")
+
+    def _tick(self) -> None:
+        self.hub.tick()
+
+    async def _claim_due(self) -> None:
+        for item in await self.store.claim_due():
+            self.hub.due_webhook(item.app_id, item.name, item.channel, item.user_id)
 
     async def close(self) -> None:
-        """Stop listening, close sockets, flush and disconnect from the shards."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        """Close sockets with 4200 (reconnect now), leave every channel, disconnect."""
+        for task in self._loops:
+            task.cancel()
+        for task in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._door is not None:
+            await self._door.shutdown(4200, "server shutting down")
+        await self.hub.drain()
+        # Held webhooks of our own leaves may already be due: send what we can claim.
+        with contextlib.suppress(Exception):
+            await self._claim_due()
+        await self.webhooks.close()
         await self.writer.close()
+        await self.pubsub.close()
         await self.shards.close()
-
-    async def _handle(self, ws: ServerConnection) -> None:
-        path = ws.request.path if ws.request is not None else ""
-        parts = path.split("?", 1)[0].split("/")
-        if len(parts) != 3 or parts[1] != "app":
-            await ws.close(4005, "Path not found")
-            return
-        app = self.config.app_by_key(parts[2])
-        if app is None:
-            await ws.send(
-                json.dumps(
-                    {
-                        "event": "pusher:error",
-                        "data": {"code": 4001, "message": "App key not found"},
-                    }
-                )
-            )
-            await ws.close(4001, "App key not found")
-            return
-        socket_id = new_socket_id()
-        await ws.send(
-            json.dumps(
-                {
-                    "event": "pusher:connection_established",
-                    "data": json.dumps(
-                        {"socket_id": socket_id, "activity_timeout": ACTIVITY_TIMEOUT}
-                    ),
-                }
-            )
-        )
-        key = f"{{{app.id}:presence-lobby}}:pres".encode()
-        field = f"{self.config.node_id}/{socket_id}".encode()
-        info = json.dumps({"user_id": socket_id}).encode()
-        joined = False
-        try:
-            await self.writer.write(b"hset", key, field, info, str(MEMBER_TTL_MS).encode())
-            joined = True
-            async for message in ws:
-                if isinstance(message, str) and '"pusher:ping"' in message:
-                    await ws.send('{"event":"pusher:pong","data":"{}"}')
-        except ConnectionClosed:
-            pass
-        finally:
-            if joined:
-                with contextlib.suppress(Exception):
-                    await self.writer.write(b"hdel", key, field)
 
 
 async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
@@ -130,8 +141,8 @@ async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
         log.info("gateway node %s: stopping", config.node_id)
     finally:
         try:
-            await asyncio.wait_for(node.close(), 10)
+            await asyncio.wait_for(node.close(), 15)
         except TimeoutError:
-            log.error("gateway node %s: shutdown took longer than 10 s", config.node_id)
+            log.error("gateway node %s: shutdown took longer than 15 s", config.node_id)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -1,0 +1,208 @@
+"""The Pusher HTTP API, ``/health`` and ``/metrics``, answered from the shared store.
+
+Every node answers the same: counts, channel lists and member lists are read from the shards,
+never from the node's local sockets. A shard that cannot be read makes the answer a 503 rather
+than a silently partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from gateway.config import AppConfig, NodeConfig
+from gateway.metrics import Metrics
+from gateway.protocol import http_api, messages
+from gateway.protocol.auth import parse_query, verify_api_request
+from gateway.protocol.channels import classify
+from gateway.protocol.errors import ApiError
+from gateway.server.frontdoor import HttpRequest, HttpResponse
+from gateway.server.hub import CACHE_TTL_MS, Hub
+from gateway.shards.shardset import ShardSet
+from gateway.shards.writer import WriteFailed
+from gateway.store.presence import PresenceStore
+
+__all__ = ["Api"]
+
+
+def _json(status: int, body: Any) -> HttpResponse:
+    return HttpResponse(status, json.dumps(body, separators=(",", ":")).encode())
+
+
+def _error(err: ApiError) -> HttpResponse:
+    return _json(err.status, {"error": err.message})
+
+
+class Api:
+    """Answers HTTP requests on the node's port (everything that is not a WebSocket)."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        store: PresenceStore,
+        shards: ShardSet,
+        hub: Hub,
+        metrics: Metrics,
+        *,
+        clock: Any = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.shards = shards
+        self.hub = hub
+        self.metrics = metrics
+        self.clock = clock
+        metrics.describe("pg_api_requests_total", "HTTP API requests, by endpoint and status")
+
+    async def http_request(self, request: HttpRequest) -> HttpResponse:
+        """Route one request; never raises."""
+        if request.path == "/health" and request.method in ("GET", "HEAD"):
+            return self.health()
+        if request.path == "/metrics" and request.method in ("GET", "HEAD"):
+            return HttpResponse(
+                200, self.metrics.render().encode(), content_type="text/plain; version=0.0.4"
+            )
+        found = http_api.route(request.method, request.path)
+        if isinstance(found, ApiError):
+            return self._count("unknown", _error(found))
+        app = verify_api_request(
+            request.method,
+            request.path,
+            request.query,
+            request.body,
+            self.clock(),
+            self.config.app_by_id,
+            self.config.app_by_key,
+        )
+        if isinstance(app, ApiError):
+            return self._count(found.endpoint, _error(app))
+        query = parse_query(request.query)
+        if isinstance(query, ApiError):
+            return self._count(found.endpoint, _error(query))
+        try:
+            response = await self._dispatch(found, app, request, query)
+        except WriteFailed as exc:
+            response = _json(503, {"error": f"state store unavailable: {exc}"})
+        return self._count(found.endpoint, response)
+
+    def _count(self, endpoint: str, response: HttpResponse) -> HttpResponse:
+        self.metrics.inc(
+            "pg_api_requests_total", endpoint=str(endpoint), status=str(response.status)
+        )
+        return response
+
+    def health(self) -> HttpResponse:
+        """200 while every shard accepts verified writes, else 503 with the reasons."""
+        shards = self.shards.status()
+        ok = all(s["usable"] for s in shards)
+        body = {
+            "status": "ok" if ok else "degraded",
+            "node": self.config.node_id,
+            "connections": len(self.hub.clients),
+            "shards": shards,
+        }
+        return _json(200 if ok else 503, body)
+
+    async def _dispatch(
+        self, found: http_api.Route, app: AppConfig, request: HttpRequest, query: dict[str, str]
+    ) -> HttpResponse:
+        ep = http_api.Endpoint
+        if found.endpoint == ep.TRIGGER:
+            trigger = http_api.parse_trigger(
+                request.body, subscription_count_enabled=app.subscription_count
+            )
+            if isinstance(trigger, ApiError):
+                return _error(trigger)
+            await self._trigger(app, trigger)
+            if not trigger.info:
+                return _json(200, {})
+            return _json(200, {"channels": await self._infos(app, trigger)})
+        if found.endpoint == ep.BATCH:
+            batch = http_api.parse_batch(
+                request.body, subscription_count_enabled=app.subscription_count
+            )
+            if isinstance(batch, ApiError):
+                return _error(batch)
+            for event in batch.events:
+                await self._trigger(app, event)
+            if not any(event.info for event in batch.events):
+                return _json(200, {})
+            infos = [
+                (await self._infos(app, event)).get(event.channels[0], {}) for event in batch.events
+            ]
+            return _json(200, {"batch": infos})
+        if found.endpoint == ep.CHANNELS:
+            cq = http_api.parse_channels_query(query)
+            if isinstance(cq, ApiError):
+                return _error(cq)
+            channels = await self.store.channels(app.id, cq.prefix or "")
+            body: dict[str, Any] = {}
+            for name, counts in sorted(channels.items()):
+                if name.startswith("#"):
+                    continue
+                attrs: dict[str, Any] = {}
+                if "user_count" in cq.info:
+                    attrs["user_count"] = counts.user_count
+                body[name] = attrs
+            return _json(200, {"channels": body})
+        if found.endpoint == ep.CHANNEL:
+            assert found.channel is not None
+            chq = http_api.parse_channel_query(
+                found.channel, query, subscription_count_enabled=app.subscription_count
+            )
+            if isinstance(chq, ApiError):
+                return _error(chq)
+            counts = await self.store.counts(app.id, chq.channel)
+            result: dict[str, Any] = {"occupied": counts.subscription_count > 0}
+            if "user_count" in chq.info:
+                result["user_count"] = counts.user_count
+            if "subscription_count" in chq.info:
+                result["subscription_count"] = counts.subscription_count
+            if "cache" in chq.info:
+                frame, ttl = await self.store.cache_get(app.id, chq.channel)
+                result["cache"] = (
+                    None
+                    if frame is None
+                    else {"data": json.loads(frame).get("data"), "ttl": max(ttl, 0) // 1000}
+                )
+            return _json(200, result)
+        if found.endpoint == ep.USERS:
+            assert found.channel is not None
+            channel = http_api.parse_users_request(found.channel)
+            if isinstance(channel, ApiError):
+                return _error(channel)
+            roster = await self.store.roster(app.id, channel)
+            return _json(200, {"users": [{"id": user} for user in roster]})
+        if found.endpoint == ep.TERMINATE:
+            assert found.user_id is not None
+            user = http_api.parse_terminate_request(found.user_id)
+            if isinstance(user, ApiError):
+                return _error(user)
+            await self.store.publish(app.id, f"#server-to-user-{user}", b"T")
+            return _json(200, {})
+        return _json(404, {"error": "not found"})
+
+    async def _trigger(self, app: AppConfig, trigger: http_api.TriggerRequest) -> None:
+        exclude = (trigger.socket_id or "").encode()
+        for channel in trigger.channels:
+            frame = messages.channel_event(trigger.name, channel, trigger.data)
+            await self.store.publish(app.id, channel, b"E" + exclude + b"\0" + frame.encode())
+            if classify(channel).cache:
+                await self.store.cache_set(app.id, channel, frame, CACHE_TTL_MS)
+        self.metrics.inc("pg_events_published_total", len(trigger.channels), app=app.id)
+
+    async def _infos(
+        self, app: AppConfig, trigger: http_api.TriggerRequest
+    ) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for channel in trigger.channels:
+            counts = await self.store.counts(app.id, channel)
+            presence = classify(channel).kind == "presence"
+            attrs: dict[str, int] = {}
+            if "user_count" in trigger.info and presence:
+                attrs["user_count"] = counts.user_count
+            if "subscription_count" in trigger.info and not presence:
+                attrs["subscription_count"] = counts.subscription_count
+            out[channel] = attrs
+        return out

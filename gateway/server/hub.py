@@ -1,0 +1,481 @@
+"""The node's local view: its sockets, their channels, and delivery of shard events to them.
+
+The hub drives one sans-I/O :class:`~gateway.protocol.session.Session` per WebSocket, carries
+out the actions it asks for against the presence store, and delivers what the shards publish
+to the local subscribers. Only node-level transitions reach Redis: the first local socket of a
+channel subscribes the node to the channel on its shard, the first local socket of a presence
+user joins the user for this node, and subscriber counts are written as this node's absolute
+values, coalesced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import AppConfig, NodeConfig
+from gateway.metrics import Metrics
+from gateway.protocol import messages
+from gateway.protocol.channels import classify
+from gateway.protocol.limits import Limits
+from gateway.protocol.session import Close, Join, Leave, Publish, Send, Session, SignIn
+from gateway.server.frontdoor import WsConnection, broadcast_frame, encode_text_frame
+from gateway.server.webhooks import WebhookSender
+from gateway.shards.pubsub import PubSub
+from gateway.shards.writer import WriteFailed
+from gateway.store.presence import PresenceStore, channel_key, parse_channel_key
+
+__all__ = ["Client", "Hub"]
+
+log = logging.getLogger("gateway.hub")
+
+#: Cache channels keep their last event this long (Pusher: up to 30 minutes).
+CACHE_TTL_MS = 30 * 60 * 1000
+
+ChannelId = tuple[str, str]  # (app id, channel name)
+
+
+def new_socket_id() -> str:
+    """A Pusher socket id: two decimal integers joined by a dot."""
+    import secrets
+
+    return f"{secrets.randbelow(10**10)}.{secrets.randbelow(10**10)}"
+
+
+@dataclass(eq=False)
+class Client:
+    """One WebSocket and its session."""
+
+    conn: WsConnection
+    app: AppConfig
+    session: Session
+    #: Channels whose subscription_succeeded has not been sent yet: frames wait here.
+    pending: dict[str, list[str]] = field(default_factory=dict)
+    joined: set[str] = field(default_factory=set)
+
+
+class Hub:
+    """Local sockets and channels of one node, wired to the presence store and Pub/Sub."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        store: PresenceStore,
+        pubsub: PubSub,
+        webhooks: WebhookSender,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.pubsub = pubsub
+        self.webhooks = webhooks
+        self.metrics = metrics
+        self.clock = clock
+        self.clients: dict[int, Client] = {}
+        self.by_app: dict[str, int] = {}
+        # Sockets subscribed or subscribing, per channel: drives the node's count and delivery.
+        self.members: dict[ChannelId, set[Client]] = {}
+        self.presence: dict[tuple[str, str, str], int] = {}  # (app, channel, user) -> sockets
+        self.users: dict[tuple[str, str], set[Client]] = {}  # signed-in sockets
+        self._count_dirty: set[ChannelId] = set()
+        self._count_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._keys: dict[bytes, ChannelId] = {}
+        self.limits = Limits(activity_timeout=config.activity_timeout)
+        metrics.gauge("pg_connections", "Open WebSocket connections", self._conn_gauge)
+
+    def _conn_gauge(self) -> dict[tuple[tuple[str, str], ...], float]:
+        return {(("app", app),): float(n) for app, n in self.by_app.items()}
+
+    # -- front door callbacks ------------------------------------------------------------------
+
+    def ws_open(self, conn: WsConnection) -> None:
+        """A WebSocket completed its handshake."""
+        parts = conn.path.split("/")
+        if len(parts) != 3 or parts[1] != "app":
+            self._refuse(conn, 4005, "Path not found")
+            return
+        app = self.config.app_by_key(parts[2])
+        if app is None:
+            self._refuse(conn, 4001, f"App key {parts[2]} not in this cluster")
+            return
+        protocol = _query_param(conn.query, "protocol")
+        if protocol is not None and (not protocol.isdigit() or not 4 <= int(protocol) <= 7):
+            self._refuse(conn, 4007, f"Unsupported protocol version {protocol}")
+            return
+        if app.max_connections and self.by_app.get(app.id, 0) >= app.max_connections:
+            self._refuse(conn, 4100, "Over connection quota")
+            return
+        session = Session(
+            app=app,
+            socket_id=new_socket_id(),
+            now=self.clock(),
+            limits=self.limits,
+            client_events=app.client_events,
+            subscription_count=app.subscription_count,
+        )
+        client = Client(conn, app, session)
+        self.clients[conn.id] = client
+        self.by_app[app.id] = self.by_app.get(app.id, 0) + 1
+        self.metrics.inc("pg_connections_opened_total")
+        self._apply(client, session.open())
+
+    def ws_text(self, conn: WsConnection, text: str) -> None:
+        """A text frame arrived."""
+        client = self.clients.get(conn.id)
+        if client is not None:
+            self._apply(client, client.session.receive_text(text, self.clock()))
+
+    def ws_binary(self, conn: WsConnection, data: bytes) -> None:
+        """A binary frame arrived (unsupported by the protocol)."""
+        client = self.clients.get(conn.id)
+        if client is not None:
+            self._apply(client, client.session.receive_binary(self.clock()))
+
+    def ws_closed(self, conn: WsConnection, code: int | None) -> None:
+        """The WebSocket is gone: leave every channel it was in."""
+        client = self.clients.pop(conn.id, None)
+        if client is None:
+            return
+        self.by_app[client.app.id] -= 1
+        user = client.session.user_id
+        if user is not None:
+            self._unregister_user(client, user)
+        self._apply(client, client.session.closed())
+
+    @staticmethod
+    def _refuse(conn: WsConnection, code: int, message: str) -> None:
+        conn.send_text(messages.error(code, message))
+        conn.close(code, message)
+
+    # -- actions -------------------------------------------------------------------------------
+
+    def _apply(self, client: Client, actions: Iterable[object]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                client.conn.send_text(action.text)
+            elif isinstance(action, Join):
+                self._join_begin(client, action)
+                self._track(self._join(client, action))
+            elif isinstance(action, Leave):
+                self._leave(client, action)
+            elif isinstance(action, Publish):
+                self._track(self._publish(client, action))
+            elif isinstance(action, SignIn):
+                self._register_user(client, action.user_id)
+            elif isinstance(action, Close):
+                client.conn.close(action.code, action.reason)
+
+    def _track(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("hub task failed", exc_info=task.exception())
+
+    def _join_begin(self, client: Client, action: Join) -> None:
+        cid = (client.app.id, action.channel)
+        self._keys[channel_key(*cid)] = cid
+        # Deliveries start before the state change so nothing published after it is missed;
+        # they wait in client.pending until subscription_succeeded is sent.
+        client.pending[action.channel] = []
+        self.members.setdefault(cid, set()).add(client)
+
+    async def _join(self, client: Client, action: Join) -> None:
+        app, channel, member = client.app, action.channel, action.member
+        cid = (app.id, channel)
+        pres_key = (app.id, channel, member.user_id) if member else None
+        counted = False
+        try:
+            await self.pubsub.subscribe(
+                self.store.shard_of(app.id, channel), channel_key(app.id, channel)
+            )
+            if client not in self.members.get(cid, ()):
+                return  # left meanwhile; nothing was changed yet
+            self._schedule_count(cid)
+            roster: dict[str, str | None] | None = None
+            if member is not None and pres_key is not None:
+                # Counted before the await: a Leave arriving meanwhile undoes it in _leave.
+                local = self.presence.get(pres_key, 0)
+                self.presence[pres_key] = local + 1
+                counted = True
+                if local == 0:
+                    result = await self.store.join(
+                        app.id, channel, member.user_id, member.user_info, client.session.socket_id
+                    )
+                    if result.roster is None:
+                        raise _Refused(4100, "Presence channel is full (100 members)")
+                    if result.webhook:
+                        self._webhook(app, "member_added", channel, user_id=member.user_id)
+                    roster = result.roster
+                else:
+                    roster = await self.store.roster(app.id, channel)
+        except (_Refused, WriteFailed, ConnectionError, TimeoutError) as exc:
+            if client not in self.members.get(cid, ()):
+                return  # already left: _leave undid the local state
+            if counted and pres_key is not None:
+                self._drop_presence(pres_key)
+            self._undo_join(client, cid)
+            if isinstance(exc, _Refused):
+                code, message = exc.code, exc.message
+            else:
+                code, message = 4200, f"State store unavailable: {exc}"
+            self._apply(client, client.session.subscribe_failed(channel, code, message))
+            return
+        buffered = client.pending.pop(channel, [])
+        actions = client.session.subscribed(channel, roster)
+        self._apply(client, actions)
+        if not any(isinstance(a, Send) for a in actions):
+            return  # the socket unsubscribed or closed meanwhile (the Leave ran above)
+        client.joined.add(channel)
+        for text in buffered:
+            client.conn.send_text(text)
+        if classify(channel).cache:
+            await self._send_cache(client, channel)
+
+    def _undo_join(self, client: Client, cid: ChannelId) -> None:
+        client.pending.pop(cid[1], None)
+        members = self.members.get(cid)
+        if members is not None:
+            members.discard(client)
+            if not members:
+                del self.members[cid]
+                self.pubsub.unsubscribe(self.store.shard_of(*cid), channel_key(*cid))
+        self._schedule_count(cid)
+
+    def _drop_presence(self, pres_key: tuple[str, str, str]) -> int:
+        left = self.presence.get(pres_key, 0) - 1
+        if left <= 0:
+            self.presence.pop(pres_key, None)
+            return 0
+        self.presence[pres_key] = left
+        return left
+
+    def _leave(self, client: Client, action: Leave) -> None:
+        app, channel = client.app, action.channel
+        cid = (app.id, channel)
+        client.joined.discard(channel)
+        client.pending.pop(channel, None)
+        members = self.members.get(cid)
+        if members is None or client not in members:
+            return
+        members.discard(client)
+        if action.member is not None:
+            pres_key = (app.id, channel, action.member.user_id)
+            if pres_key in self.presence and self._drop_presence(pres_key) == 0:
+                self._track(self._store_call(self.store.leave(app.id, channel, pres_key[2])))
+        if not members:
+            del self.members[cid]
+        self._schedule_count(cid)
+
+    async def _store_call(self, coro: Any) -> None:
+        try:
+            await coro
+        except (WriteFailed, ConnectionError, TimeoutError) as exc:
+            log.warning("store write failed: %s", exc)
+
+    async def _publish(self, client: Client, action: Publish) -> None:
+        app = client.app
+        frame = messages.channel_event(action.event, action.channel, action.data, action.user_id)
+        payload = b"E" + client.session.socket_id.encode() + b"\0" + frame.encode()
+        try:
+            await self.store.publish(app.id, action.channel, payload)
+        except (WriteFailed, ConnectionError, TimeoutError) as exc:
+            log.warning("client event not published: %s", exc)
+            return
+        extra: dict[str, Any] = {
+            "event": action.event,
+            "data": action.data,
+            "socket_id": client.session.socket_id,
+        }
+        if action.user_id is not None:
+            extra["user_id"] = action.user_id
+        self._webhook(app, "client_event", action.channel, **extra)
+
+    async def _send_cache(self, client: Client, channel: str) -> None:
+        try:
+            frame, _ = await self.store.cache_get(client.app.id, channel)
+        except (WriteFailed, ConnectionError, TimeoutError):
+            return
+        if frame is not None:
+            client.conn.send_text(frame)
+        else:
+            client.conn.send_text(messages.cache_miss(channel))
+            self._webhook(client.app, "cache_miss", channel)
+
+    # -- subscription counts -------------------------------------------------------------------
+
+    def _schedule_count(self, cid: ChannelId) -> None:
+        self._count_dirty.add(cid)
+        if self._count_task is None or self._count_task.done():
+            self._count_task = asyncio.ensure_future(self._write_counts())
+
+    async def _write_counts(self) -> None:
+        # Coalesces count changes of one loop tick; each write carries the absolute count.
+        await asyncio.sleep(0)
+        while self._count_dirty:
+            dirty, self._count_dirty = self._count_dirty, set()
+            results = await asyncio.gather(
+                *(self._write_count(cid) for cid in dirty), return_exceptions=True
+            )
+            for cid, result in zip(dirty, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.warning("subscriber count of %s not written: %s", cid, result)
+
+    async def _write_count(self, cid: ChannelId) -> None:
+        app = self.config.app_by_id(cid[0])
+        if app is None:
+            return
+        count = len(self.members.get(cid, ()))
+        kind = classify(cid[1])
+        publish = app.subscription_count and kind.kind != "presence"
+        result = await self.store.set_subscribers(cid[0], cid[1], count, publish_count=publish)
+        if result.occupied_webhook:
+            self._webhook(app, "channel_occupied", cid[1])
+        if app.subscription_count and result.after != result.before and kind.kind != "presence":
+            self._webhook(app, "subscription_count", cid[1], subscription_count=result.after)
+
+    # -- signed-in users -----------------------------------------------------------------------
+
+    def _register_user(self, client: Client, user_id: str) -> None:
+        ukey = (client.app.id, user_id)
+        first = ukey not in self.users
+        self.users.setdefault(ukey, set()).add(client)
+        if first:
+            channel = f"#server-to-user-{user_id}"
+            key = channel_key(client.app.id, channel)
+            self._keys[key] = (client.app.id, channel)
+            self._track(
+                self._store_call(
+                    self.pubsub.subscribe(self.store.shard_of(client.app.id, channel), key)
+                )
+            )
+
+    def _unregister_user(self, client: Client, user_id: str) -> None:
+        ukey = (client.app.id, user_id)
+        sockets = self.users.get(ukey)
+        if sockets is None:
+            return
+        sockets.discard(client)
+        if not sockets:
+            del self.users[ukey]
+            channel = f"#server-to-user-{user_id}"
+            self.pubsub.unsubscribe(
+                self.store.shard_of(client.app.id, channel), channel_key(client.app.id, channel)
+            )
+
+    # -- delivery of shard messages ------------------------------------------------------------
+
+    def on_message(self, shard: int, key: bytes, data: bytes) -> None:
+        """A message published on a shard channel this node listens to."""
+        cid = self._keys.get(key)
+        if cid is None:
+            try:
+                cid = parse_channel_key(key)
+            except ValueError:
+                return
+        kind = data[:1]
+        exclude: str | None = None
+        if kind == b"E":
+            sock, _, body = data[1:].partition(b"\0")
+            exclude = sock.decode() or None
+            text = body.decode()
+        elif kind == b"A":
+            sock, user, info = data[1:].split(b"\0", 2)
+            exclude = sock.decode() or None
+            text = messages.member_added(cid[1], user.decode(), info.decode() or None)
+        elif kind == b"R":
+            text = messages.member_removed(cid[1], data[1:].decode())
+        elif kind == b"C":
+            text = messages.subscription_count(cid[1], int(data[1:]))
+        elif kind == b"T":
+            self._terminate(cid[0], cid[1].removeprefix("#server-to-user-"))
+            return
+        else:
+            return
+        self._deliver(cid, text, exclude)
+
+    def _deliver(self, cid: ChannelId, text: str, exclude: str | None) -> None:
+        receivers: list[WsConnection] = []
+        for client in self.members.get(cid, ()):
+            if client.session.socket_id == exclude:
+                continue
+            waiting = client.pending.get(cid[1])
+            if waiting is not None:
+                waiting.append(text)
+            elif cid[1] in client.joined:
+                receivers.append(client.conn)
+        if cid[1].startswith("#server-to-user-"):
+            user = cid[1].removeprefix("#server-to-user-")
+            for client in self.users.get((cid[0], user), ()):
+                if client.conn not in receivers and client.session.socket_id != exclude:
+                    receivers.append(client.conn)
+        if len(receivers) == 1:
+            receivers[0].send_text(text)
+        elif receivers:
+            broadcast_frame(receivers, encode_text_frame(text))
+        self.metrics.inc("pg_messages_delivered_total", len(receivers))
+
+    def _terminate(self, app_id: str, user_id: str) -> None:
+        for client in list(self.users.get((app_id, user_id), ())):
+            self._refuse(client.conn, 4009, "Connection terminated by the app")
+
+    # -- webhooks and periodic work ------------------------------------------------------------
+
+    def _webhook(self, app: AppConfig, name: str, channel: str, **fields: Any) -> None:
+        if app.webhook_url:
+            event = {"name": name, "channel": channel, **fields}
+            self.webhooks.enqueue(app, app.webhook_url, event)
+
+    def due_webhook(self, app_id: str, name: str, channel: str, user_id: str | None) -> None:
+        """Send a held webhook this node claimed on a shard."""
+        app = self.config.app_by_id(app_id)
+        if app is None:
+            return
+        if user_id is None:
+            self._webhook(app, name, channel)
+        else:
+            self._webhook(app, name, channel, user_id=user_id)
+
+    def tick(self) -> None:
+        """Give every session its activity check (pings, 4201 closes)."""
+        now = self.clock()
+        for client in list(self.clients.values()):
+            actions = client.session.tick(now)
+            if actions:
+                self._apply(client, actions)
+
+    async def drain(self) -> None:
+        """Leave every channel (graceful shutdown): other nodes see the leaves at once."""
+        for client in list(self.clients.values()):
+            self.ws_closed(client.conn, None)
+        with contextlib.suppress(Exception):
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=5)
+            if self._count_task is not None:
+                await asyncio.wait_for(self._count_task, 5)
+
+
+class _Refused(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _query_param(query: str, name: str) -> str | None:
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == name:
+            return value
+    return None
