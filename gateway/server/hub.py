@@ -39,6 +39,9 @@ CACHE_TTL_MS = 30 * 60 * 1000
 
 ChannelId = tuple[str, str]  # (app id, channel name)
 
+#: Seconds a node keeps listening to a channel after its last local socket left.
+UNSUBSCRIBE_GRACE = 5.0
+
 
 def new_socket_id() -> str:
     """A Pusher socket id: two decimal integers joined by a dot."""
@@ -250,8 +253,21 @@ class Hub:
             members.discard(client)
             if not members:
                 del self.members[cid]
-                self.pubsub.unsubscribe(self.store.shard_of(*cid), channel_key(*cid))
+                self._release(cid)
         self._schedule_count(cid)
+
+    def _release(self, cid: ChannelId) -> None:
+        """Stop listening to a channel no local socket wants, after a grace period.
+
+        The grace period keeps a channel whose sockets come and go (reloads, churn) from paying
+        a Pub/Sub round trip on every join.
+        """
+
+        def maybe_unsubscribe() -> None:
+            if cid not in self.members:
+                self.pubsub.unsubscribe(self.store.shard_of(*cid), channel_key(*cid))
+
+        asyncio.get_running_loop().call_later(UNSUBSCRIBE_GRACE, maybe_unsubscribe)
 
     def _drop_presence(self, pres_key: tuple[str, str, str]) -> int:
         left = self.presence.get(pres_key, 0) - 1
@@ -276,6 +292,7 @@ class Hub:
                 self._track(self._store_call(self.store.leave(app.id, channel, pres_key[2])))
         if not members:
             del self.members[cid]
+            self._release(cid)
         self._schedule_count(cid)
 
     async def _store_call(self, coro: Any) -> None:

@@ -1,0 +1,349 @@
+"""End-to-end gateway benchmark: fan-out and presence churn vs a bare websockets server.
+
+Usage: python bench/bench_gateway.py [--clients 200] [--events 1000] [--churn-clients 50]
+                                     [--cycles 100] [--json FILE]
+
+Starts, in one run and on loopback only: a local Redis topology (2 shards, 1 replica each,
+3 Sentinels), one gateway node (``presence-gateway serve``, its own process) and a bare
+``websockets`` + uvloop server (its own process) that broadcasts what a publisher socket sends
+and echoes everything else. Clients run in a third process.
+
+* fan-out: ``--clients`` sockets subscribed to one channel; the gateway's events come through
+  its HTTP API (``batch_events``, 10 events a request, signed like the official libraries,
+  published through Redis); the bare server's come from a publisher socket. Deliveries/s until
+  every client got every event.
+* presence churn: ``--churn-clients`` sockets over 10 presence channels each subscribe (with a
+  valid presence signature), wait for ``subscription_succeeded``, and unsubscribe, ``--cycles``
+  times. The bare server's ceiling is the same frames echoed (subscribe and unsubscribe, each
+  waited for). Joins+leaves/s.
+
+Also prints how many presence writes the gateway packed per Redis pipeline (from /metrics), to
+show that churn is batched rather than paid per operation. Every loop is bounded by its counts
+and by a time limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import uvloop
+import websockets
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway.config import DEFAULT_APP  # noqa: E402
+from gateway.localcluster import LocalCluster  # noqa: E402
+from gateway.protocol.auth import sign, sign_api_request  # noqa: E402
+from gateway.shards.admin import init_shards  # noqa: E402
+from gateway.shards.topology import load_topology  # noqa: E402
+
+KEY, SECRET, APP_ID = "app-key", "app-secret", "1"
+TIME_LIMIT = 120.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _free_base(count: int = 12) -> int:
+    for base in range(22000, 32000, 53):
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range")
+
+
+# -- the bare baseline server (its own process) --------------------------------------------------
+
+
+def bare_server_main(port: int) -> None:
+    """Broadcast frames from a socket that says it publishes; echo everything else."""
+
+    async def run() -> None:
+        clients: set[ServerConnection] = set()
+
+        async def handler(ws: ServerConnection) -> None:
+            publisher = ws.request is not None and ws.request.path.startswith("/publish")
+            if not publisher:
+                clients.add(ws)
+            try:
+                async for message in ws:
+                    if publisher:
+                        websockets.broadcast(clients, message)
+                    else:
+                        await ws.send(message)
+            finally:
+                clients.discard(ws)
+
+        async with serve(handler, "127.0.0.1", port, compression=None, max_queue=None):
+            await asyncio.Future()
+
+    uvloop.run(run())
+
+
+# -- clients (their own process) ------------------------------------------------------------------
+
+
+def client_main(kind: str, target: str, port: int, args: dict[str, Any], out: Any) -> None:
+    """Run one measurement's clients and send the figures back through ``out``."""
+    fn = _fanout if kind == "fanout" else _churn
+    out.put(uvloop.run(asyncio.wait_for(fn(target, port, **args), TIME_LIMIT)))
+
+
+async def _open(port: int, path: str) -> Any:
+    ws = await connect(f"ws://127.0.0.1:{port}{path}", compression=None, max_queue=None)
+    return ws
+
+
+async def _fanout(target: str, port: int, *, clients: int, events: int) -> dict[str, Any]:
+    sockets = []
+    for _ in range(clients):
+        ws = await _open(port, "/app/app-key?protocol=7" if target == "gateway" else "/")
+        if target == "gateway":
+            await ws.recv()
+            await ws.send(json.dumps({"event": "pusher:subscribe", "data": {"channel": "bench"}}))
+            while json.loads(await ws.recv())["event"] != "pusher_internal:subscription_succeeded":
+                pass
+        sockets.append(ws)
+    done = asyncio.Event()
+    counts = [0] * clients
+
+    async def count(i: int, ws: Any) -> None:
+        async for message in ws:
+            if '"x"' in message or target == "bare":
+                counts[i] += 1
+                if counts[i] == events and all(c >= events for c in counts):
+                    done.set()
+                if counts[i] >= events:
+                    return
+
+    readers = [asyncio.create_task(count(i, ws)) for i, ws in enumerate(sockets)]
+    start = time.perf_counter()
+    if target == "gateway":
+        await _publish_http(port, events)
+    else:
+        pub = await _open(port, "/publish")
+        for i in range(events):
+            await pub.send(json.dumps({"event": "x", "channel": "bench", "data": str(i)}))
+        await pub.close()
+    await done.wait()
+    elapsed = time.perf_counter() - start
+    for task in readers:
+        task.cancel()
+    for ws in sockets:
+        await ws.close()
+    return {"deliveries": clients * events, "seconds": elapsed}
+
+
+async def _publish_http(port: int, events: int) -> None:
+    """batch_events, 10 events a request, 4 requests in flight, over keep-alive connections."""
+    path = f"/apps/{APP_ID}/batch_events"
+
+    async def worker(batches: list[list[int]]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for batch in batches:
+            body = json.dumps(
+                {"batch": [{"channel": "bench", "name": "x", "data": str(i)} for i in batch]}
+            ).encode()
+            signed = sign_api_request(DEFAULT_APP, "POST", path, {}, body, int(time.time()))
+            query = "&".join(f"{k}={v}" for k, v in signed.items())
+            writer.write(
+                f"POST {path}?{query} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"trigger failed: {head!r}")
+        writer.close()
+
+    ids = list(range(events))
+    batches = [ids[i : i + 10] for i in range(0, events, 10)]
+    await asyncio.gather(*(worker(batches[w::4]) for w in range(4)))
+
+
+async def _churn(target: str, port: int, *, clients: int, cycles: int) -> dict[str, Any]:
+    async def one(i: int) -> int:
+        path = "/app/app-key?protocol=7" if target == "gateway" else "/"
+        ws = await _open(port, path)
+        socket_id = "0.0"
+        if target == "gateway":
+            socket_id = json.loads(json.loads(await ws.recv())["data"])["socket_id"]
+        channel = f"presence-churn-{i % 10}"
+        data = json.dumps({"user_id": f"user-{i}", "user_info": {"n": i}})
+        auth = f"{KEY}:{sign(SECRET, f'{socket_id}:{channel}:{data}')}"
+        sub = json.dumps(
+            {
+                "event": "pusher:subscribe",
+                "data": {"channel": channel, "auth": auth, "channel_data": data},
+            }
+        )
+        unsub = json.dumps({"event": "pusher:unsubscribe", "data": {"channel": channel}})
+        for _ in range(cycles):
+            await ws.send(sub)
+            if target == "gateway":
+                while True:
+                    frame = json.loads(await ws.recv())
+                    if frame["event"] == "pusher_internal:subscription_succeeded":
+                        break
+                    if frame["event"] in ("pusher:error", "pusher:subscription_error"):
+                        raise RuntimeError(frame)
+                await ws.send(unsub)
+            else:
+                await ws.recv()
+                await ws.send(unsub)
+                await ws.recv()
+        await ws.close()
+        return cycles
+
+    start = time.perf_counter()
+    done = await asyncio.gather(*(one(i) for i in range(clients)))
+    elapsed = time.perf_counter() - start
+    return {"joins_and_leaves": 2 * sum(done), "seconds": elapsed}
+
+
+def measure(kind: str, target: str, port: int, **args: Any) -> dict[str, Any]:
+    """Run one client process and return its figures."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=client_main, args=(kind, target, port, args, out))
+    proc.start()
+    try:
+        return dict(out.get(timeout=TIME_LIMIT + 30))
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def _metrics(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def _sum(metrics: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith(prefix))
+
+
+def run(clients: int, events: int, churn_clients: int, cycles: int) -> dict[str, Any]:
+    """Start everything, measure both scenarios against both servers, stop everything."""
+    workdir = Path(tempfile.mkdtemp(prefix="pg-bench-gw-"))
+    cluster = LocalCluster(workdir, base_port=_free_base())
+    gw_port, bare_port = _free_port(), _free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        cluster.up()
+        init_shards(load_topology(cluster.topology_path))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--topology",
+                 str(cluster.topology_path), "--port", str(gw_port), "--node-id", "bench"],
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        )  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, "--serve-bare", str(bare_port)],
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        )  # fmt: skip
+        _wait_port(gw_port)
+        _wait_port(bare_port)
+        figures: dict[str, Any] = {}
+        for target, port in (("bare", bare_port), ("gateway", gw_port)):
+            f = measure("fanout", target, port, clients=clients, events=events)
+            figures[f"fanout_{target}"] = f["deliveries"] / f["seconds"]
+        before = _metrics(gw_port)
+        for target, port in (("bare", bare_port), ("gateway", gw_port)):
+            c = measure("churn", target, port, clients=churn_clients, cycles=cycles)
+            figures[f"churn_{target}"] = c["joins_and_leaves"] / c["seconds"]
+        after = _metrics(gw_port)
+        writes = _sum(after, "pg_writes_applied_total") - _sum(before, "pg_writes_applied_total")
+        batches = _sum(after, "pg_write_batches_total") - _sum(before, "pg_write_batches_total")
+        figures["churn_writes_per_pipeline"] = writes / batches if batches else 0.0
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        cluster.down()
+        shutil.rmtree(workdir, ignore_errors=True)
+    figures["fanout_ratio"] = figures["fanout_gateway"] / figures["fanout_bare"]
+    figures["churn_ratio"] = figures["churn_gateway"] / figures["churn_bare"]
+    return {k: round(v, 3) for k, v in figures.items()}
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--events", type=int, default=1000)
+    parser.add_argument("--churn-clients", type=int, default=50)
+    parser.add_argument("--cycles", type=int, default=100)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--serve-bare", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_bare:
+        bare_server_main(args.serve_bare)
+        return
+    f = run(args.clients, args.events, args.churn_clients, args.cycles)
+    print(
+        f"fan-out, {args.clients} clients x {args.events} events: gateway "
+        f"{f['fanout_gateway']:,.0f} deliveries/s, bare websockets {f['fanout_bare']:,.0f}/s, "
+        f"ratio {f['fanout_ratio']:.2f} (target >= 0.7)"
+    )
+    print(
+        f"presence churn, {args.churn_clients} clients x {args.cycles} cycles: gateway "
+        f"{f['churn_gateway']:,.0f} joins+leaves/s, bare echo {f['churn_bare']:,.0f}/s, "
+        f"ratio {f['churn_ratio']:.2f}; {f['churn_writes_per_pipeline']:.1f} writes per "
+        "Redis pipeline"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(f, indent=2))
+
+
+if __name__ == "__main__":
+    main()
