@@ -4,7 +4,11 @@ Usage: python bench/run.py [--quick]
 
 * native: tag + slot + RESP packing per operation, native module vs the pure-Python reference;
 * store: verified writes/s through the gateway's shard client vs raw pipelined HSET measured by
-  redis-benchmark on the same server.
+  redis-benchmark on the same server;
+* frontdoor: fan-out deliveries/s and server CPU per delivery of the one-port front door vs a
+  bare websockets + uvloop broadcast server;
+* gateway: end to end through a gateway node (Redis, Pub/Sub, HTTP API): fan-out deliveries/s
+  and presence joins+leaves/s vs a bare websockets + uvloop broadcast/echo server.
 
 Figures are also written to bench/results/*.json (ignored by git) for BENCHMARKS.md.
 """
