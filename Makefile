@@ -8,16 +8,24 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test setup system-deps native lint fmt bench clean
+.PHONY: run test setup system-deps native lint fmt bench clean js
 
 run: setup
 	$(VENV)/bin/presence-gateway dev
 
-test: setup lint
+test: setup lint js
 	cargo test --workspace --quiet
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 setup: system-deps $(STAMP) native
+
+# pusher-js for the conformance tests, installed exactly as pinned in tests/js/package-lock.json.
+js: tests/js/node_modules
+
+tests/js/node_modules: tests/js/package-lock.json
+	@command -v npm >/dev/null || { echo "npm (Node.js >= 20) is required for the pusher-js tests"; exit 1; }
+	npm ci --no-audit --no-fund --prefix tests/js
+	touch tests/js/node_modules
 
 system-deps:
 	@bash scripts/install-system-deps.sh

@@ -42,6 +42,8 @@ class AppConfig:
         subscription_count: Whether subscription counting (``pusher_internal:subscription_count``
             events and the ``subscription_count`` attribute) is on.
         max_connections: Connections this app may hold on one node (0 = unlimited).
+        webhook_batching: Send several webhook events per request (Pusher's "batch webhooks"
+            option); off: one event per request.
     """
 
     id: str
@@ -51,6 +53,7 @@ class AppConfig:
     client_events: bool = True
     subscription_count: bool = True
     max_connections: int = 0
+    webhook_batching: bool = False
 
 
 #: The app ``presence-gateway dev`` serves (numeric id: the official Python library requires it).
@@ -191,7 +194,7 @@ def _apps_from_toml(raw: Any, source: str) -> tuple[AppConfig, ...]:
         values: dict[str, Any] = {
             k: (str(v) if k == "id" and isinstance(v, int) else v) for k, v in entry.items()
         }
-        for flag in ("client_events", "subscription_count"):
+        for flag in ("client_events", "subscription_count", "webhook_batching"):
             if flag in values and not isinstance(values[flag], bool):
                 raise ConfigError(f"{where}.{flag}: must be true or false")
         try:

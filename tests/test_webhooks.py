@@ -15,7 +15,8 @@ from gateway.metrics import Metrics
 from gateway.server import httpclient
 from gateway.server.webhooks import WebhookSender, sign_webhook
 
-APP = AppConfig(id="1", key="app-key", secret="app-secret")
+APP = AppConfig(id="1", key="app-key", secret="app-secret", webhook_batching=True)
+SINGLE = AppConfig(id="2", key="app-key-2", secret="app-secret-2")
 
 
 class Receiver:
@@ -115,6 +116,21 @@ async def test_events_are_batched_signed_and_valid(receiver: Receiver) -> None:
     assert isinstance(payload["time_ms"], int)
     assert [e["channel"] for e in payload["events"]] == [f"c{i}" for i in range(5)]
     assert metrics.total("pg_webhooks_sent_total") == 5
+
+
+async def test_one_event_per_request_without_batching(receiver: Receiver) -> None:
+    sender = WebhookSender(batch_delay=0.05)
+    for i in range(3):
+        sender.enqueue(SINGLE, receiver.url, {"name": "channel_occupied", "channel": f"c{i}"})
+    await receiver.wait_for(3)
+    await sender.close(timeout=2)
+    events = [json.loads(body)["events"] for _h, body in receiver.requests]
+    assert events == [[{"name": "channel_occupied", "channel": f"c{i}"}] for i in range(3)]
+    for headers, body in receiver.requests:
+        assert headers["x-pusher-key"] == SINGLE.key
+        assert pusher.Pusher(app_id="2", key=SINGLE.key, secret=SINGLE.secret).validate_webhook(
+            SINGLE.key, headers["x-pusher-signature"], body.decode()
+        )
 
 
 async def test_batches_hold_at_most_max_batch_events(receiver: Receiver) -> None:

@@ -359,7 +359,12 @@ class Hub:
         result = await self.store.set_subscribers(cid[0], cid[1], count, publish_count=publish)
         if result.occupied_webhook:
             self._webhook(app, "channel_occupied", cid[1])
-        if app.subscription_count and result.after != result.before and kind.kind != "presence":
+        if (
+            app.subscription_count
+            and result.after != result.before
+            and result.after > 0  # going to 0 is announced by channel_vacated
+            and kind.kind != "presence"
+        ):
             self._webhook(app, "subscription_count", cid[1], subscription_count=result.after)
 
     # -- signed-in users -----------------------------------------------------------------------
@@ -450,7 +455,8 @@ class Hub:
     # -- webhooks and periodic work ------------------------------------------------------------
 
     def _webhook(self, app: AppConfig, name: str, channel: str, **fields: Any) -> None:
-        if app.webhook_url:
+        # '#' channels (#server-to-user-{id}) are internal: apps get no webhooks for them.
+        if app.webhook_url and not channel.startswith("#"):
             event = {"name": name, "channel": channel, **fields}
             self.webhooks.enqueue(app, app.webhook_url, event)
 

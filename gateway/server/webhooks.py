@@ -51,9 +51,11 @@ async def _http_post(url: str, body: bytes, headers: dict[str, str], timeout: fl
 class _Target:
     """Pending events and the delivery task of one ``(app, url)``."""
 
-    def __init__(self, app: AppConfig, url: str) -> None:
+    def __init__(self, app: AppConfig, url: str, max_batch: int) -> None:
         self.app = app
         self.url = url
+        # Pusher sends one event per request unless the app turned batch webhooks on.
+        self.max_batch = max_batch if app.webhook_batching else 1
         self.events: deque[dict[str, Any]] = deque()
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -67,7 +69,8 @@ class WebhookSender:
         metrics: Where ``pg_webhooks_sent_total`` (events delivered),
             ``pg_webhook_failures_total{reason}`` (failed attempts) and
             ``pg_webhooks_dropped_total{reason}`` (events given up) are counted.
-        max_batch: Most events per request.
+        max_batch: Most events per request, for apps with ``webhook_batching`` on (others get
+            one event per request, as Pusher sends them).
         batch_delay: Seconds to wait for more events after the first of a batch.
         max_queue: Most events waiting per target; the oldest are dropped beyond it.
         retry_deadline: Seconds after a batch's first attempt after which it is dropped.
@@ -121,7 +124,7 @@ class WebhookSender:
         key = (app.id, url)
         target = self._targets.get(key)
         if target is None:
-            target = self._targets[key] = _Target(app, url)
+            target = self._targets[key] = _Target(app, url, self.max_batch)
         if len(target.events) >= self.max_queue:
             target.events.popleft()
             self.metrics.inc(DROPPED, reason="queue_full")
@@ -161,16 +164,16 @@ class WebhookSender:
                 target.wakeup.clear()
                 await target.wakeup.wait()
                 continue
-            if not self._closing and len(target.events) < self.max_batch:
+            if not self._closing and len(target.events) < target.max_batch:
                 deadline = loop.time() + self.batch_delay
-                while len(target.events) < self.max_batch and not self._closing:
+                while len(target.events) < target.max_batch and not self._closing:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
                     target.wakeup.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(target.wakeup.wait(), remaining)
-            count = min(self.max_batch, len(target.events))
+            count = min(target.max_batch, len(target.events))
             batch = [target.events.popleft() for _ in range(count)]
             try:
                 await self._deliver(target, batch)

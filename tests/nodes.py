@@ -1,0 +1,565 @@
+"""Helpers for end-to-end tests: gateway node subprocesses, a webhook receiver, an auth server.
+
+Not fixtures (test modules build their fixtures from these):
+
+``start_node(topology_path, node_id=..., ...) -> NodeProcess``
+    Runs ``python -m gateway serve`` on a free loopback port with a small webhook hold, drains
+    its output in a thread, and returns once ``GET /health`` answers 200 (bounded; the node's
+    output is in the failure message). ``NodeProcess`` is a context manager that stops it.
+
+``WebhookReceiver``
+    Threaded HTTP server on a free loopback port that records every POST and validates it with
+    the official ``pusher`` library's ``validate_webhook``.
+
+``AuthServer``
+    The app's auth endpoints: ``POST /pusher/auth`` and ``POST /pusher/user-auth``, signing with
+    the official ``pusher`` library; the user id comes from the ``user_id`` form/query param.
+
+``WsClient``
+    A raw Pusher-protocol client over the ``websockets`` sync client, for frame-level checks.
+
+``api_request``
+    A hand-signed HTTP API request (every part of the signature can be broken on purpose).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pusher
+import requests
+from conftest import find_free_port_range
+from websockets.sync.client import ClientConnection, connect
+
+APP_ID = "1"
+APP_KEY = "app-key"
+APP_SECRET = "app-secret"
+#: Webhook hold used by test nodes (the production default is 3000 ms).
+TEST_HOLD_MS = 500
+
+_initialised: set[str] = set()
+
+
+def official_client(port: int) -> pusher.Pusher:
+    """The official ``pusher`` server library pointed at a node."""
+    return pusher.Pusher(
+        app_id=APP_ID, key=APP_KEY, secret=APP_SECRET, host="127.0.0.1", port=port, ssl=False
+    )
+
+
+def _signer() -> pusher.Pusher:
+    return pusher.Pusher(app_id=APP_ID, key=APP_KEY, secret=APP_SECRET)
+
+
+def init_shards_once(topology_path: str | Path) -> None:
+    """Write shard identities and load the function library (once per topology per session)."""
+    from gateway.shards.admin import init_shards
+    from gateway.shards.topology import load_topology
+
+    path = str(topology_path)
+    if path not in _initialised:
+        init_shards(load_topology(path))
+        _initialised.add(path)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+# --------------------------------------------------------------------------- gateway nodes
+
+
+class NodeProcess:
+    """A ``presence-gateway serve`` subprocess whose output is drained by a thread."""
+
+    def __init__(self, args: list[str], port: int, node_id: str, config: Path) -> None:
+        self.port = port
+        self.node_id = node_id
+        self.url = f"http://127.0.0.1:{port}"
+        self.config = config
+        self._lines: list[str] = []
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        self._drain = threading.Thread(target=self._read, name=f"drain-{node_id}", daemon=True)
+        self._drain.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in iter(self.proc.stdout.readline, ""):
+            self._lines.append(line)
+
+    @property
+    def output(self) -> str:
+        """Everything the node printed so far."""
+        return "".join(self._lines)
+
+    def ws_url(self, key: str = APP_KEY, query: str = "protocol=7&client=js&version=8.6.0") -> str:
+        return f"ws://127.0.0.1:{self.port}/app/{key}?{query}"
+
+    def health(self) -> int | None:
+        """Status of ``GET /health``, None when nothing answers."""
+        try:
+            return requests.get(f"{self.url}/health", timeout=2).status_code
+        except requests.RequestException:
+            return None
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"node {self.node_id} exited with {self.proc.returncode}:\n{self.output}"
+                )
+            if self.health() == 200:
+                return
+            time.sleep(0.1)
+        raise AssertionError(
+            f"node {self.node_id} not healthy within {timeout} s; output:\n{self.output}"
+        )
+
+    def _finish(self) -> None:
+        self.config.unlink(missing_ok=True)
+        self._drain.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGINT, wait (SIGKILL after ``timeout``); return the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+                self._finish()
+                raise AssertionError(
+                    f"node {self.node_id} ignored SIGINT for {timeout} s:\n{self.output}"
+                ) from None
+        self._finish()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: no goodbye to clients, no cleanup)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._finish()
+
+    def __enter__(self) -> NodeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_node(
+    topology_path: str | Path,
+    *,
+    node_id: str,
+    port: int | None = None,
+    webhook_url: str | None = None,
+    extra_toml: str = "",
+    hold_ms: int = TEST_HOLD_MS,
+    timeout: float = 30,
+) -> NodeProcess:
+    """Start a node on ``topology_path`` and wait for ``/health`` 200.
+
+    ``extra_toml`` is appended to the ``[node]`` table of the generated config (so plain
+    ``key = value`` lines are node settings; it may open further tables such as ``[[apps]]``).
+    Without ``port`` a free port is picked (retried if it was taken meanwhile).
+    """
+    init_shards_once(topology_path)
+    config = Path(tempfile.mkstemp(prefix=f"node-{node_id}-", suffix=".toml")[1])
+    config.write_text(f"[node]\nwebhook_hold_ms = {hold_ms}\n{extra_toml}\n")
+    attempts = 1 if port is not None else 3
+    for attempt in range(attempts):
+        chosen = port if port is not None else find_free_port_range(1)
+        args = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(config),
+            "--topology",
+            str(topology_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(chosen),
+            "--node-id",
+            node_id,
+            "--app",
+            f"{APP_ID}:{APP_KEY}:{APP_SECRET}",
+        ]
+        if webhook_url is not None:
+            args += ["--webhook-url", webhook_url]
+        node = NodeProcess(args, chosen, node_id, config)
+        try:
+            node.wait_healthy(timeout)
+        except RuntimeError:
+            node.kill()
+            if attempt == attempts - 1 or "in use" not in node.output:
+                raise
+            continue
+        except BaseException:
+            node.kill()
+            raise
+        return node
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def running_node(topology_path: str | Path, **options: Any) -> Iterator[NodeProcess]:
+    """``start_node`` as a context manager that always stops (or kills) the node."""
+    node = start_node(topology_path, **options)
+    try:
+        yield node
+    finally:
+        try:
+            node.stop()
+        finally:
+            node.kill()
+
+
+# --------------------------------------------------------------------------- HTTP servers
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Background:
+    """A ThreadingHTTPServer on a free loopback port, served by one daemon thread."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = _QuietServer(("127.0.0.1", 0), handler)
+        self.server.owner = self  # type: ignore[attr-defined]
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class Webhook:
+    """One webhook request as received."""
+
+    headers: dict[str, str]
+    body: bytes
+    validated: dict[str, Any] | None
+    received: float = field(default_factory=time.monotonic)
+
+
+class _WebhookHandler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        body = self.rfile.read(length)
+        receiver: WebhookReceiver = self.server.owner  # type: ignore[attr-defined]
+        receiver._record(dict(self.headers.items()), body)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+
+class WebhookReceiver(_Background):
+    """Records webhooks; ``validated`` is the official library's verdict (None = rejected)."""
+
+    def __init__(self) -> None:
+        self.requests: list[Webhook] = []
+        self._lock = threading.Lock()
+        self._validator = _signer()
+        super().__init__(_WebhookHandler)
+        self.url = f"http://127.0.0.1:{self.port}/hooks"
+
+    def _record(self, headers: dict[str, str], body: bytes) -> None:
+        lowered = {k.lower(): v for k, v in headers.items()}
+        try:
+            validated = self._validator.validate_webhook(
+                lowered.get("x-pusher-key", ""), lowered.get("x-pusher-signature", ""), body
+            )
+        except Exception:
+            validated = None
+        with self._lock:
+            self.requests.append(Webhook(lowered, body, validated))
+
+    def events(self, channel: str | None = None) -> list[dict[str, Any]]:
+        """Events of every *valid* request so far, optionally only those of one channel."""
+        with self._lock:
+            found = [
+                event
+                for request in self.requests
+                if request.validated is not None
+                for event in request.validated["events"]
+            ]
+        return [e for e in found if channel is None or e.get("channel") == channel]
+
+    def invalid(self) -> list[Webhook]:
+        with self._lock:
+            return [r for r in self.requests if r.validated is None]
+
+    def names(self, channel: str) -> list[tuple[str, str | None]]:
+        """``(name, user_id)`` of every event on ``channel``, in arrival order."""
+        return [(e["name"], e.get("user_id")) for e in self.events(channel)]
+
+    def wait_for(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], channel: str, timeout: float
+    ) -> list[dict[str, Any]]:
+        return wait_until(
+            lambda: predicate(self.events(channel)) and self.events(channel),
+            timeout,
+            f"webhooks on {channel}; got {self.names(channel)}",
+        )
+
+
+class _AuthHandler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _params(self) -> dict[str, str]:
+        length = int(self.headers.get("Content-Length", "0"))
+        body = self.rfile.read(length).decode()
+        query = urllib.parse.urlsplit(self.path).query
+        params = dict(urllib.parse.parse_qsl(query))
+        params.update(urllib.parse.parse_qsl(body))
+        return params
+
+    def _reply(self, status: int, payload: dict[str, Any]) -> None:
+        raw = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_POST(self) -> None:
+        server: AuthServer = self.server.owner  # type: ignore[attr-defined]
+        params = self._params()
+        path = urllib.parse.urlsplit(self.path).path
+        server.calls.append((path, params))
+        try:
+            if path == "/pusher/auth":
+                self._reply(200, server.channel_auth(params))
+            elif path == "/pusher/user-auth":
+                self._reply(200, server.user_auth(params))
+            else:
+                self._reply(404, {"error": "not found"})
+        except (KeyError, ValueError) as exc:
+            self._reply(403, {"error": str(exc)})
+
+
+class AuthServer(_Background):
+    """The app's auth endpoints, signing with the official ``pusher`` library.
+
+    ``POST /pusher/auth`` (``socket_id``, ``channel_name``; presence: ``user_id`` and an
+    optional JSON ``user_info`` param, else ``default_user``) and ``POST /pusher/user-auth``
+    (``socket_id``, ``user_id``). A ``deny=1`` param answers 403.
+    """
+
+    def __init__(self, default_user: str = "anonymous") -> None:
+        self.default_user = default_user
+        self.calls: list[tuple[str, dict[str, str]]] = []
+        self._pusher = _signer()
+        super().__init__(_AuthHandler)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def channel_auth(self, params: dict[str, str]) -> dict[str, Any]:
+        if params.get("deny") == "1":
+            raise ValueError("denied by test")
+        channel = params["channel_name"]
+        custom = None
+        if channel.startswith("presence-"):
+            user_id = params.get("user_id") or self.default_user
+            custom = {"user_id": user_id, "user_info": json.loads(params.get("user_info", "{}"))}
+        result: dict[str, Any] = self._pusher.authenticate(channel, params["socket_id"], custom)
+        return result
+
+    def user_auth(self, params: dict[str, str]) -> dict[str, Any]:
+        user_id = params.get("user_id") or self.default_user
+        data = {"id": user_id, "user_info": {"name": f"user {user_id}"}}
+        result: dict[str, Any] = self._pusher.authenticate_user(params["socket_id"], data)
+        return result
+
+
+# --------------------------------------------------------------------------- raw clients
+
+
+class WsClient:
+    """A raw protocol-7 client: connects, reads the handshake, signs with the official library."""
+
+    def __init__(self, url: str, *, open_timeout: float = 10) -> None:
+        self.ws: ClientConnection = connect(url, open_timeout=open_timeout, max_size=None)
+        # Entering marks it as managed (websockets >= 17.1 warns on a bare connect() otherwise);
+        # close() below is its exit.
+        self.ws.__enter__()
+        hello = self.recv(timeout=10)
+        assert hello["event"] == "pusher:connection_established", hello
+        self.hello = hello
+        self.socket_id: str = json.loads(hello["data"])["socket_id"]
+        self.pending: list[dict[str, Any]] = []
+
+    def send(self, frame: dict[str, Any] | str) -> None:
+        self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+
+    def recv(self, timeout: float = 5) -> dict[str, Any]:
+        raw = self.ws.recv(timeout=timeout)
+        frame: dict[str, Any] = json.loads(raw)
+        return frame
+
+    def next_event(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5) -> Any:
+        """First frame (buffered or new) matching ``predicate``; others are kept for later."""
+        for i, frame in enumerate(self.pending):
+            if predicate(frame):
+                return self.pending.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no matching frame within {timeout} s; kept {self.pending}")
+            try:
+                frame = self.recv(timeout=left)
+            except TimeoutError:
+                continue
+            if predicate(frame):
+                return frame
+            self.pending.append(frame)
+
+    def expect(self, event: str, channel: str | None = None, timeout: float = 5) -> Any:
+        return self.next_event(
+            lambda f: f.get("event") == event and (channel is None or f.get("channel") == channel),
+            timeout,
+        )
+
+    def quiet(self, seconds: float) -> list[dict[str, Any]]:
+        """Frames that arrive within ``seconds`` (for "nothing is delivered" checks)."""
+        got = list(self.pending)
+        self.pending.clear()
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                got.append(self.recv(timeout=left))
+            except TimeoutError:
+                break
+        return got
+
+    def subscribe_frame(
+        self, channel: str, user_id: str | None = None, user_info: Any = None
+    ) -> dict[str, Any]:
+        data: dict[str, Any] = {"channel": channel, "auth": ""}
+        if channel.startswith("presence-"):
+            custom = {"user_id": user_id or "u", "user_info": user_info or {}}
+            data.update(_signer().authenticate(channel, self.socket_id, custom))
+        elif channel.startswith("private-"):
+            data.update(_signer().authenticate(channel, self.socket_id))
+        return {"event": "pusher:subscribe", "data": data}
+
+    def subscribe(
+        self, channel: str, user_id: str | None = None, user_info: Any = None, timeout: float = 10
+    ) -> Any:
+        """Subscribe and return the ``subscription_succeeded`` frame (fails on an error)."""
+        self.send(self.subscribe_frame(channel, user_id, user_info))
+        reply = self.next_event(
+            lambda f: (
+                f.get("event") in ("pusher:error", "pusher:subscription_error")
+                or (
+                    f.get("event") == "pusher_internal:subscription_succeeded"
+                    and f.get("channel") == channel
+                )
+            ),
+            timeout,
+        )
+        assert reply["event"] == "pusher_internal:subscription_succeeded", reply
+        return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ws.close()
+
+    def __enter__(self) -> WsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def api_request(
+    port: int,
+    method: str,
+    path: str,
+    *,
+    body: bytes | None = None,
+    params: dict[str, str] | None = None,
+    timestamp: int | None = None,
+    key: str = APP_KEY,
+    secret: str = APP_SECRET,
+    body_md5: str | None = None,
+    signature: str | None = None,
+) -> requests.Response:
+    """A request signed per protocol §3.2, each part overridable to break it on purpose."""
+    query = dict(params or {})
+    query.update(
+        auth_key=key,
+        auth_timestamp=str(int(time.time()) if timestamp is None else timestamp),
+        auth_version="1.0",
+    )
+    if body is not None:
+        query["body_md5"] = body_md5 or hashlib.md5(body).hexdigest()
+    canonical = "&".join(f"{k}={query[k]}" for k in sorted(query))
+    to_sign = f"{method}\n{path}\n{canonical}"
+    query["auth_signature"] = (
+        signature or hmac.new(secret.encode(), to_sign.encode(), hashlib.sha256).hexdigest()
+    )
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    return requests.request(
+        method,
+        f"http://127.0.0.1:{port}{path}",
+        params=query,
+        data=body,
+        headers=headers,
+        timeout=10,
+    )
