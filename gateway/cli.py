@@ -80,7 +80,34 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="overwrite different existing identities (new topology epoch)",
     )
+    audit = sub.add_parser(
+        "audit",
+        help="report wrong-shard keys, dead owners, mismatches, keys without expiry, memory",
+    )
+    audit.add_argument("--topology", required=True, help="topology.json")
+    audit.add_argument("--json", action="store_true", help="machine-readable output")
+    audit.add_argument("--repair", action="store_true", help="fix what is reported")
+    audit.add_argument(
+        "--ttl-ms", type=int, default=300_000, help="expiry given to entries (default 300000)"
+    )
     return parser
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from gateway.store.audit import format_report, run_audit
+
+    topo = load_topology(args.topology)
+    reports = uvloop.run(run_audit(topo, repair=args.repair, ttl_ms=args.ttl_ms))
+    print(format_report(reports, as_json=args.json))
+    if args.repair:
+        after = uvloop.run(run_audit(topo))
+        left = sum(r.problems for r in after)
+        if not args.json:
+            print(f"after repair: {left} problem(s)")
+        return 1 if left else 0
+    return 1 if any(r.problems for r in reports) else 0
 
 
 def _node_config(args: argparse.Namespace, topology: str | None) -> NodeConfig:
@@ -157,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "dev":
             return _dev(args)
+        if args.command == "audit":
+            return _audit(args)
     except (ConfigError, TopologyError) as exc:
         print(f"presence-gateway: {exc}", file=sys.stderr)
         return 2

@@ -107,6 +107,14 @@ class NodeConfig:
         write_timeout: Seconds a write may wait for its shard before failing to its caller.
         webhook_hold_ms: Hold of ``member_removed`` / ``channel_vacated`` webhooks.
         max_message_bytes: Largest WebSocket message accepted from a client.
+        lease_ms: How long this node's lease on a shard lasts past each refresh; a node that
+            stops refreshing is invisible to reads after it and reaped soon after.
+        lease_interval: Seconds between lease refreshes.
+        reap_interval: Seconds between reaper passes on each shard.
+        anti_entropy_interval: Seconds between digest checks of this node's state on a shard
+            (they also refresh its entries' expiry).
+        entry_ttl_ms: Expiry of every entry unless refreshed (must exceed 2 x the anti-entropy
+            interval).
     """
 
     host: str = "127.0.0.1"
@@ -118,6 +126,11 @@ class NodeConfig:
     write_timeout: float = 30.0
     webhook_hold_ms: int = 3000
     max_message_bytes: int = 65536
+    lease_ms: int = 10_000
+    lease_interval: float = 1.0
+    reap_interval: float = 1.0
+    anti_entropy_interval: float = 30.0
+    entry_ttl_ms: int = 300_000
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:
@@ -142,6 +155,18 @@ class NodeConfig:
             raise ConfigError("webhook_hold_ms: must be an integer 0..60000")
         if not isinstance(self.max_message_bytes, int) or self.max_message_bytes < 1024:
             raise ConfigError("max_message_bytes: must be an integer >= 1024")
+        if not isinstance(self.lease_ms, int) or self.lease_ms < 500:
+            raise ConfigError("lease_ms: must be an integer >= 500")
+        for name in ("lease_interval", "reap_interval", "anti_entropy_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name}: must be a positive number of seconds")
+        if self.lease_interval * 2000 > self.lease_ms:
+            raise ConfigError("lease_interval: must be at most half of lease_ms")
+        if not isinstance(self.entry_ttl_ms, int) or (
+            self.entry_ttl_ms < self.anti_entropy_interval * 2000
+        ):
+            raise ConfigError("entry_ttl_ms: must exceed 2 x anti_entropy_interval")
 
     def app_by_key(self, key: str) -> AppConfig | None:
         """The app with this public key, if any."""

@@ -38,6 +38,8 @@ async def _node(cluster: LocalCluster, owner: str) -> Node:
     await shards.start()
     await shards.wait_ready(10)
     writer.start()
+    for shard in range(len(shards.links)):  # reads count only owners with a live lease
+        await store.lease(shard, 60_000, first=True)
     return Node(shards, writer, store, pubsub, box)
 
 

@@ -21,6 +21,7 @@ from gateway.server.frontdoor import HttpRequest, HttpResponse
 from gateway.server.hub import CACHE_TTL_MS, Hub
 from gateway.shards.shardset import ShardSet
 from gateway.shards.writer import WriteFailed
+from gateway.store.healing import Healer
 from gateway.store.presence import PresenceStore
 
 __all__ = ["Api"]
@@ -44,9 +45,11 @@ class Api:
         shards: ShardSet,
         hub: Hub,
         metrics: Metrics,
+        healer: Healer | None = None,
         *,
         clock: Any = time.time,
     ) -> None:
+        self.healer = healer
         self.config = config
         self.store = store
         self.shards = shards
@@ -93,13 +96,25 @@ class Api:
         return response
 
     def health(self) -> HttpResponse:
-        """200 while every shard accepts verified writes, else 503 with the reasons."""
+        """200 while every shard accepts verified writes, else 503 with the reasons.
+
+        Unhealthy when a shard is unusable (unreachable, wrong identity, demoted master),
+        when writes have waited for a shard for more than 2 s, or when this node's lease on a
+        shard has not been refreshed for half its duration.
+        """
         shards = self.shards.status()
-        ok = all(s["usable"] for s in shards)
+        problems = [f"{s['shard']}: {s['error']}" for s in shards if not s["usable"]]
+        oldest = self.hub.store.writer.oldest_held_age()
+        if oldest > 2.0:
+            problems.append(f"writes waiting for a shard for {oldest:.1f} s")
+        if self.healer is not None:
+            problems += self.healer.lease_problems()
+        ok = not problems
         body = {
             "status": "ok" if ok else "degraded",
             "node": self.config.node_id,
             "connections": len(self.hub.clients),
+            "problems": problems,
             "shards": shards,
         }
         return _json(200 if ok else 503, body)

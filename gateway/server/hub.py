@@ -28,6 +28,7 @@ from gateway.server.frontdoor import WsConnection, broadcast_frame, encode_text_
 from gateway.server.webhooks import WebhookSender
 from gateway.shards.pubsub import PubSub
 from gateway.shards.writer import WriteFailed
+from gateway.store.healing import LocalChannel, LocalState
 from gateway.store.presence import PresenceStore, channel_key, parse_channel_key
 
 __all__ = ["Client", "Hub"]
@@ -86,6 +87,7 @@ class Hub:
         # Sockets subscribed or subscribing, per channel: drives the node's count and delivery.
         self.members: dict[ChannelId, set[Client]] = {}
         self.presence: dict[tuple[str, str, str], int] = {}  # (app, channel, user) -> sockets
+        self.presence_info: dict[tuple[str, str, str], str | None] = {}  # -> user_info
         self.users: dict[tuple[str, str], set[Client]] = {}  # signed-in sockets
         self._count_dirty: set[ChannelId] = set()
         self._count_task: asyncio.Task[None] | None = None
@@ -161,7 +163,8 @@ class Hub:
     # -- actions -------------------------------------------------------------------------------
 
     def _apply(self, client: Client, actions: Iterable[object]) -> None:
-        for action in actions:
+        actions = list(actions)
+        for i, action in enumerate(actions):
             if isinstance(action, Send):
                 client.conn.send_text(action.text)
             elif isinstance(action, Join):
@@ -172,7 +175,10 @@ class Hub:
             elif isinstance(action, Publish):
                 self._track(self._publish(client, action))
             elif isinstance(action, SignIn):
-                self._register_user(client, action.user_id)
+                # signin_success waits until this node listens to the user's channel, so a
+                # server-to-user event or a termination sent right after is not missed.
+                self._track(self._sign_in(client, action.user_id, actions[i + 1 :]))
+                return
             elif isinstance(action, Close):
                 client.conn.close(action.code, action.reason)
 
@@ -211,6 +217,7 @@ class Hub:
                 # Counted before the await: a Leave arriving meanwhile undoes it in _leave.
                 local = self.presence.get(pres_key, 0)
                 self.presence[pres_key] = local + 1
+                self.presence_info.setdefault(pres_key, member.user_info)
                 counted = True
                 if local == 0:
                     result = await self.store.join(
@@ -273,6 +280,7 @@ class Hub:
         left = self.presence.get(pres_key, 0) - 1
         if left <= 0:
             self.presence.pop(pres_key, None)
+            self.presence_info.pop(pres_key, None)
             return 0
         self.presence[pres_key] = left
         return left
@@ -369,19 +377,18 @@ class Hub:
 
     # -- signed-in users -----------------------------------------------------------------------
 
-    def _register_user(self, client: Client, user_id: str) -> None:
+    async def _sign_in(self, client: Client, user_id: str, then: list[object]) -> None:
         ukey = (client.app.id, user_id)
-        first = ukey not in self.users
         self.users.setdefault(ukey, set()).add(client)
-        if first:
-            channel = f"#server-to-user-{user_id}"
-            key = channel_key(client.app.id, channel)
-            self._keys[key] = (client.app.id, channel)
-            self._track(
-                self._store_call(
-                    self.pubsub.subscribe(self.store.shard_of(client.app.id, channel), key)
-                )
-            )
+        channel = f"#server-to-user-{user_id}"
+        key = channel_key(client.app.id, channel)
+        self._keys[key] = (client.app.id, channel)
+        try:
+            await self.pubsub.subscribe(self.store.shard_of(client.app.id, channel), key)
+        except (ConnectionError, TimeoutError) as exc:
+            log.warning("user channel of %s not subscribed: %s", user_id, exc)
+        if client.conn.id in self.clients:
+            self._apply(client, then)
 
     def _unregister_user(self, client: Client, user_id: str) -> None:
         ukey = (client.app.id, user_id)
@@ -419,6 +426,9 @@ class Hub:
         elif kind == b"R":
             text = messages.member_removed(cid[1], data[1:].decode())
         elif kind == b"C":
+            app = self.config.app_by_id(cid[0])
+            if app is None or not app.subscription_count:
+                return
             text = messages.subscription_count(cid[1], int(data[1:]))
         elif kind == b"T":
             self._terminate(cid[0], cid[1].removeprefix("#server-to-user-"))
@@ -459,6 +469,32 @@ class Hub:
         if app.webhook_url and not channel.startswith("#"):
             event = {"name": name, "channel": channel, **fields}
             self.webhooks.enqueue(app, app.webhook_url, event)
+
+    def local_state(self, shard: int) -> LocalState:
+        """What this node really holds on ``shard``: the truth it re-asserts."""
+        out: LocalState = {}
+        for (app_id, channel), sockets in self.members.items():
+            if not sockets or self.store.shard_of(app_id, channel) != shard:
+                continue
+            app = self.config.app_by_id(app_id)
+            publish = bool(app and app.subscription_count) and not channel.startswith("presence-")
+            out[(app_id, channel)] = LocalChannel(len(sockets), {}, publish)
+        for (app_id, channel, user), count in self.presence.items():
+            local = out.get((app_id, channel))
+            if count > 0 and local is not None:
+                local.members[user] = self.presence_info.get((app_id, channel, user))
+        return out
+
+    def reasserted(self, app_id: str, channel: str, due: list[tuple[str, str | None]]) -> None:
+        """Send the webhooks a re-assertion's transitions made due."""
+        app = self.config.app_by_id(app_id)
+        if app is None:
+            return
+        for name, user in due:
+            if user is None:
+                self._webhook(app, name, channel)
+            else:
+                self._webhook(app, name, channel, user_id=user)
 
     def due_webhook(self, app_id: str, name: str, channel: str, user_id: str | None) -> None:
         """Send a held webhook this node claimed on a shard."""

@@ -18,6 +18,7 @@ from gateway.shards.pubsub import PubSub
 from gateway.shards.shardset import ShardSet
 from gateway.shards.topology import TopologyConfig
 from gateway.shards.writer import BatchWriter
+from gateway.store.healing import Healer, HealingSettings
 from gateway.store.presence import PresenceStore
 
 __all__ = ["GatewayNode", "run_node"]
@@ -47,12 +48,29 @@ class GatewayNode:
             self.shards, metrics=self.metrics, write_timeout=config.write_timeout
         )
         self.store = PresenceStore(
-            self.shards, self.writer, owner=self.owner, hold_ms=config.webhook_hold_ms
+            self.shards,
+            self.writer,
+            owner=self.owner,
+            hold_ms=config.webhook_hold_ms,
+            entry_ttl_ms=config.entry_ttl_ms,
         )
         self.webhooks = WebhookSender(metrics=self.metrics)
         self.pubsub = PubSub(self.shards, self._on_message)
         self.hub = Hub(config, self.store, self.pubsub, self.webhooks, self.metrics)
-        self.api = Api(config, self.store, self.shards, self.hub, self.metrics)
+        self.healer = Healer(
+            self.store,
+            self.shards,
+            self.hub.local_state,
+            self.hub.reasserted,
+            self.metrics,
+            HealingSettings(
+                lease_ms=config.lease_ms,
+                lease_interval=config.lease_interval,
+                reap_interval=config.reap_interval,
+                anti_entropy_interval=config.anti_entropy_interval,
+            ),
+        )
+        self.api = Api(config, self.store, self.shards, self.hub, self.metrics, self.healer)
         self._door: FrontDoor | None = None
         self._loops: list[asyncio.Task[None]] = []
 
@@ -70,6 +88,7 @@ class GatewayNode:
         await self.shards.start()
         await self.shards.wait_ready(ready_timeout)
         self.writer.start()
+        self.healer.start()
         self._door = await start_frontdoor(
             self.config.host,
             self.config.port,
@@ -116,6 +135,7 @@ class GatewayNode:
         for task in self._loops:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.healer.close()
         if self._door is not None:
             await self._door.shutdown(4200, "server shutting down")
         await self.hub.drain()

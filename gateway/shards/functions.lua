@@ -7,32 +7,58 @@ the call was meant for this shard (uuid), under the current topology (epoch), an
 operation's tag was computed for its exact key. The framing is described in docs/write-path.md.
 ]]
 
-local LIB_VERSION = '2'
+local LIB_VERSION = '3'
 local IDENTITY = '__pg:shard'
 
 -- Set by apply() from the shard identity before any op runs: this shard's own hash tag, under
--- which its shard-wide keys live (':chans' occupied channels, ':due' held webhooks).
+-- which its shard-wide keys live (':chans' occupied channels, ':due' held webhooks, ':nodes'
+-- owner leases, ':idx:<owner>' the channels an owner has entries in, ':reaper' the reap lock).
 local SHARD = nil
+-- Per call: Redis time in ms, and every owner's liveness as seen at that time.
+local NOW = nil
+local ALIVE = {}
 
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if NOW == nil then
+    local t = redis.call('TIME')
+    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return NOW
 end
 
-local function total(skey)
+-- Whether an owner (node_id@incarnation) holds a live lease on this shard.
+local function alive(owner)
+  local known = ALIVE[owner]
+  if known == nil then
+    local deadline = redis.call('ZSCORE', SHARD .. ':nodes', owner)
+    known = deadline ~= false and tonumber(deadline) >= now_ms()
+    ALIVE[owner] = known
+  end
+  return known
+end
+
+local function owner_of(field)
+  local at = string.find(field, '\0', 1, true)
+  return string.sub(field, 1, at - 1), string.sub(field, at + 1)
+end
+
+-- Sum of the counts of every owner (live=true: live owners only).
+local function total(skey, live)
   local sum = 0
-  for _, v in ipairs(redis.call('HVALS', skey)) do sum = sum + tonumber(v) end
+  local pairs_ = redis.call('HGETALL', skey)
+  for i = 1, #pairs_, 2 do
+    if not live or alive(pairs_[i]) then sum = sum + tonumber(pairs_[i + 1]) end
+  end
   return sum
 end
 
--- Distinct users of a presence channel as a flat array: user, user_info, user, user_info...
+-- Distinct users held by live owners, as a flat array: user, user_info, user, user_info...
 local function roster(key)
   local seen, out = {}, {}
   local fields = redis.call('HGETALL', key .. ':p')
   for i = 1, #fields, 2 do
-    local f = fields[i]
-    local user = string.sub(f, string.find(f, '\0', 1, true) + 1)
-    if not seen[user] then
+    local owner, user = owner_of(fields[i])
+    if not seen[user] and alive(owner) then
       seen[user] = true
       out[#out + 1] = user
       out[#out + 1] = fields[i + 1]
@@ -41,72 +67,309 @@ local function roster(key)
   return out
 end
 
--- Presence join of one user on one gateway node (owner). args: owner, user_id, user_info,
--- exclude socket id, max members, webhook hold ms. Reply: {added, webhook, roster} where
--- added = this is the user's first connection anywhere; webhook = a member_added webhook is
--- due (0 when it cancels a held member_removed); roster = the channel's members;
--- or {-1} when the channel is full.
-local function pjoin(key, a, p)
-  local owner, user, info, exclude = a[p], a[p + 1], a[p + 2], a[p + 3]
-  local pkey, ukey = key .. ':p', key .. ':u'
-  local field = owner .. '\0' .. user
-  if redis.call('HEXISTS', pkey, field) == 1 then
-    redis.call('HSET', pkey, field, info)
-    return {0, 0, roster(key)}
-  end
-  if redis.call('HEXISTS', ukey, user) == 0 and redis.call('HLEN', ukey) >= tonumber(a[p + 4]) then
-    return {-1}
-  end
-  redis.call('HSET', pkey, field, info)
-  local added = redis.call('HINCRBY', ukey, user, 1) == 1
-  local webhook = 0
-  if added then
-    redis.call('PUBLISH', key, 'A' .. exclude .. '\0' .. user .. '\0' .. info)
-    if redis.call('ZREM', SHARD .. ':due', key .. '\0m\0' .. user) == 0 then webhook = 1 end
-  end
-  return {added and 1 or 0, webhook, roster(key)}
+local function user_count(key)
+  return #roster(key) / 2
 end
 
--- Presence leave of one user on one gateway node. args: owner, user_id, webhook hold ms.
--- Reply: 1 when this was the user's last connection anywhere (member_removed published and
--- its webhook held), else 0.
-local function pleave(key, a, p)
-  local owner, user = a[p], a[p + 1]
+-- Everything of a channel expires unless its owners refresh it (anti-entropy does).
+local function touch(key, ttl)
+  if ttl > 0 then
+    redis.call('PEXPIRE', key .. ':s', ttl)
+    redis.call('PEXPIRE', key .. ':p', ttl)
+    redis.call('PEXPIRE', key .. ':u', ttl)
+  end
+end
+
+-- Whether an owner still has any entry in a channel (then it stays in the owner's index).
+local function owner_present(key, owner)
+  if redis.call('HEXISTS', key .. ':s', owner) == 1 then return true end
+  local prefix = owner .. '\0'
+  for _, f in ipairs(redis.call('HKEYS', key .. ':p')) do
+    if string.sub(f, 1, #prefix) == prefix then return true end
+  end
+  return false
+end
+
+local function index(key, owner)
+  local idx = SHARD .. ':idx:' .. owner
+  if owner_present(key, owner) then
+    redis.call('SADD', idx, key)
+  else
+    redis.call('SREM', idx, key)
+  end
+end
+
+-- Adds an owner's presence of a user. Returns added (first owner of the user), webhook (a
+-- member_added webhook is due: not when it cancels a held member_removed).
+local function add_member(key, owner, user, info, exclude)
+  local pkey = key .. ':p'
+  local field = owner .. '\0' .. user
+  if redis.call('HSET', pkey, field, info) == 0 then return false, false end
+  redis.call('SADD', SHARD .. ':idx:' .. owner, key)
+  if redis.call('HINCRBY', key .. ':u', user, 1) ~= 1 then return false, false end
+  redis.call('PUBLISH', key, 'A' .. exclude .. '\0' .. user .. '\0' .. info)
+  return true, redis.call('ZREM', SHARD .. ':due', key .. '\0m\0' .. user) == 0
+end
+
+-- Removes an owner's presence of a user; on the user's last owner: member_removed, published
+-- now, its webhook held `hold` ms. Returns whether it was the last.
+local function remove_member(key, owner, user, hold)
+  if redis.call('HDEL', key .. ':p', owner .. '\0' .. user) == 0 then return false end
   local ukey = key .. ':u'
-  if redis.call('HDEL', key .. ':p', owner .. '\0' .. user) == 0 then return 0 end
-  if redis.call('HINCRBY', ukey, user, -1) > 0 then return 0 end
+  if redis.call('HINCRBY', ukey, user, -1) > 0 then return false end
   redis.call('HDEL', ukey, user)
   redis.call('PUBLISH', key, 'R' .. user)
-  redis.call('ZADD', SHARD .. ':due', now_ms() + tonumber(a[p + 2]), key .. '\0m\0' .. user)
-  return 1
+  redis.call('ZADD', SHARD .. ':due', now_ms() + hold, key .. '\0m\0' .. user)
+  redis.call('PEXPIRE', SHARD .. ':due', hold + 600000)
+  return true
 end
 
--- A node's absolute subscriber count of a channel. args: owner, count, webhook hold ms,
--- publish (1 = broadcast pusher_internal:subscription_count). Reply: {before, after,
--- occupied} with the channel's totals and whether a channel_occupied webhook is due.
-local function subs(key, a, p)
-  local owner, count = a[p], tonumber(a[p + 1])
+local function is_presence(key)
+  return string.find(key, ':presence-', 1, true) ~= nil
+end
+
+-- Sets an owner's absolute subscriber count. Returns before, after (totals over all owners)
+-- and whether a channel_occupied webhook is due.
+local function set_count(key, owner, count, hold, publish)
   local skey = key .. ':s'
   local old = tonumber(redis.call('HGET', skey, owner) or '0')
-  local before = total(skey)
-  if count == old then return {before, before, 0} end
-  if count > 0 then redis.call('HSET', skey, owner, count) else redis.call('HDEL', skey, owner) end
+  local before = total(skey, false)
+  if count == old then return before, before, false end
+  if count > 0 then
+    redis.call('HSET', skey, owner, count)
+    redis.call('SADD', SHARD .. ':idx:' .. owner, key)
+  else
+    redis.call('HDEL', skey, owner)
+  end
   local after = before - old + count
-  local occupied = 0
+  local occupied = false
   if before == 0 and after > 0 then
     redis.call('SADD', SHARD .. ':chans', key)
-    if redis.call('ZREM', SHARD .. ':due', key .. '\0v\0') == 0 then occupied = 1 end
+    if redis.call('PTTL', SHARD .. ':chans') == -1 then
+      redis.call('PEXPIRE', SHARD .. ':chans', 600000)
+    end
+    occupied = redis.call('ZREM', SHARD .. ':due', key .. '\0v\0') == 0
   elseif after == 0 and before > 0 then
     redis.call('SREM', SHARD .. ':chans', key)
-    redis.call('ZADD', SHARD .. ':due', now_ms() + tonumber(a[p + 2]), key .. '\0v\0')
+    redis.call('ZADD', SHARD .. ':due', now_ms() + hold, key .. '\0v\0')
+    redis.call('PEXPIRE', SHARD .. ':due', hold + 600000)
   end
-  if a[p + 3] == '1' and after > 0 then
+  if publish and after > 0 and not is_presence(key) then
     -- Large channels announce their count at most every 5 s.
     if after <= 100 or redis.call('SET', key .. ':ct', '1', 'NX', 'PX', 5000) then
       redis.call('PUBLISH', key, 'C' .. after)
     end
   end
-  return {before, after, occupied}
+  return before, after, occupied
+end
+
+-- Presence join of one user on one gateway node (owner). args: owner, user_id, user_info,
+-- exclude socket id, max members, webhook hold ms, ttl ms. Reply: {added, webhook, roster};
+-- {-1} when the channel is full.
+local function pjoin(key, a, p)
+  local owner, user, info, exclude = a[p], a[p + 1], a[p + 2], a[p + 3]
+  local ukey = key .. ':u'
+  if redis.call('HEXISTS', ukey, user) == 0 and redis.call('HLEN', ukey) >= tonumber(a[p + 4]) then
+    return {-1}
+  end
+  local added, webhook = add_member(key, owner, user, info, exclude)
+  if not added then redis.call('HSET', key .. ':p', owner .. '\0' .. user, info) end
+  touch(key, tonumber(a[p + 6]))
+  return {added and 1 or 0, webhook and 1 or 0, roster(key)}
+end
+
+-- Presence leave. args: owner, user_id, webhook hold ms. Reply: 1 if it was the last owner.
+local function pleave(key, a, p)
+  local last = remove_member(key, a[p], a[p + 1], tonumber(a[p + 2]))
+  index(key, a[p])
+  return last and 1 or 0
+end
+
+-- A node's absolute subscriber count. args: owner, count, hold ms, publish (1 = broadcast
+-- pusher_internal:subscription_count), ttl ms. Reply: {before, after, occupied}.
+local function subs(key, a, p)
+  local owner = a[p]
+  local before, after, occupied = set_count(key, owner, tonumber(a[p + 1]), tonumber(a[p + 2]),
+    a[p + 3] == '1')
+  index(key, owner)
+  touch(key, tonumber(a[p + 4]))
+  return {before, after, occupied and 1 or 0}
+end
+
+-- Re-assertion: make an owner's entries in a channel exactly what the node holds. args: owner,
+-- count, hold, publish, ttl, n, then n pairs user, user_info. Reply: the webhooks due, as
+-- strings 'occupied' and 'added\0<user>'.
+local function sync(key, a, p)
+  local owner, hold, ttl = a[p], tonumber(a[p + 2]), tonumber(a[p + 4])
+  local n = tonumber(a[p + 5])
+  local want, out = {}, {}
+  for i = 0, n - 1 do want[a[p + 6 + 2 * i]] = a[p + 7 + 2 * i] end
+  local prefix = owner .. '\0'
+  for _, f in ipairs(redis.call('HKEYS', key .. ':p')) do
+    if string.sub(f, 1, #prefix) == prefix then
+      local user = string.sub(f, #prefix + 1)
+      if want[user] == nil then remove_member(key, owner, user, hold) end
+    end
+  end
+  for i = 0, n - 1 do
+    local user, info = a[p + 6 + 2 * i], a[p + 7 + 2 * i]
+    local added, webhook = add_member(key, owner, user, info, '')
+    if not added then redis.call('HSET', key .. ':p', owner .. '\0' .. user, info) end
+    if webhook then out[#out + 1] = 'added\0' .. user end
+  end
+  local _, _, occupied = set_count(key, owner, tonumber(a[p + 1]), hold, a[p + 3] == '1')
+  if occupied then out[#out + 1] = 'occupied' end
+  index(key, owner)
+  touch(key, ttl)
+  return out
+end
+
+-- Owner lease on this shard (key: the shard tag). args: owner, lease ms, first (1 on a node's
+-- first lease: earlier incarnations of the same node id are dead at once). Reply: deadline.
+local function lease(key, a, p)
+  local owner, nodes = a[p], key .. ':nodes'
+  local deadline = now_ms() + tonumber(a[p + 1])
+  if a[p + 2] == '1' then
+    local node = string.sub(owner, 1, string.find(owner, '@', 1, true))
+    for _, other in ipairs(redis.call('ZRANGE', nodes, 0, -1)) do
+      if other ~= owner and string.sub(other, 1, #node) == node then
+        redis.call('ZADD', nodes, 0, other)
+      end
+    end
+  end
+  redis.call('ZADD', nodes, deadline, owner)
+  -- The lease table outlives any lease by far, but not a deployment that stopped entirely.
+  redis.call('PEXPIRE', nodes, 100 * tonumber(a[p + 1]))
+  return deadline
+end
+
+-- One entry's contribution to an owner's digest: 32 bits of its sha1, summed (order-free).
+local function entry_hash(text)
+  return tonumber(string.sub(redis.sha1hex(text), 1, 8), 16)
+end
+
+-- Anti-entropy check (key: the shard tag). args: owner, ttl ms. Refreshes the expiry of every
+-- channel the owner has entries in and returns {entries, digest} of what this shard holds for
+-- the owner; the node compares it with the digest of what it really holds.
+local function check(key, a, p)
+  local owner, ttl = a[p], tonumber(a[p + 1])
+  local idx = key .. ':idx:' .. owner
+  local n, sum = 0, 0
+  local prefix = owner .. '\0'
+  for _, ck in ipairs(redis.call('SMEMBERS', idx)) do
+    local count = redis.call('HGET', ck .. ':s', owner)
+    if count then
+      n = n + 1
+      sum = (sum + entry_hash('s\0' .. ck .. '\0' .. count)) % 4294967296
+    end
+    local fields = redis.call('HGETALL', ck .. ':p')
+    for i = 1, #fields, 2 do
+      if string.sub(fields[i], 1, #prefix) == prefix then
+        n = n + 1
+        local text = 'p\0' .. ck .. '\0' .. string.sub(fields[i], #prefix + 1) .. '\0' .. fields[i + 1]
+        sum = (sum + entry_hash(text)) % 4294967296
+      end
+    end
+    touch(ck, ttl)
+  end
+  if ttl > 0 then
+    redis.call('PEXPIRE', idx, ttl)
+    redis.call('PEXPIRE', key .. ':chans', ttl)
+    redis.call('PEXPIRE', key .. ':due', ttl)
+  end
+  return {n, tostring(sum)}
+end
+
+-- Reaper (key: the shard tag). args: token, lock ms, limit, hold ms. Takes or renews the
+-- shard's reap lock; under it, removes up to `limit` channels' entries of owners whose lease
+-- expired, through the same transitions as normal leaves (member_removed, channel_vacated).
+-- Reply: {-1} when another node holds the lock, else {channels reaped, dead owners left,
+-- entries removed}.
+local function reap(key, a, p)
+  local token, lock = a[p], key .. ':reaper'
+  local holder = redis.call('GET', lock)
+  if holder and holder ~= token then return {-1} end
+  redis.call('SET', lock, token, 'PX', tonumber(a[p + 1]))
+  local limit, hold = tonumber(a[p + 2]), tonumber(a[p + 3])
+  local nodes = key .. ':nodes'
+  local dead = redis.call('ZRANGEBYSCORE', nodes, '-inf', '(' .. now_ms(), 'LIMIT', 0, 16)
+  local done, removed = 0, 0
+  for _, owner in ipairs(dead) do
+    local idx = key .. ':idx:' .. owner
+    for _, ck in ipairs(redis.call('SRANDMEMBER', idx, limit - done)) do
+      local prefix = owner .. '\0'
+      for _, f in ipairs(redis.call('HKEYS', ck .. ':p')) do
+        if string.sub(f, 1, #prefix) == prefix then
+          remove_member(ck, owner, string.sub(f, #prefix + 1), hold)
+          removed = removed + 1
+        end
+      end
+      if redis.call('HEXISTS', ck .. ':s', owner) == 1 then
+        set_count(ck, owner, 0, hold, true)
+        removed = removed + 1
+      end
+      redis.call('SREM', idx, ck)
+      done = done + 1
+    end
+    if redis.call('SCARD', idx) == 0 then
+      redis.call('ZREM', nodes, owner)
+    end
+    if done >= limit then break end
+  end
+  return {done, redis.call('ZCOUNT', nodes, '-inf', '(' .. now_ms()), removed}
+end
+
+-- Audit repair of one channel's derived state (key: the channel). args: ttl ms. Rebuilds the
+-- per-user owner counts from the presence entries, the shard's occupied-channel set and every
+-- owner's index from the counts, and sets the expiry. Reply: number of corrections.
+local function repair(key, a, p)
+  local fixes = 0
+  local want = {}
+  local fields = redis.call('HGETALL', key .. ':p')
+  local owners = {}
+  for i = 1, #fields, 2 do
+    local owner, user = owner_of(fields[i])
+    want[user] = (want[user] or 0) + 1
+    owners[owner] = true
+  end
+  local ukey = key .. ':u'
+  local have = redis.call('HGETALL', ukey)
+  for i = 1, #have, 2 do
+    if want[have[i]] == nil then
+      redis.call('HDEL', ukey, have[i])
+      fixes = fixes + 1
+    end
+  end
+  for user, n in pairs(want) do
+    if tonumber(redis.call('HGET', ukey, user) or '0') ~= n then
+      redis.call('HSET', ukey, user, n)
+      fixes = fixes + 1
+    end
+  end
+  local counts = redis.call('HGETALL', key .. ':s')
+  for i = 1, #counts, 2 do owners[counts[i]] = true end
+  local occupied = total(key .. ':s', false) > 0
+  if (redis.call('SISMEMBER', SHARD .. ':chans', key) == 1) ~= occupied then
+    fixes = fixes + 1
+    if occupied then redis.call('SADD', SHARD .. ':chans', key)
+    else redis.call('SREM', SHARD .. ':chans', key) end
+  end
+  for owner, _ in pairs(owners) do
+    if redis.call('SISMEMBER', SHARD .. ':idx:' .. owner, key) == 0 then
+      redis.call('SADD', SHARD .. ':idx:' .. owner, key)
+      fixes = fixes + 1
+    end
+  end
+  touch(key, tonumber(a[p]))
+  return fixes
+end
+
+-- Audit repair of a shard-level problem (key: the shard tag). args: action, target key, ttl.
+-- 'del' removes a key that does not belong on this shard; 'pexpire' gives a key an expiry.
+local function admin(key, a, p)
+  if a[p] == 'del' then return redis.call('DEL', a[p + 1]) end
+  if a[p] == 'pexpire' then return redis.call('PEXPIRE', a[p + 1], tonumber(a[p + 2])) end
+  return redis.error_reply('BADOP unknown admin action ' .. tostring(a[p]))
 end
 
 -- Held webhooks whose time has come, claimed by exactly one caller. args: limit.
@@ -117,7 +380,7 @@ local function claim(key, a, p)
   return items
 end
 
--- op name -> {argument count, apply(key, argv, first_arg_index)}
+-- op name -> {argument count (-1: variable, checked by the op), apply(key, argv, first)}
 local OPS = {
   hset = {3, function(key, a, p)
     local r = redis.call('HSET', key, a[p], a[p + 1])
@@ -128,14 +391,20 @@ local OPS = {
   hdel = {1, function(key, a, p) return redis.call('HDEL', key, a[p]) end},
   del = {0, function(key) return redis.call('DEL', key) end},
   pexpire = {1, function(key, a, p) return redis.call('PEXPIRE', key, a[p]) end},
-  pjoin = {6, pjoin},
+  pjoin = {7, pjoin},
   pleave = {3, pleave},
-  subs = {4, subs},
+  subs = {5, subs},
+  sync = {-1, sync},
   publish = {1, function(key, a, p) return redis.call('PUBLISH', key, a[p]) end},
   cache = {2, function(key, a, p)
     return redis.call('SET', key .. ':c', a[p], 'PX', a[p + 1])
   end},
   claim = {1, claim},
+  lease = {3, lease},
+  check = {2, check},
+  reap = {4, reap},
+  repair = {1, repair},
+  admin = {3, admin},
 }
 
 -- Returns an error message when this server must not apply a write for (uuid, epoch).
@@ -156,6 +425,8 @@ local function check_identity(uuid, epoch)
     return 'NOIDENTITY the shard identity predates this library; run presence-gateway shards init'
   end
   SHARD = id[4]
+  NOW = nil
+  ALIVE = {}
   return nil
 end
 
@@ -175,7 +446,8 @@ local function apply(keys, argv)
     local first = p + 3
     p = first + argc
     local spec = OPS[op]
-    if spec == nil or spec[1] ~= argc then
+    if spec == nil or (spec[1] ~= argc and not (spec[1] == -1 and argc >= 6
+        and argc == 6 + 2 * (tonumber(argv[first + 5]) or -1))) then
       out[i] = redis.error_reply('BADOP unknown operation or wrong argument count: ' .. op)
     elseif string.sub(redis.sha1hex(prefix .. keys[i]), 1, 16) ~= tag then
       out[i] = redis.error_reply('BADTAG tag does not match key ' .. keys[i])
@@ -194,26 +466,47 @@ local function apply(keys, argv)
   return out
 end
 
--- Reads: no tag (they change nothing), served by the verified link of the shard.
-local function read_roster(keys) return roster(keys[1]) end
+-- Reads: no tag (they change nothing), served by the verified link of the shard. They count
+-- only entries of owners with a live lease, so a dead node's leftovers are never reported.
+local function read_prepare()
+  SHARD = redis.call('HGET', IDENTITY, 'tag')
+  NOW = nil
+  ALIVE = {}
+  return SHARD
+end
+
+local function read_roster(keys)
+  if not read_prepare() then return redis.error_reply('NOIDENTITY run shards init') end
+  return roster(keys[1])
+end
 
 -- {subscription count, user count} of a channel.
 local function read_info(keys)
-  return {total(keys[1] .. ':s'), redis.call('HLEN', keys[1] .. ':u')}
+  if not read_prepare() then return redis.error_reply('NOIDENTITY run shards init') end
+  return {total(keys[1] .. ':s', true), user_count(keys[1])}
 end
 
 -- Occupied channels on this shard whose key starts with ARGV[1] ('{<app>:<prefix>'):
--- flat array of key, subscription count, user count.
+-- flat array of key, subscription count, user count (live owners only; empty ones left out).
 local function read_channels(keys, argv)
+  if not read_prepare() then return redis.error_reply('NOIDENTITY run shards init') end
   local prefix, out = argv[1], {}
   for _, key in ipairs(redis.call('SMEMBERS', keys[1] .. ':chans')) do
     if string.sub(key, 1, #prefix) == prefix then
-      out[#out + 1] = key
-      out[#out + 1] = total(key .. ':s')
-      out[#out + 1] = redis.call('HLEN', key .. ':u')
+      local count = total(key .. ':s', true)
+      if count > 0 then
+        out[#out + 1] = key
+        out[#out + 1] = count
+        out[#out + 1] = user_count(key)
+      end
     end
   end
   return out
+end
+
+-- Channels an owner has entries in on this shard (key: the shard tag; ARGV[1]: owner).
+local function read_owned(keys, argv)
+  return redis.call('SMEMBERS', keys[1] .. ':idx:' .. argv[1])
 end
 
 -- {cached event or false, remaining ms}
@@ -228,6 +521,7 @@ redis.register_function{function_name = 'pg_info', callback = read_info, flags =
 redis.register_function{
   function_name = 'pg_channels', callback = read_channels, flags = {'no-writes'}}
 redis.register_function{function_name = 'pg_cache', callback = read_cache, flags = {'no-writes'}}
+redis.register_function{function_name = 'pg_owned', callback = read_owned, flags = {'no-writes'}}
 redis.register_function{
   function_name = 'pg_version',
   callback = function() return LIB_VERSION end,

@@ -170,6 +170,16 @@ class BatchWriter:
             raise result
         return result
 
+    def oldest_held_age(self) -> float:
+        """Seconds the oldest held write has been waiting (0 when none)."""
+        now = time.monotonic()
+        ages = [
+            now - (req.deadline - self.write_timeout)
+            for held in self._held
+            for _, req, _ in held[:1]
+        ]
+        return max(ages, default=0.0)
+
     def held_count(self) -> int:
         """Writes currently waiting for their shard."""
         return sum(len(h) for h in self._held)

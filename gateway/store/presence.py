@@ -115,12 +115,14 @@ class PresenceStore:
         owner: str,
         hold_ms: int = 3000,
         max_members: int = 100,
+        entry_ttl_ms: int = 300_000,
     ) -> None:
         self.shards = shards
         self.writer = writer
         self.owner = owner.encode()
         self.hold = str(hold_ms).encode()
         self.max_members = str(max_members).encode()
+        self.ttl = str(entry_ttl_ms).encode()
 
     def shard_of(self, app_id: str, channel: str) -> int:
         """The shard holding ``channel``."""
@@ -147,6 +149,7 @@ class PresenceStore:
                 exclude.encode(),
                 self.max_members,
                 self.hold,
+                self.ttl,
             ),
         )
         if reply[0] == -1:
@@ -173,9 +176,95 @@ class PresenceStore:
                 str(count).encode(),
                 self.hold,
                 b"1" if publish_count else b"0",
+                self.ttl,
             ),
         )
         return SubsResult(reply[0], reply[1], reply[2] == 1)
+
+    async def sync(
+        self,
+        app_id: str,
+        channel: str,
+        count: int,
+        members: dict[str, str | None],
+        *,
+        publish_count: bool,
+    ) -> list[tuple[str, str | None]]:
+        """Make this node's entries in ``channel`` exactly ``count`` and ``members``.
+
+        The re-assertion of absolute state: missing entries are added and extra ones removed
+        through the normal transitions. Returns the webhooks due: ``("channel_occupied",
+        None)`` and ``("member_added", user_id)``.
+        """
+        args: list[bytes] = [
+            self.owner,
+            str(count).encode(),
+            self.hold,
+            b"1" if publish_count else b"0",
+            self.ttl,
+            str(len(members)).encode(),
+        ]
+        for user, info in members.items():
+            args += [user.encode(), (info or "").encode()]
+        reply = cast(
+            list[bytes], await self.writer.write(b"sync", channel_key(app_id, channel), *args)
+        )
+        out: list[tuple[str, str | None]] = []
+        for item in reply:
+            if item == b"occupied":
+                out.append(("channel_occupied", None))
+            else:
+                out.append(("member_added", item.split(b"\0", 1)[1].decode()))
+        return out
+
+    def shard_tag(self, shard: int) -> bytes | None:
+        """The hash tag of shard ``shard``'s own keys, once its identity is verified."""
+        identity = self.shards.links[shard].identity
+        return identity.tag.encode() if identity is not None and identity.tag else None
+
+    async def lease(self, shard: int, lease_ms: int, *, first: bool) -> int:
+        """Refresh this node's lease on ``shard``; returns the deadline (Redis time, ms).
+
+        ``first``: this incarnation's first lease, which makes earlier incarnations of the same
+        node id dead at once.
+        """
+        tag = self.shard_tag(shard)
+        if tag is None:
+            raise ShardUnavailableError(f"shard {shard} not verified yet")
+        reply = await self.writer.write(
+            b"lease", tag, self.owner, str(lease_ms).encode(), b"1" if first else b"0"
+        )
+        return cast(int, reply)
+
+    async def check(self, shard: int) -> tuple[int, int]:
+        """Refresh the expiry of this node's entries on ``shard``; return their (count, digest)."""
+        tag = self.shard_tag(shard)
+        if tag is None:
+            raise ShardUnavailableError(f"shard {shard} not verified yet")
+        reply = cast(list[object], await self.writer.write(b"check", tag, self.owner, self.ttl))
+        return cast(int, reply[0]), int(cast(bytes, reply[1]))
+
+    async def reap(self, shard: int, token: str, *, lock_ms: int, limit: int) -> list[int]:
+        """Reap dead owners' entries on ``shard`` under the shard's reap lock.
+
+        Returns ``[-1]`` when another node holds the lock, else ``[channels reaped, dead owners
+        left, entries removed]``.
+        """
+        tag = self.shard_tag(shard)
+        if tag is None:
+            return [-1]
+        reply = await self.writer.write(
+            b"reap", tag, token.encode(), str(lock_ms).encode(), str(limit).encode(), self.hold
+        )
+        return cast(list[int], reply)
+
+    async def owned(self, shard: int) -> list[tuple[str, str]]:
+        """Channels (app id, channel) in which this node has entries on ``shard``."""
+        tag = self.shard_tag(shard)
+        if tag is None:
+            raise ShardUnavailableError(f"shard {shard} not verified yet")
+        reply = await self._read(shard, "FCALL_RO", "pg_owned", 1, tag, self.owner)
+        return [parse_channel_key(k) for k in cast(list[bytes], reply)]
 
     async def publish(self, app_id: str, channel: str, payload: bytes) -> None:
         """Publish ``payload`` to every node listening to ``channel``."""

@@ -1,0 +1,311 @@
+"""Self-healing of the shared state: leases, the reaper, re-assertion and anti-entropy.
+
+Each node holds a lease on every shard, refreshed every ``lease_interval`` seconds with a
+deadline ``lease_ms`` ahead of the shard's own clock; reads ignore the entries of owners whose
+lease expired. Any node reaps a shard under the shard's reap lock, removing dead owners'
+entries through the same transitions as normal leaves, so ``member_removed`` and
+``channel_vacated`` (and their webhooks) go out for users who really left. Each node re-asserts
+the absolute state it owns when a shard's master changes, when a shard comes back after being
+unusable, and whenever the cheap digest check of the anti-entropy loop finds a difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway._native import ReplyError
+from gateway.metrics import Metrics
+from gateway.shards.shardset import ShardLink, ShardSet
+from gateway.shards.writer import WriteFailed
+from gateway.store.presence import PresenceStore, channel_key
+
+__all__ = ["Healer", "HealingSettings", "LocalChannel", "digest"]
+
+log = logging.getLogger("gateway.healing")
+
+
+@dataclass(frozen=True)
+class LocalChannel:
+    """What this node really holds in one channel: its socket count and presence members."""
+
+    count: int
+    members: dict[str, str | None]
+    publish_count: bool
+
+
+#: (app id, channel) -> what the node holds there.
+LocalState = dict[tuple[str, str], LocalChannel]
+
+
+@dataclass(frozen=True)
+class HealingSettings:
+    """Timing of the self-healing loops (defaults: kill -9 of a node is visible within ~12 s).
+
+    Attributes:
+        lease_ms: How long a lease lasts past its refresh (Redis clock).
+        lease_interval: Seconds between lease refreshes.
+        reap_interval: Seconds between reaper passes on each shard.
+        reap_lock_ms: Validity of a shard's reap lock.
+        reap_limit: Channels reaped per call.
+        anti_entropy_interval: Seconds between digest checks of each shard.
+    """
+
+    lease_ms: int = 10_000
+    lease_interval: float = 1.0
+    reap_interval: float = 1.0
+    reap_lock_ms: int = 3_000
+    reap_limit: int = 200
+    anti_entropy_interval: float = 30.0
+
+
+def _entry_hash(text: bytes) -> int:
+    return int(hashlib.sha1(text).hexdigest()[:8], 16)
+
+
+def digest(app_channels: LocalState) -> tuple[int, int]:
+    """The (entries, digest) a shard's ``check`` must return for this node's state.
+
+    Order-free: the sum modulo 2**32 of 32 bits of each entry's sha1, as computed by the
+    function library.
+    """
+    n = 0
+    total = 0
+    for (app_id, channel), local in app_channels.items():
+        key = channel_key(app_id, channel)
+        if local.count > 0:
+            n += 1
+            total += _entry_hash(b"s\0" + key + b"\0" + str(local.count).encode())
+        for user, info in local.members.items():
+            n += 1
+            total += _entry_hash(
+                b"p\0" + key + b"\0" + user.encode() + b"\0" + (info or "").encode()
+            )
+    return n, total % 4294967296
+
+
+class Healer:
+    """Runs the lease, reaper and anti-entropy loops of one node.
+
+    Args:
+        store: The node's presence store.
+        shards: Its shard links.
+        local_state: Returns what the node really holds on a shard.
+        on_webhooks: Called with ``(app_id, channel, [(name, user_id)])`` for webhooks that a
+            re-assertion's transitions made due.
+        metrics: Where the counters go.
+        settings: Timing.
+    """
+
+    def __init__(
+        self,
+        store: PresenceStore,
+        shards: ShardSet,
+        local_state: Callable[[int], LocalState],
+        on_webhooks: Callable[[str, str, list[tuple[str, str | None]]], None],
+        metrics: Metrics,
+        settings: HealingSettings | None = None,
+    ) -> None:
+        self.store = store
+        self.shards = shards
+        self.local_state = local_state
+        self.on_webhooks = on_webhooks
+        self.metrics = metrics
+        self.settings = settings or HealingSettings()
+        self.token = store.owner.decode()
+        n = len(shards.links)
+        self._leased = [False] * n
+        self._last_lease = [0.0] * n  # monotonic time of the last successful refresh
+        self._seen_up = [False] * n
+        self._resyncing: list[asyncio.Task[None] | None] = [None] * n
+        self._tasks: list[asyncio.Task[None]] = []
+        shards.on_link_up(self._link_up)
+        shards.on_master_change(self._master_changed)
+        m = metrics
+        m.describe("pg_lease_refreshes_total", "Lease refreshes, by shard and result")
+        m.describe("pg_reaped_entries_total", "Entries of dead owners removed, by shard")
+        m.describe("pg_reassertions_total", "Re-assertions of this node's state, by shard, reason")
+        m.describe("pg_convergence_events_total", "Differences found and repaired, by reason")
+        m.describe("pg_anti_entropy_checks_total", "Digest checks, by shard and result")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the loops."""
+        s = self.settings
+        self._tasks = [
+            asyncio.create_task(self._every(s.lease_interval, self._lease_all)),
+            asyncio.create_task(self._every(s.reap_interval, self._reap_all)),
+            asyncio.create_task(self._every(s.anti_entropy_interval, self._check_all)),
+        ]
+
+    async def close(self) -> None:
+        """Stop the loops."""
+        tasks = [*self._tasks, *(t for t in self._resyncing if t is not None)]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _every(self, period: float, job: Callable[[], object]) -> None:
+        while True:
+            try:
+                result = job()
+                if asyncio.iscoroutine(result):
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("healing loop failed")
+            await asyncio.sleep(period)
+
+    def lease_problems(self) -> list[str]:
+        """Shards on which this node's lease is at risk (for /health)."""
+        limit = self.settings.lease_ms / 2000
+        now = time.monotonic()
+        return [
+            f"{link.spec.name}: lease not refreshed for {now - self._last_lease[link.index]:.1f} s"
+            for link in self.shards.links
+            if self._leased[link.index] and now - self._last_lease[link.index] > limit
+        ]
+
+    # -- leases --------------------------------------------------------------------------------
+
+    async def _lease_all(self) -> None:
+        await asyncio.gather(*(self._lease(link) for link in self.shards.links if link.usable))
+
+    async def _lease(self, link: ShardLink) -> None:
+        i = link.index
+        try:
+            await self.store.lease(i, self.settings.lease_ms, first=not self._leased[i])
+        except (WriteFailed, ReplyError, ConnectionError) as exc:
+            self.metrics.inc("pg_lease_refreshes_total", shard=link.spec.name, result="failed")
+            log.warning("shard %s: lease not refreshed: %s", link.spec.name, exc)
+            return
+        now = time.monotonic()
+        lapsed = self._leased[i] and now - self._last_lease[i] > self.settings.lease_ms / 1000
+        self._leased[i] = True
+        self._last_lease[i] = now
+        self.metrics.inc("pg_lease_refreshes_total", shard=link.spec.name, result="ok")
+        if lapsed:
+            # Others may have reaped us meanwhile: put our state back.
+            self.resync(i, "lease_lapsed")
+
+    # -- reaper --------------------------------------------------------------------------------
+
+    async def _reap_all(self) -> None:
+        await asyncio.gather(*(self._reap(link) for link in self.shards.links if link.usable))
+
+    async def _reap(self, link: ShardLink) -> None:
+        for _ in range(20):  # bounded: at most 20 * reap_limit channels per pass
+            try:
+                reply = await self.store.reap(
+                    link.index,
+                    self.token,
+                    lock_ms=self.settings.reap_lock_ms,
+                    limit=self.settings.reap_limit,
+                )
+            except (WriteFailed, ReplyError, ConnectionError) as exc:
+                log.warning("shard %s: reaper failed: %s", link.spec.name, exc)
+                return
+            if reply[0] <= 0:  # nothing to reap, or another node holds the lock
+                return
+            done, left, removed = reply
+            self.metrics.inc("pg_reaped_entries_total", removed, shard=link.spec.name)
+            self.metrics.inc("pg_convergence_events_total", reason="reaped")
+            log.info(
+                "shard %s: reaped %d channels (%d entries) of dead nodes",
+                link.spec.name,
+                done,
+                removed,
+            )
+            if left == 0:
+                return
+
+    # -- re-assertion --------------------------------------------------------------------------
+
+    def _link_up(self, link: ShardLink) -> None:
+        if self._seen_up[link.index]:
+            self.resync(link.index, "link_up")
+        self._seen_up[link.index] = True
+
+    def _master_changed(self, link: ShardLink) -> None:
+        self.resync(link.index, "master_change")
+
+    def resync(self, shard: int, reason: str) -> None:
+        """Re-assert this node's absolute state on ``shard`` (coalesced while one runs)."""
+        running = self._resyncing[shard]
+        if running is not None and not running.done():
+            return
+        self._resyncing[shard] = asyncio.ensure_future(self._resync(shard, reason))
+
+    async def _resync(self, shard: int, reason: str) -> None:
+        name = self.shards.links[shard].spec.name
+        self.metrics.inc("pg_reassertions_total", shard=name, reason=reason)
+        try:
+            await self.store.lease(shard, self.settings.lease_ms, first=not self._leased[shard])
+            owned = set(await self.store.owned(shard))
+        except (WriteFailed, ReplyError, ConnectionError) as exc:
+            log.warning("shard %s: re-assertion postponed: %s", name, exc)
+            return
+        local = self.local_state(shard)
+        targets = set(local) | owned
+        empty = LocalChannel(0, {}, False)
+        results = await asyncio.gather(
+            *(
+                self.store.sync(
+                    app_id,
+                    channel,
+                    local.get((app_id, channel), empty).count,
+                    local.get((app_id, channel), empty).members,
+                    publish_count=local.get((app_id, channel), empty).publish_count,
+                )
+                for app_id, channel in targets
+            ),
+            return_exceptions=True,
+        )
+        failed = 0
+        for (app_id, channel), result in zip(targets, results, strict=True):
+            if isinstance(result, BaseException):
+                failed += 1
+            elif result:
+                self.on_webhooks(app_id, channel, result)
+        log.info(
+            "shard %s: re-asserted %d channels (%s)%s",
+            name,
+            len(targets),
+            reason,
+            f", {failed} failed" if failed else "",
+        )
+
+    # -- anti-entropy --------------------------------------------------------------------------
+
+    async def _check_all(self) -> None:
+        await asyncio.gather(*(self._check(link) for link in self.shards.links if link.usable))
+
+    async def _check(self, link: ShardLink) -> None:
+        i = link.index
+        try:
+            remote = await self.store.check(i)
+        except (WriteFailed, ReplyError, ConnectionError) as exc:
+            log.warning("shard %s: anti-entropy check failed: %s", link.spec.name, exc)
+            return
+        local = digest(self.local_state(i))
+        if remote == local:
+            self.metrics.inc("pg_anti_entropy_checks_total", shard=link.spec.name, result="same")
+            return
+        self.metrics.inc("pg_anti_entropy_checks_total", shard=link.spec.name, result="differ")
+        self.metrics.inc("pg_convergence_events_total", reason="digest")
+        log.warning(
+            "shard %s: state differs from this node's (shard %s, node %s); re-asserting",
+            link.spec.name,
+            remote,
+            local,
+        )
+        self.resync(i, "digest")
