@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "maturin>=1.9.4,<2" "uvloop>=0.19" "websockets>=14" "httptools>=0.6" \
 		"redis[hiredis]>=5.0" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3" \
-		"hypothesis>=6.100" "ruff>=0.6" "mypy>=1.11" "pusher==3.3.4" "pysher==1.0.8"
+		"hypothesis>=6.100" "ruff>=0.6" "mypy>=1.11" "pusher==3.3.4" "pysher==1.0.8" "locust>=2.30"
 	touch $(STAMP)
 
 # Builds the Rust extension in release mode and installs the package (editable) into the venv.
@@ -45,8 +45,8 @@ native: $(STAMP)
 	$(VENV)/bin/maturin develop --release --quiet
 
 lint: setup
-	$(VENV)/bin/ruff check gateway tests bench
-	$(VENV)/bin/ruff format --check gateway tests bench
+	$(VENV)/bin/ruff check gateway tests bench loadtests
+	$(VENV)/bin/ruff format --check gateway tests bench loadtests
 	$(VENV)/bin/mypy --strict gateway
 	$(PY) -m mypy.stubtest gateway._native
 	cargo fmt --all -- --check
@@ -54,8 +54,8 @@ lint: setup
 	cargo clippy --workspace --all-targets --features python --quiet -- -D warnings
 
 fmt: setup
-	$(VENV)/bin/ruff format gateway tests bench
-	$(VENV)/bin/ruff check --fix gateway tests bench
+	$(VENV)/bin/ruff format gateway tests bench loadtests
+	$(VENV)/bin/ruff check --fix gateway tests bench loadtests
 	cargo fmt --all
 
 bench: setup

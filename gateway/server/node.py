@@ -10,6 +10,7 @@ import signal
 
 from gateway.config import NodeConfig
 from gateway.metrics import Metrics
+from gateway.periodic import every
 from gateway.server.api import Api
 from gateway.server.frontdoor import FrontDoor, start_frontdoor
 from gateway.server.hub import Hub
@@ -97,8 +98,8 @@ class GatewayNode:
             max_ws_message=self.config.max_message_bytes,
         )
         self._loops = [
-            asyncio.create_task(self._every(1.0, self._tick)),
-            asyncio.create_task(self._every(0.25, self._claim_due)),
+            asyncio.create_task(every(1.0, self._tick, name="activity", run_first=False)),
+            asyncio.create_task(every(0.25, self._claim_due, name="webhook-claim")),
         ]
         log.info(
             "gateway node %s (owner %s) listening on %s:%d",
@@ -107,19 +108,6 @@ class GatewayNode:
             self.config.host,
             self.port,
         )
-
-    async def _every(self, period: float, job: object) -> None:
-        assert callable(job)
-        while True:
-            await asyncio.sleep(period)
-            try:
-                result = job()
-                if asyncio.iscoroutine(result):
-                    await result
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("periodic job failed")
 
     def _tick(self) -> None:
         self.hub.tick()

@@ -90,10 +90,17 @@ local function owner_present(key, owner)
   return false
 end
 
+-- An owner's index expires too (refreshed by its anti-entropy checks; deleted when reaped).
+local function add_to_index(key, owner)
+  local idx = SHARD .. ':idx:' .. owner
+  redis.call('SADD', idx, key)
+  if redis.call('PTTL', idx) == -1 then redis.call('PEXPIRE', idx, 600000) end
+end
+
 local function index(key, owner)
   local idx = SHARD .. ':idx:' .. owner
   if owner_present(key, owner) then
-    redis.call('SADD', idx, key)
+    add_to_index(key, owner)
   else
     redis.call('SREM', idx, key)
   end
@@ -105,7 +112,7 @@ local function add_member(key, owner, user, info, exclude)
   local pkey = key .. ':p'
   local field = owner .. '\0' .. user
   if redis.call('HSET', pkey, field, info) == 0 then return false, false end
-  redis.call('SADD', SHARD .. ':idx:' .. owner, key)
+  add_to_index(key, owner)
   if redis.call('HINCRBY', key .. ':u', user, 1) ~= 1 then return false, false end
   redis.call('PUBLISH', key, 'A' .. exclude .. '\0' .. user .. '\0' .. info)
   return true, redis.call('ZREM', SHARD .. ':due', key .. '\0m\0' .. user) == 0
@@ -137,7 +144,7 @@ local function set_count(key, owner, count, hold, publish)
   if count == old then return before, before, false end
   if count > 0 then
     redis.call('HSET', skey, owner, count)
-    redis.call('SADD', SHARD .. ':idx:' .. owner, key)
+    add_to_index(key, owner)
   else
     redis.call('HDEL', skey, owner)
   end
@@ -356,12 +363,34 @@ local function repair(key, a, p)
   end
   for owner, _ in pairs(owners) do
     if redis.call('SISMEMBER', SHARD .. ':idx:' .. owner, key) == 0 then
-      redis.call('SADD', SHARD .. ':idx:' .. owner, key)
+      add_to_index(key, owner)
       fixes = fixes + 1
     end
   end
   touch(key, tonumber(a[p]))
   return fixes
+end
+
+-- Audit repair: silently remove the entries of an owner that never held a lease (nobody was
+-- ever shown them, so no member_removed or channel_vacated is due). args: owner.
+local function purge(key, a, p)
+  local owner = a[p]
+  local prefix = owner .. '\0'
+  local removed = 0
+  for _, f in ipairs(redis.call('HKEYS', key .. ':p')) do
+    if string.sub(f, 1, #prefix) == prefix then
+      redis.call('HDEL', key .. ':p', f)
+      local user = string.sub(f, #prefix + 1)
+      if redis.call('HINCRBY', key .. ':u', user, -1) <= 0 then redis.call('HDEL', key .. ':u', user) end
+      removed = removed + 1
+    end
+  end
+  if redis.call('HDEL', key .. ':s', owner) == 1 then
+    removed = removed + 1
+    if total(key .. ':s', false) == 0 then redis.call('SREM', SHARD .. ':chans', key) end
+  end
+  redis.call('SREM', SHARD .. ':idx:' .. owner, key)
+  return removed
 end
 
 -- Audit repair of a shard-level problem (key: the shard tag). args: action, target key, ttl.
@@ -404,6 +433,7 @@ local OPS = {
   check = {2, check},
   reap = {4, reap},
   repair = {1, repair},
+  purge = {1, purge},
   admin = {3, admin},
 }
 

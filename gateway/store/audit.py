@@ -5,9 +5,10 @@ their shard tag, belongs to another shard), entries of dead owners (lease expire
 unknown owners (no lease at all), derived state that disagrees with the entries it summarises
 (per-user owner counts, the occupied-channel set, owner indexes), keys without an expiry, and
 memory by key class. ``--repair`` fixes what it reports, through the same verified write path
-as the gateway: misplaced keys are deleted, dead and unknown owners' entries are removed with
-the normal transitions (so ``member_removed`` / ``channel_vacated`` still go out), derived state
-is rebuilt and expiries set.
+as the gateway: misplaced keys are deleted, dead owners' entries are removed with the normal
+transitions (so ``member_removed`` / ``channel_vacated`` still go out for users who were shown),
+entries of owners that never held a lease are removed silently (nobody ever saw them), derived
+state is rebuilt and expiries set.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ async def _scan(conn: ShardConnection) -> list[bytes]:
 
 
 async def _audit_shard(
-    shards: ShardSet, writer: BatchWriter, index: int, *, repair: bool, ttl_ms: int
+    shards: ShardSet, writer: BatchWriter, index: int, *, repair: bool, ttl_ms: int, hold_ms: int
 ) -> ShardReport:
     link = shards.links[index]
     conn, identity = link.conn, link.identity
@@ -119,7 +120,8 @@ async def _audit_shard(
 
     dead: Counter[str] = Counter()
     unknown: Counter[str] = Counter()
-    bad_owners: dict[bytes, set[bytes]] = defaultdict(set)  # channel -> owners to remove
+    dead_owners: dict[bytes, set[bytes]] = defaultdict(set)  # channel -> owners to reap
+    unknown_owners: dict[bytes, set[bytes]] = defaultdict(set)  # channel -> owners to purge
     chans = set(cast(list[bytes], await conn.command("SMEMBERS", tag + b":chans")))
     for base in sorted(channels):
         subs = cast(list[bytes], await conn.command("HGETALL", base + b":s"))
@@ -134,10 +136,10 @@ async def _audit_shard(
         for owner in owners:
             if owner not in deadline:
                 unknown[_text(owner)] += 1
-                bad_owners[base].add(owner)
+                unknown_owners[base].add(owner)
             elif deadline[owner] < now:
                 dead[_text(owner)] += 1
-                bad_owners[base].add(owner)
+                dead_owners[base].add(owner)
         stored = {users[i]: int(users[i + 1]) for i in range(0, len(users), 2)}
         if stored != dict(per_user):
             report.mismatches.append(f"{_text(base)}: per-user owner counts disagree with entries")
@@ -156,13 +158,20 @@ async def _audit_shard(
         for key_text in report.wrong_shard_keys:
             await writer.write(b"admin", tag, b"del", key_text.encode(), b"0")
             fixed["wrong_shard_keys_deleted"] += 1
-        for base, owners_to_remove in bad_owners.items():
+        for base, owners_to_remove in dead_owners.items():
             for owner in owners_to_remove:
-                # The owner's entries go away through the normal transitions.
+                # Users of a dead owner were shown: they leave through the normal transitions
+                # (member_removed, channel_vacated and their held webhooks).
                 await writer.write(
-                    b"sync", base, owner, b"0", b"3000", b"1", str(ttl_ms).encode(), b"0"
-                )
-                fixed["dead_or_unknown_owners_removed"] += 1
+                    b"sync", base, owner, b"0", str(hold_ms).encode(), b"1",
+                    str(ttl_ms).encode(), b"0",
+                )  # fmt: skip
+                fixed["dead_owner_entries_removed"] += 1
+        for base, owners_to_remove in unknown_owners.items():
+            for owner in owners_to_remove:
+                # An owner that never held a lease was never shown: removed silently.
+                await writer.write(b"purge", base, owner)
+                fixed["unknown_owner_entries_removed"] += 1
         for base in sorted(channels):
             fixes = await writer.write(b"repair", base, str(ttl_ms).encode())
             fixed["derived_state_fixes"] += int(cast(int, fixes))
@@ -174,7 +183,11 @@ async def _audit_shard(
 
 
 async def run_audit(
-    topology: TopologyConfig, *, repair: bool = False, ttl_ms: int = 300_000
+    topology: TopologyConfig,
+    *,
+    repair: bool = False,
+    ttl_ms: int = 300_000,
+    hold_ms: int = 3000,
 ) -> list[ShardReport]:
     """Audit (and with ``repair`` fix) every shard of ``topology``.
 
@@ -188,7 +201,7 @@ async def run_audit(
         await shards.wait_ready(10)
         writer.start()
         return [
-            await _audit_shard(shards, writer, i, repair=repair, ttl_ms=ttl_ms)
+            await _audit_shard(shards, writer, i, repair=repair, ttl_ms=ttl_ms, hold_ms=hold_ms)
             for i in range(len(shards.links))
         ]
     finally:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from gateway._native import ReplyError
 from gateway.metrics import Metrics
+from gateway.periodic import every
 from gateway.shards.shardset import ShardLink, ShardSet
 from gateway.shards.writer import WriteFailed
 from gateway.store.presence import PresenceStore, channel_key
@@ -139,9 +140,11 @@ class Healer:
         """Start the loops."""
         s = self.settings
         self._tasks = [
-            asyncio.create_task(self._every(s.lease_interval, self._lease_all)),
-            asyncio.create_task(self._every(s.reap_interval, self._reap_all)),
-            asyncio.create_task(self._every(s.anti_entropy_interval, self._check_all)),
+            asyncio.create_task(every(s.lease_interval, self._lease_all, name="lease")),
+            asyncio.create_task(every(s.reap_interval, self._reap_all, name="reaper")),
+            asyncio.create_task(
+                every(s.anti_entropy_interval, self._check_all, name="anti-entropy")
+            ),
         ]
 
     async def close(self) -> None:
@@ -152,18 +155,6 @@ class Healer:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-    async def _every(self, period: float, job: Callable[[], object]) -> None:
-        while True:
-            try:
-                result = job()
-                if asyncio.iscoroutine(result):
-                    await result
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("healing loop failed")
-            await asyncio.sleep(period)
 
     def lease_problems(self) -> list[str]:
         """Shards on which this node's lease is at risk (for /health)."""
