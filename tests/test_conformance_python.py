@@ -12,6 +12,7 @@ from typing import Any
 
 import pusher
 import pysher
+import pysher.pusher as pysher_pusher
 import pytest
 from nodes import (
     APP_KEY,
@@ -194,7 +195,7 @@ def test_webhooks_validate_with_the_official_library(
         assert request.headers["content-type"].startswith("application/json")
 
 
-def test_pysher_presence_round_trip(node: NodeProcess) -> None:
+def test_pysher_presence_round_trip(node: NodeProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     channel = _name("presence-")
     logging.getLogger("pysher").setLevel(logging.WARNING)
     events: list[tuple[str, Any]] = []
@@ -219,13 +220,25 @@ def test_pysher_presence_round_trip(node: NodeProcess) -> None:
     client.connect()
     try:
         wait_until(lambda: client.connection.state == "connected", 10, "pysher connected")
-        channel_obj = client.subscribe(channel)
-        for name in (
+        # pysher sends the subscribe before it creates the channel object that its reply is
+        # routed to, so a fast reply can be dropped by pysher itself; channel objects bound at
+        # creation (and one in place before the subscribe) close that window.
+        names = (
             "pusher_internal:subscription_succeeded",
             "pusher_internal:member_added",
             "pusher_internal:member_removed",
-        ):
-            channel_obj.bind(name, record(name))
+        )
+
+        class BoundChannel(pysher_pusher.Channel):  # type: ignore[misc]
+            def __init__(self, name: str, connection: Any) -> None:
+                super().__init__(name, connection)
+                if name == channel:
+                    for event in names:
+                        self.bind(event, record(event))
+
+        monkeypatch.setattr(pysher_pusher, "Channel", BoundChannel)
+        client.channels[channel] = BoundChannel(channel, client.connection)
+        client.subscribe(channel)
         wait_until(lambda: events, 10, "pysher subscription_succeeded")
         roster = json.loads(events[0][1])["presence"]
         assert roster["ids"] == ["py-user"]

@@ -158,6 +158,11 @@ class HttpHandler(typing.Protocol):
 # WebSocket side
 
 
+#: Bytes of frames a connection collects before writing them without waiting for the end of
+#: the event-loop iteration.
+_COALESCE_LIMIT = 65_536
+
+
 def encode_text_frame(text: str) -> bytes:
     """Serialize ``text`` as one unmasked, unfragmented server text frame.
 
@@ -183,7 +188,7 @@ def broadcast_frame(conns: Iterable[WsConnection], frame: bytes) -> int:
     sent = 0
     for conn in conns:
         if conn._open:
-            conn._write(frame)
+            conn._queue(frame)
             sent += 1
     return sent
 
@@ -210,9 +215,10 @@ class WsConnection(asyncio.Protocol):
         "_notified",
         "_open",
         "_opened",
+        "_pending",
+        "_pending_bytes",
         "_proto",
         "_transport",
-        "_write",
         "id",
         "path",
         "query",
@@ -233,7 +239,9 @@ class WsConnection(asyncio.Protocol):
         self.remote = remote
         self._door = door
         self._transport = transport
-        self._write = transport.write
+        # Frames queued during this event-loop iteration; written with one call at its end.
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._proto = ServerProtocol(max_size=door.max_ws_message, logger=_ws_logger)
         self._open = False
         self._opened = False
@@ -260,7 +268,7 @@ class WsConnection(asyncio.Protocol):
     def send_text(self, text: str) -> None:
         """Queue a text frame; a no-op once the connection is no longer open."""
         if self._open:
-            self._write(encode_text_frame(text))
+            self._queue(encode_text_frame(text))
 
     def send_frame_bytes(self, frame: bytes) -> None:
         """Queue an already-serialized server frame (see :func:`encode_text_frame`).
@@ -268,7 +276,26 @@ class WsConnection(asyncio.Protocol):
         A no-op once the connection is no longer open.
         """
         if self._open:
-            self._write(frame)
+            self._queue(frame)
+
+    def _queue(self, frame: bytes) -> None:
+        if not self._pending:
+            self._door._mark_dirty(self)
+        self._pending.append(frame)
+        self._pending_bytes += len(frame)
+        if self._pending_bytes > _COALESCE_LIMIT:
+            # Large bursts go to the transport now, where the slow-consumer check applies.
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        pending = self._pending
+        if pending:
+            self._pending = []
+            self._pending_bytes = 0
+            if len(pending) == 1:
+                self._transport.write(pending[0])
+            else:
+                self._transport.write(b"".join(pending))
 
     def ping(self) -> None:
         """Send a protocol-level ping (the client's pong is consumed silently)."""
@@ -410,6 +437,8 @@ class WsConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         transport = self._transport
+        # Queued frames go first: a pong or close frame must never overtake them.
+        self._write_pending()
         for chunk in self._proto.data_to_send():
             if chunk:
                 transport.write(chunk)
@@ -779,6 +808,22 @@ class FrontDoor:
         self._http: set[_HttpConnection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._drained: asyncio.Event | None = None
+        self._dirty: list[WsConnection] = []
+
+    def _mark_dirty(self, conn: WsConnection) -> None:
+        # One write per connection per event-loop iteration, however many frames it got.
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self._write_dirty)
+        self._dirty.append(conn)
+
+    def _write_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            if not conn._transport.is_closing():
+                conn._write_pending()
+            else:
+                conn._pending = []
+                conn._pending_bytes = 0
 
     @property
     def connections(self) -> int:
