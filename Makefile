@@ -36,7 +36,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "maturin>=1.9.4,<2" "uvloop>=0.19" "websockets>=14" "httptools>=0.6" \
 		"redis[hiredis]>=5.0" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3" \
-		"hypothesis>=6.100" "ruff>=0.6" "mypy>=1.11" "pusher==3.3.4" "pysher==1.0.8" "locust>=2.30"
+		"hypothesis>=6.100" "ruff>=0.6" "mypy>=1.11" "pusher==3.3.4" "pysher==1.0.8" "locust>=2.30" \
+		"matplotlib>=3.8"
 	touch $(STAMP)
 
 # Builds the Rust extension in release mode and installs the package (editable) into the venv.

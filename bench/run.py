@@ -8,7 +8,9 @@ Usage: python bench/run.py [--quick]
 * frontdoor: fan-out deliveries/s and server CPU per delivery of the one-port front door vs a
   bare websockets + uvloop broadcast server;
 * gateway: end to end through a gateway node (Redis, Pub/Sub, HTTP API): fan-out deliveries/s
-  and presence joins+leaves/s vs a bare websockets + uvloop broadcast/echo server.
+  and presence joins+leaves/s vs a bare websockets + uvloop broadcast/echo server;
+* peer: vs sockudo (two nodes each): KiB per idle connection, presence joins/s, fan-out
+  deliveries/s and GET users latency across two nodes (plot: bench/results/peer_latency.png).
 
 Figures are also written to bench/results/*.json (ignored by git) for BENCHMARKS.md.
 """
@@ -47,6 +49,14 @@ def main() -> int:
             *(["--ops", "50000", "--rounds", "1"] if args.quick else []),
             "--json",
             str(results / "store.json"),
+        ],
+        [
+            "bench_peer.py",
+            *(["--quick"] if args.quick else []),
+            "--json",
+            str(results / "peer.json"),
+            "--plot",
+            str(results / "peer_latency.png"),
         ],
     ]
     status = 0
