@@ -221,6 +221,8 @@ class Ours(Side):
 def sockudo_toml(port: int, metrics_port: int, redis_port: int, adapter: str) -> str:
     """The sockudo config file of one node (loopback only, no rate limits, app 1)."""
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    # Clustered sockudo refuses a node-local cache.
+    cache = "redis" if adapter == "redis" else "memory"
     return f"""\
 host = "127.0.0.1"
 port = {port}
@@ -258,7 +260,7 @@ host = "127.0.0.1"
 port = {redis_port}
 
 [cache]
-driver = "memory"
+driver = "{cache}"
 
 [queue]
 driver = "memory"
@@ -330,6 +332,8 @@ class Sockudo(Side):
                 "METRICS_HOST": "127.0.0.1",
                 "METRICS_PORT": str(metrics_port),
                 "ADAPTER_DRIVER": adapter,
+                "CACHE_DRIVER": "redis" if adapter == "redis" else "memory",
+                "RATE_LIMITER_ENABLED": "false",
                 "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
                 "INSTANCE_PROCESS_ID": f"bench-{label}",
                 "RUST_LOG": "warn",
