@@ -237,7 +237,7 @@ key = "{KEY}"
 secret = "{SECRET}"
 enabled = true
 enable_client_messages = false
-max_connections = 0
+max_connections = 100000
 max_client_events_per_second = 1000
 max_presence_members_per_channel = 1000
 
