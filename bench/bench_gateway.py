@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.config import DEFAULT_APP  # noqa: E402
-from gateway.localcluster import LocalCluster  # noqa: E402
+from gateway.localcluster import LocalCluster, find_free_port_range  # noqa: E402
 from gateway.protocol.auth import sign, sign_api_request  # noqa: E402
 from gateway.shards.admin import init_shards  # noqa: E402
 from gateway.shards.topology import load_topology  # noqa: E402
@@ -63,18 +63,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _free_base(count: int = 12) -> int:
-    for base in range(22000, 32000, 53):
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range")
 
 
 # -- the bare baseline server (its own process) --------------------------------------------------
@@ -268,7 +256,7 @@ def _sum(metrics: dict[str, float], prefix: str) -> float:
 def run(clients: int, events: int, churn_clients: int, cycles: int) -> dict[str, Any]:
     """Start everything, measure both scenarios against both servers, stop everything."""
     workdir = Path(tempfile.mkdtemp(prefix="pg-bench-gw-"))
-    cluster = LocalCluster(workdir, base_port=_free_base())
+    cluster = LocalCluster(workdir, base_port=find_free_port_range(12))
     gw_port, bare_port = _free_port(), _free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:

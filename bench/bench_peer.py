@@ -76,12 +76,11 @@ from bench_gateway import (  # noqa: E402
     KEY,
     SECRET,
     TIME_LIMIT,
-    _free_base,
     _free_port,
     measure,
 )
 
-from gateway.localcluster import LocalCluster  # noqa: E402
+from gateway.localcluster import LocalCluster, find_free_port_range  # noqa: E402
 from gateway.protocol.auth import api_string_to_sign, sign  # noqa: E402
 from gateway.shards.admin import init_shards  # noqa: E402
 from gateway.shards.topology import load_topology  # noqa: E402
@@ -194,7 +193,7 @@ class Ours(Side):
     name = "ours"
 
     def __init__(self, workdir: Path, procs: Procs) -> None:
-        self.cluster = LocalCluster(workdir / "cluster", base_port=_free_base())
+        self.cluster = LocalCluster(workdir / "cluster", base_port=find_free_port_range(12))
         self.procs = procs
 
     def up(self) -> None:

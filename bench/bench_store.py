@@ -22,7 +22,6 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,28 +32,13 @@ from typing import Any
 import uvloop
 
 from gateway._native import key_slot
-from gateway.localcluster import LocalCluster
+from gateway.localcluster import LocalCluster, find_free_port_range
 from gateway.shards.admin import init_shards
 from gateway.shards.shardset import ShardSet
 from gateway.shards.topology import load_topology
 from gateway.shards.writer import BatchWriter
 
 VALUE = b"v" * 16
-
-
-def _free_base_port(count: int = 16) -> int:
-    for base in range(21000, 32000, 97):
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range on 127.0.0.1")
 
 
 def redis_benchmark(addr: str, ops: int, *, clients: int = 8, pipeline: int = 128) -> float:
@@ -123,7 +107,7 @@ def run(ops: int, rounds: int = 3) -> dict[str, Any]:
     if shutil.which("redis-benchmark") is None:
         raise SystemExit("redis-benchmark not found: run `make setup` (installs redis-tools)")
     workdir = Path(tempfile.mkdtemp(prefix="pg-bench-"))
-    cluster = LocalCluster(workdir, base_port=_free_base_port())
+    cluster = LocalCluster(workdir, base_port=find_free_port_range(16))
     try:
         cluster.up()
         topo = load_topology(cluster.topology_path)

@@ -24,6 +24,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -45,7 +46,9 @@ __all__ = [
     "LocalCluster",
     "PortInUseError",
     "ProcessSpec",
+    "find_free_port_range",
     "format_status",
+    "port_is_free",
 ]
 
 TOPOLOGY_FILE = "topology.json"
@@ -172,7 +175,8 @@ def _connect(host: str, port: int, timeout: float = _CONNECT_TIMEOUT) -> redis.R
     )
 
 
-def _port_free(host: str, port: int) -> bool:
+def port_is_free(host: str, port: int) -> bool:
+    """Whether ``port`` on ``host`` can be bound right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -180,6 +184,32 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+# Below Linux's default ephemeral range (32768-60999), so client sockets do not collide.
+_PORT_LOW = 20000
+_PORT_HIGH = 32000
+
+
+def find_free_port_range(count: int, *, host: str = "127.0.0.1", attempts: int = 200) -> int:
+    """Return a base port such that ``base .. base+count-1`` all bind on ``host`` right now.
+
+    The base is random, so concurrent processes rarely pick the same range; the range can
+    still be taken before it is used (``up`` then raises :class:`PortInUseError`).
+
+    Args:
+        count: Number of consecutive ports needed.
+        host: Address to bind-check.
+        attempts: Random bases to try before giving up.
+
+    Raises:
+        RuntimeError: No free range was found.
+    """
+    for _ in range(attempts):
+        base = random.randrange(_PORT_LOW, _PORT_HIGH - count)
+        if all(port_is_free(host, base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no free range of {count} ports on {host}")
 
 
 class LocalCluster:
@@ -457,7 +487,7 @@ class LocalCluster:
 
         fresh = not alive and not self._foreign_alive()
         to_start = [p for p in self.processes if p.addr not in alive]
-        busy = [p.addr for p in to_start if not _port_free(p.host, p.port)]
+        busy = [p.addr for p in to_start if not port_is_free(p.host, p.port)]
         if busy:
             raise PortInUseError(
                 f"cannot start the topology in {self.dir}: port(s) in use: {', '.join(busy)}",
@@ -848,7 +878,7 @@ class LocalCluster:
                 os.kill(pid, SIGCONT)
             self._wait_reachable(spec, timeout)
             return
-        if not _port_free(spec.host, spec.port):
+        if not port_is_free(spec.host, spec.port):
             raise PortInUseError(f"cannot restart {addr}: port in use by another process", [addr])
         if not spec.conf.exists():
             self._write_conf(spec)

@@ -34,7 +34,6 @@ import contextlib
 import csv
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -166,25 +165,6 @@ def read_summary(scenario: str, prefix: Path) -> Summary:
 # ------------------------------------------------------------------------------- processes
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_range(count: int) -> int:
-    """A random base port below the ephemeral range whose ``count`` ports all bind now."""
-    for _ in range(200):
-        base = random.randrange(20000, 32000 - count)
-        if all(_port_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError(f"no free range of {count} ports on 127.0.0.1")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -212,14 +192,14 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
 
 def start_topology(stack: contextlib.ExitStack) -> Path:
     """Start a LocalCluster in a temp dir, init its shards; returns ``topology.json``."""
-    from gateway.localcluster import LocalCluster, PortInUseError
+    from gateway.localcluster import LocalCluster, PortInUseError, find_free_port_range
     from gateway.shards.admin import init_shards
     from gateway.shards.topology import load_topology
 
     workdir = Path(tempfile.mkdtemp(prefix="pg-load-"))
     stack.callback(shutil.rmtree, workdir, ignore_errors=True)
     for attempt in range(3):
-        cluster = LocalCluster(workdir / f"cluster-{attempt}", base_port=_free_range(7))
+        cluster = LocalCluster(workdir / f"cluster-{attempt}", base_port=find_free_port_range(7))
         try:
             cluster.up()
         except PortInUseError:

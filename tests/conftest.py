@@ -30,53 +30,16 @@ All of them skip the test when ``redis-server`` or ``redis-sentinel`` is not ins
 
 from __future__ import annotations
 
-import random
 import shutil
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.localcluster import LocalCluster, PortInUseError
+from gateway.localcluster import LocalCluster, PortInUseError, find_free_port_range
 
 __all__ = ["find_free_port_range", "start_local_cluster"]
-
-# Below Linux's default ephemeral range (32768-60999), so client sockets do not collide.
-_PORT_LOW = 20000
-_PORT_HIGH = 32000
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def find_free_port_range(count: int, *, host: str = "127.0.0.1", attempts: int = 200) -> int:
-    """Return a base port such that ``base .. base+count-1`` all bind on ``host`` right now.
-
-    The base is random, so concurrent test processes rarely pick the same range; the range
-    can still be taken before it is used, which :func:`start_local_cluster` handles.
-
-    Args:
-        count: Number of consecutive ports needed.
-        host: Address to bind-check.
-        attempts: Random bases to try before giving up.
-
-    Raises:
-        RuntimeError: No free range was found.
-    """
-    for _ in range(attempts):
-        base = random.randrange(_PORT_LOW, _PORT_HIGH - count)
-        if all(_port_free(host, base + i) for i in range(count)):
-            return base
-    raise RuntimeError(f"no free range of {count} ports on {host}")
 
 
 def start_local_cluster(directory: Path, *, retries: int = 5, **options: Any) -> LocalCluster:
