@@ -76,6 +76,7 @@ from bench_gateway import (  # noqa: E402
     KEY,
     SECRET,
     TIME_LIMIT,
+    HttpConn,
     _free_port,
     measure,
 )
@@ -87,7 +88,9 @@ from gateway.shards.topology import load_topology  # noqa: E402
 
 WS_PATH = f"/app/{KEY}?protocol=7&client=js&version=8.4.0"
 USERS_CHANNEL = "presence-users"
-DEFAULT_SOCKUDO = Path("/work/peers/sockudo/bin/sockudo")
+DEFAULT_SOCKUDO = Path(
+    os.environ.get("SOCKUDO_BIN", ROOT / ".work" / "peers" / "sockudo" / "bin" / "sockudo")
+)
 DEFAULT_PLOT = HERE / "results" / "peer_latency.png"
 STOP_TIMEOUT = 20.0
 
@@ -179,6 +182,7 @@ class Side:
     name = ""
     ports: tuple[int, int]
     pid_a: int
+    procs: Procs
     note = ""
     two_nodes = True
 
@@ -219,7 +223,6 @@ class Ours(Side):
 
 def sockudo_toml(port: int, metrics_port: int, redis_port: int, adapter: str) -> str:
     """The sockudo config file of one node (loopback only, no rate limits, app 1)."""
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
     # Clustered sockudo refuses a node-local cache.
     cache = "redis" if adapter == "redis" else "memory"
     return f"""\
@@ -247,12 +250,6 @@ fallback_to_local = false
 [adapter.redis]
 prefix = "pgbench_adapter:"
 requests_timeout = 5000
-
-[adapter.redis.redis_pub_options]
-url = "{redis_url}"
-
-[adapter.redis.redis_sub_options]
-url = "{redis_url}"
 
 [database.redis]
 host = "127.0.0.1"
@@ -347,12 +344,22 @@ class Sockudo(Side):
         self.ports, self.pid_a = ports, pids[0]
         # A crash shortly after binding (e.g. the adapter failing) shows up here.
         time.sleep(1.0)
-        for label in "ab":
+        for label, port in zip("ab", ports, strict=True):
             proc = self.procs.proc(f"sockudo-{label}")
             if proc.poll() is not None:
                 raise NodeExited(
                     f"sockudo-{label} exited:\n{self.procs.log_tail(f'sockudo-{label}')}"
                 )
+            # sockudo falls back to its defaults, silently, when it cannot parse the config
+            # file (app unknown -> every socket closed): prove the app is there.
+            try:
+                uvloop.run(_established(port))
+            except Exception as exc:
+                raise RuntimeError(
+                    f"sockudo-{label} does not accept app key {KEY!r} ({exc!r}); was "
+                    f"{self.workdir / f'sockudo-{label}.toml'} applied?\n"
+                    f"{self.procs.log_tail(f'sockudo-{label}')}"
+                ) from exc
 
     def down(self) -> None:
         self.procs.stop_all()
@@ -390,6 +397,11 @@ async def _pusher_socket(port: int) -> tuple[Any, str]:
     if frame.get("event") != "pusher:connection_established":
         raise RuntimeError(f"unexpected first frame {frame}")
     return ws, json.loads(frame["data"])["socket_id"]
+
+
+async def _established(port: int) -> None:
+    ws, _ = await _pusher_socket(port)
+    await ws.close()
 
 
 async def _subscribe(ws: Any, channel: str, auth: str = "", channel_data: str = "") -> None:
@@ -456,28 +468,6 @@ def _signed_get(path: str) -> str:
     return path + "?" + "&".join(f"{k}={v}" for k, v in params.items())
 
 
-async def _http_get(reader: Any, writer: Any, target: str) -> tuple[int, bytes]:
-    writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    headers = {
-        k.strip().lower(): v.strip()
-        for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)
-    }
-    if b"content-length" in headers:
-        return status, await reader.readexactly(int(headers[b"content-length"]))
-    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-        body = b""
-        for _ in range(10_000):
-            size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
-            chunk = await reader.readexactly(size + 2)
-            if size == 0:
-                return status, body
-            body += chunk[:-2]
-        raise RuntimeError("too many chunks")
-    raise RuntimeError(f"response without length: {head!r}")
-
-
 async def _users(
     *, ports: list[int], members: int, levels: list[int], requests: int, out: Any, cmd: Any
 ) -> None:
@@ -499,26 +489,28 @@ async def _users(
                 pass
 
     drains: list[asyncio.Task[None]] = []
-    conns: list[tuple[Any, Any]] = []
+    conns: list[HttpConn] = []
     try:
         for start in range(0, members, 25):
             await asyncio.gather(*(member(i) for i in range(start, min(members, start + 25))))
         drains = [asyncio.create_task(drain(ws)) for ws in sockets]
 
-        async def answer_ok(reader: Any, writer: Any) -> tuple[bool, float]:
+        async def answer_ok(conn: HttpConn, fresh: bool = False) -> tuple[bool, float]:
             begin = time.perf_counter()
-            status, body = await _http_get(reader, writer, _signed_get(path))
+            status, body = await conn.request(f"GET {_signed_get(path)} HTTP/1.1\r\n".encode())
             elapsed = time.perf_counter() - begin
+            if fresh:
+                conn.close()
             ok = status == 200 and {u["id"] for u in json.loads(body)["users"]} == expected
             return ok, elapsed
 
         # Until every node lists every member (bounded): the cluster has settled.
         settle_start = time.perf_counter()
         for port in ports:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            conns.append((reader, writer))
+            conn = HttpConn(port)
+            conns.append(conn)
             for _ in range(200):
-                if (await answer_ok(reader, writer))[0]:
+                if (await answer_ok(conn))[0]:
                     break
                 await asyncio.sleep(0.05)
             else:
@@ -526,29 +518,38 @@ async def _users(
         settle = time.perf_counter() - settle_start
 
         results = []
-        for level in levels:
+        for fresh, level in [(f, lv) for f in (False, True) for lv in levels]:
             per_worker = max(1, requests // level)
             latencies: list[float] = []
             oks: list[bool] = []
             barrier = asyncio.Barrier(level + 1)
 
             async def worker(
-                w: int, barrier: asyncio.Barrier, count: int, lat: list[float], oks: list[bool]
+                w: int,
+                barrier: asyncio.Barrier,
+                count: int,
+                lat: list[float],
+                oks: list[bool],
+                fresh: bool,
+                streams: list[HttpConn],
             ) -> None:
-                streams = [await asyncio.open_connection("127.0.0.1", p) for p in ports]
-                conns.extend(streams)
                 for _ in range(2):  # warm-up, twice per node
-                    for reader, writer in streams:
-                        await answer_ok(reader, writer)
+                    for conn in streams:
+                        await answer_ok(conn, fresh)
                 await barrier.wait()
+                for conn in streams:
+                    conn.reconnects = 0
                 for n in range(count):
-                    reader, writer = streams[(w + n) % len(streams)]
-                    ok, elapsed = await answer_ok(reader, writer)
+                    ok, elapsed = await answer_ok(streams[(w + n) % len(streams)], fresh)
                     lat.append(elapsed)
                     oks.append(ok)
 
+            streams = [[HttpConn(p) for p in ports] for _ in range(level)]
+            conns.extend(c for worker_streams in streams for c in worker_streams)
             tasks = [
-                asyncio.create_task(worker(w, barrier, per_worker, latencies, oks))
+                asyncio.create_task(
+                    worker(w, barrier, per_worker, latencies, oks, fresh, streams[w])
+                )
                 for w in range(level)
             ]
             await barrier.wait()
@@ -560,6 +561,11 @@ async def _users(
             results.append(
                 {
                     "concurrency": level,
+                    "fresh_connections": fresh,
+                    "connects_per_request": sum(
+                        c.reconnects for worker_streams in streams for c in worker_streams
+                    )
+                    / len(latencies),
                     "requests": len(latencies),
                     "p50_ms": 1000 * statistics.median(latencies),
                     "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
@@ -571,8 +577,8 @@ async def _users(
     finally:
         for task in drains:
             task.cancel()
-        for _, writer in conns:
-            writer.close()
+        for conn in conns:
+            conn.close()
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
 
 
@@ -652,6 +658,11 @@ def run_side(side: Side, opts: argparse.Namespace) -> dict[str, Any]:
         print(f"  [{side.name}] users latency ...", flush=True)
         fig["users"] = users_latency(side, opts.members, opts.levels, opts.requests)
         return fig
+    except Exception:
+        # What the servers said is usually the explanation: show it before it is deleted.
+        for name, _ in side.procs.procs:
+            print(f"--- last lines of {name}.log ---\n{side.procs.log_tail(name)}", flush=True)
+        raise
     finally:
         side.down()
 
@@ -712,10 +723,16 @@ def report(
         all_ok = all_ok and bool(ok)
         wrong = f", {lo['wrong_answers']} wrong" if lo["wrong_answers"] else ""
         pwrong = f", {lp['wrong_answers']} wrong" if lp and lp["wrong_answers"] else ""
+        mode = "new conn each" if lo["fresh_connections"] else "keep-alive"
+        conn = (
+            f" [{lp['connects_per_request']:.2f} connects/req]"
+            if lp and lp["connects_per_request"] > 0.01 and not lo["fresh_connections"]
+            else ""
+        )
         rows.append((
-            f"users c={lo['concurrency']}: p50 / p99 ms, req/s",
+            f"users {mode} c={lo['concurrency']}: p50 / p99 ms, req/s",
             f"{lo['p50_ms']:.2f} / {lo['p99_ms']:.2f}, {lo['rps']:,.0f}{wrong}",
-            (f"{lp['p50_ms']:.2f} / {lp['p99_ms']:.2f}, {lp['rps']:,.0f}{pwrong}"
+            (f"{lp['p50_ms']:.2f} / {lp['p99_ms']:.2f}, {lp['rps']:,.0f}{pwrong}{conn}"
              + ("" if comparable else " (1 node)")) if lp else "-",
             f"p99 {_ratio(lo['p99_ms'], lp['p99_ms']):.2f}" if lp else "-",
             f"p99 <= 1x: {mark(ok)}",
@@ -732,7 +749,10 @@ def report(
     print(
         f"users: {opts.members} presence members, half on each node, signed GETs alternating "
         f"between the two nodes, {opts.requests} requests per level; 'wrong' = answers that "
-        "did not list exactly all members"
+        "did not list exactly all members. keep-alive = the client reuses its connection "
+        "unless the server answers 'Connection: close' (then it reconnects, counted in the "
+        "latency and shown as connects/req); new conn each = both sides get a new TCP "
+        "connection per request. The p99 target counts as met only if met in both modes."
     )
     if peer and peer.get("note"):
         print(f"NOTE: {peer['note']}")
@@ -751,7 +771,7 @@ def plot(ours: dict[str, Any], peer: dict[str, Any] | None, path: Path) -> None:
         label = "sockudo" + ("" if peer["nodes"] == 2 else " (1 node)")
         sides.append((label, peer, "tab:orange"))
     for label, fig_side, color in sides:
-        levels = fig_side["users"]["levels"]
+        levels = [lv for lv in fig_side["users"]["levels"] if not lv["fresh_connections"]]
         rps = [lv["rps"] for lv in levels]
         ax.plot(rps, [lv["p50_ms"] for lv in levels], "o-", color=color, label=f"{label} p50")
         ax.plot(rps, [lv["p99_ms"] for lv in levels], "s--", color=color, label=f"{label} p99")
@@ -792,7 +812,7 @@ def main() -> int:
              members=20, requests=100)
         if opts.quick
         else dict(connections=2000, fanout_clients=200, events=1000, churn_clients=50,
-                  cycles=100, members=50, requests=400)
+                  cycles=100, members=50, requests=2000)
     )  # fmt: skip
     for key, value in defaults.items():
         if getattr(opts, key) is None:
