@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test setup system-deps native lint fmt bench clean js
+.PHONY: run test setup system-deps native lint fmt bench peer clean js
 
 run: setup
 	$(VENV)/bin/presence-gateway dev
@@ -59,8 +59,13 @@ fmt: setup
 	$(VENV)/bin/ruff check --fix gateway tests bench loadtests
 	cargo fmt --all
 
-bench: setup
+# Benchmarks, including the side-by-side run against the peer (sockudo, built from crates.io by
+# scripts/install-sockudo.sh into .work/peers: about 15 minutes the first time).
+bench: setup peer
 	$(PY) bench/run.py
+
+peer:
+	@bash scripts/install-sockudo.sh
 
 clean:
 	rm -rf $(VENV) target .pytest_cache .mypy_cache .ruff_cache

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -641,6 +642,31 @@ def users_latency(side: Side, members: int, levels: list[int], requests: int) ->
         return _get(out, 2 * TIME_LIMIT + 30)
 
 
+def locust_scenarios(side: Side, opts: argparse.Namespace) -> dict[str, Any]:
+    """The load-test scenarios (loadtests/) against both nodes of ``side``; CSVs are kept in
+    ``bench/results/locust-<side>/``."""
+    from loadtests.run import run_locust
+
+    out = opts.locust_out / f"locust-{side.name}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    ports = side.ports if side.two_nodes else side.ports[:1]
+    hosts = [f"http://127.0.0.1:{port}" for port in ports]
+    results: dict[str, Any] = {}
+    for scenario in opts.locust:
+        print(f"  [{side.name}] locust {scenario} ...", flush=True)
+        summary = run_locust(
+            scenario, hosts, opts.locust_users, opts.locust_users / 2, opts.locust_duration, out
+        )
+        results[scenario] = {
+            "rows": [dataclasses.asdict(row) for row in summary.rows],
+            "total": dataclasses.asdict(summary.total) if summary.total else None,
+            "counters": summary.counters,
+            "exceptions": summary.exceptions,
+        }
+    return results
+
+
 def run_side(side: Side, opts: argparse.Namespace) -> dict[str, Any]:
     try:
         side.up()
@@ -657,6 +683,7 @@ def run_side(side: Side, opts: argparse.Namespace) -> dict[str, Any]:
         fig["fanout_per_s"] = f["deliveries"] / f["seconds"]
         print(f"  [{side.name}] users latency ...", flush=True)
         fig["users"] = users_latency(side, opts.members, opts.levels, opts.requests)
+        fig["locust"] = locust_scenarios(side, opts)
         return fig
     except Exception:
         # What the servers said is usually the explanation: show it before it is deleted.
@@ -759,6 +786,41 @@ def report(
     return targets
 
 
+def report_locust(
+    ours: dict[str, Any], peer: dict[str, Any] | None, opts: argparse.Namespace
+) -> None:
+    """One table per load-test scenario: each request name's req/s, p50/p99 ms, failures."""
+    for scenario in opts.locust:
+        mine = ours.get("locust", {}).get(scenario)
+        theirs = (peer or {}).get("locust", {}).get(scenario)
+        if mine is None:
+            continue
+        print(
+            f"\nlocust {scenario}: {opts.locust_users} users for {opts.locust_duration} s on both "
+            "nodes (req/s, p50 / p99 ms, failures; locust rounds percentiles)"
+        )
+        names = [r["name"] for r in mine["rows"]]
+        if theirs:
+            names += [r["name"] for r in theirs["rows"] if r["name"] not in names]
+
+        def cell(side: dict[str, Any] | None, name: str) -> str:
+            row = next((r for r in side["rows"] if r["name"] == name), None) if side else None
+            if row is None:
+                return "-"
+            fails = f", {row['failures']} failed" if row["failures"] else ""
+            return f"{row['rps']:,.1f}/s, {row['p50']:.0f} / {row['p99']:.0f}{fails}"
+
+        width = max(len(n) for n in names) if names else 10
+        print(f"  {'request':<{width}} | {'ours':<32} | sockudo")
+        for name in names:
+            print(f"  {name:<{width}} | {cell(mine, name):<32} | {cell(theirs, name)}")
+        for label, side in (("ours", mine), ("sockudo", theirs)):
+            counters = side.get("counters", {}) if side else {}
+            if counters.get("fanout_expected"):
+                share = 100 * counters.get("fanout_received", 0) / counters["fanout_expected"]
+                print(f"  {label}: fan-out delivered {share:.1f} % of expected deliveries")
+
+
 def plot(ours: dict[str, Any], peer: dict[str, Any] | None, path: Path) -> None:
     import matplotlib
 
@@ -806,18 +868,27 @@ def main() -> int:
     parser.add_argument("--levels", default="1,4,16")
     parser.add_argument("--requests", type=int, help="GET users requests per level")
     parser.add_argument("--ours-only", action="store_true", help="skip the peer")
+    parser.add_argument(
+        "--locust",
+        default="churn,fanout,read",
+        help="load-test scenarios to run on both sides ('' for none)",
+    )
+    parser.add_argument("--locust-users", type=int)
+    parser.add_argument("--locust-duration", type=int, help="seconds per scenario")
+    parser.add_argument("--locust-out", type=Path, default=HERE / "results")
     opts = parser.parse_args()
     defaults = (
         dict(connections=500, fanout_clients=50, events=200, churn_clients=20, cycles=20,
-             members=20, requests=100)
+             members=20, requests=100, locust_users=20, locust_duration=8)
         if opts.quick
         else dict(connections=2000, fanout_clients=200, events=1000, churn_clients=50,
-                  cycles=100, members=50, requests=2000)
+                  cycles=100, members=50, requests=2000, locust_users=40, locust_duration=20)
     )  # fmt: skip
     for key, value in defaults.items():
         if getattr(opts, key) is None:
             setattr(opts, key, value)
     opts.levels = [int(x) for x in opts.levels.split(",")]
+    opts.locust = [x for x in opts.locust.split(",") if x]
     if not shutil.which("redis-server"):
         print("redis-server is required", file=sys.stderr)
         return 2
@@ -841,6 +912,7 @@ def main() -> int:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
     targets = report(ours, peer, opts)
+    report_locust(ours, peer, opts)
     plot(ours, peer, opts.plot)
     print(f"plot: {opts.plot}")
     if opts.json:

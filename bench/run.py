@@ -10,7 +10,10 @@ Usage: python bench/run.py [--quick]
 * gateway: end to end through a gateway node (Redis, Pub/Sub, HTTP API): fan-out deliveries/s
   and presence joins+leaves/s vs a bare websockets + uvloop broadcast/echo server;
 * peer: vs sockudo (two nodes each): KiB per idle connection, presence joins/s, fan-out
-  deliveries/s and GET users latency across two nodes (plot: bench/results/peer_latency.png).
+  deliveries/s, GET users latency across two nodes (plot: bench/results/peer_latency.png) and
+  the load-test scenarios of ``loadtests/`` (churn, fan-out, read API) run by locust against
+  both (CSVs in bench/results/locust-*/). The peer binary comes from
+  ``scripts/install-sockudo.sh`` (``make peer``); without it the peer's side is skipped.
 
 Figures are also written to bench/results/*.json (ignored by git) for BENCHMARKS.md.
 """
@@ -49,6 +52,18 @@ def main() -> int:
             *(["--ops", "50000", "--rounds", "1"] if args.quick else []),
             "--json",
             str(results / "store.json"),
+        ],
+        [
+            "bench_frontdoor.py",
+            *(["--clients", "100", "--messages", "500"] if args.quick else []),
+            "--json",
+            str(results / "frontdoor.json"),
+        ],
+        [
+            "bench_gateway.py",
+            *(["--clients", "50", "--events", "200", "--cycles", "20"] if args.quick else []),
+            "--json",
+            str(results / "gateway.json"),
         ],
         [
             "bench_peer.py",

@@ -540,10 +540,14 @@ class PusherUser(User):
         body: Any = None,
         session: requests.Session,
     ) -> Any:
-        """A signed HTTP API call timed as ``name`` (type ``HTTP``); returns the JSON body."""
+        """A signed HTTP API call timed as ``name`` (type ``HTTP``); returns the JSON body.
+
+        Signed like the node library: ``body_md5`` only when there is a body (some servers,
+        sockudo among them, refuse the python library's ``body_md5`` on a GET).
+        """
         raw = b"" if body is None else compact_json(body).encode()
         query = sign_api_request(
-            self.settings.app, method, path, params or {}, raw, int(time.time())
+            self.settings.app, method, path, params or {}, raw, int(time.time()), always_md5=False
         )
         headers = {"Content-Type": "application/json"} if body is not None else {}
         with self.exchange(name, request_type="HTTP") as ex:

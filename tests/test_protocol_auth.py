@@ -193,6 +193,16 @@ def signed(
     return auth.sign_api_request(app, method, path, extra or {}, body, timestamp)
 
 
+def test_node_style_signing_adds_body_md5_only_with_a_body() -> None:
+    get = auth.sign_api_request(APP, "GET", "/apps/3/channels", {}, b"", NOW, always_md5=False)
+    assert "body_md5" not in get
+    assert verify("GET", "/apps/3/channels", get) == APP
+    body = b'{"name":"e","channels":["c"],"data":"x"}'
+    post = auth.sign_api_request(APP, "POST", "/apps/3/events", {}, body, NOW, always_md5=False)
+    assert post["body_md5"] == hashlib.md5(body).hexdigest()
+    assert verify("POST", "/apps/3/events", post, body) == APP
+
+
 @pytest.mark.parametrize("skew", [-600, 0, 600])
 def test_timestamp_window_accepts(skew: int) -> None:
     assert (

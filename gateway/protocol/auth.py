@@ -204,19 +204,20 @@ def sign_api_request(
     params: Mapping[str, str],
     body: bytes,
     timestamp: int,
+    *,
+    always_md5: bool = True,
 ) -> dict[str, str]:
-    """The full query parameters of a signed HTTP API request, python-library style.
+    """The full query parameters of a signed HTTP API request.
 
-    Adds ``auth_key``, ``auth_timestamp``, ``auth_version=1.0`` and ``body_md5`` (always, like
-    the python library) to ``params``, then ``auth_signature``. Used by tests and load tools.
+    Adds ``auth_key``, ``auth_timestamp``, ``auth_version=1.0`` and ``body_md5`` to ``params``,
+    then ``auth_signature``. With ``always_md5`` (the python library's style) ``body_md5`` is
+    added to every request, GETs included; without it only when there is a body (the node
+    library's style). Used by tests and load tools.
     """
     query = dict(params)
-    query.update(
-        auth_key=app.key,
-        auth_timestamp=str(timestamp),
-        auth_version="1.0",
-        body_md5=hashlib.md5(body).hexdigest(),
-    )
+    query.update(auth_key=app.key, auth_timestamp=str(timestamp), auth_version="1.0")
+    if always_md5 or body:
+        query["body_md5"] = hashlib.md5(body).hexdigest()
     query["auth_signature"] = sign(app.secret, api_string_to_sign(method, path, query))
     return query
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 import signal
@@ -145,6 +146,10 @@ async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
     node = GatewayNode(config, topology)
     try:
         await node.start()
+        # Everything allocated so far (modules, config, shard links) lives as long as the
+        # process: keep it out of the cyclic collector, whose full passes otherwise pause the
+        # loop for ~10 ms (measured) and grow with the heap.
+        gc.freeze()
         await stop.wait()
         log.info("gateway node %s: stopping", config.node_id)
     finally:

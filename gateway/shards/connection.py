@@ -17,10 +17,15 @@ class ConnectionLost(ConnectionError):
 
 
 class _Protocol(asyncio.Protocol):
-    """Feeds received bytes to the native reader and completes requests in FIFO order."""
+    """Feeds received bytes to the native reader and completes requests in FIFO order.
+
+    Payloads sent in one event-loop iteration leave in one write (one syscall), so concurrent
+    reads from many HTTP requests share it.
+    """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.outbox: list[bytes] = []
         self.reader = ReplyReader()
         # Each pending request: (number of replies expected, future of their list).
         self.pending: collections.deque[tuple[int, asyncio.Future[list[object]]]] = (
@@ -49,6 +54,12 @@ class _Protocol(asyncio.Protocol):
             pending.popleft()
             if not fut.done():
                 fut.set_result(replies)
+
+    def flush(self) -> None:
+        """Write what was sent since the last flush (scheduled by :meth:`ShardConnection.send`)."""
+        out, self.outbox = self.outbox, []
+        if self.transport is not None and self.error is None and out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(ConnectionLost(f"connection closed: {exc}" if exc else "connection closed"))
@@ -97,7 +108,9 @@ class ShardConnection:
             fut.set_exception(ConnectionLost(f"{self.address}: connection is closed"))
             return fut
         proto.pending.append((n_replies, fut))
-        proto.transport.write(payload)
+        if not proto.outbox:
+            fut.get_loop().call_soon(proto.flush)
+        proto.outbox.append(payload)
         return fut
 
     async def command(self, *args: bytes | str | int, timeout: float = 5.0) -> Any:
@@ -109,15 +122,20 @@ class ShardConnection:
             TimeoutError: No reply within ``timeout`` seconds (the connection is closed).
         """
         fut = self.send(pack_command(args), 1)
+        timer = fut.get_loop().call_later(timeout, self._expire, fut)
         try:
-            replies = await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            self.close()
-            raise
+            replies = await fut
+        finally:
+            timer.cancel()
         reply = replies[0]
         if isinstance(reply, ReplyError):
             raise reply
         return reply
+
+    def _expire(self, fut: asyncio.Future[list[object]]) -> None:
+        if not fut.done():
+            fut.set_exception(TimeoutError())
+            self.close()
 
     def close(self) -> None:
         """Close the connection; pending requests fail with :class:`ConnectionLost`."""
