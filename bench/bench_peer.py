@@ -3,20 +3,27 @@
 Usage: python bench/bench_peer.py [--sockudo PATH] [--quick] [--json FILE] [--plot FILE.png]
                                   [--connections 2000] [--fanout-clients 200] [--events 1000]
                                   [--churn-clients 50] [--cycles 100] [--members 50]
-                                  [--levels 1,4,16] [--requests 400]
+                                  [--levels 1,4,16] [--requests 2000]
+                                  [--locust churn,fanout,read] [--locust-users 40]
+                                  [--locust-duration 20] [--ours-only]
+
+The sockudo binary defaults to ``$SOCKUDO_BIN`` or ``.work/peers/sockudo/bin/sockudo``, where
+``scripts/install-sockudo.sh`` (``make peer``) puts it; without a binary the peer is skipped.
 
 Starts, on 127.0.0.1 only and on free ports, one side after the other:
 
 * ours: the local Redis topology (``LocalCluster``: 2 shards, 1 replica each, 3 Sentinels) with
   ``init_shards``, and two gateway nodes (``python -m gateway serve``);
-* the peer: one plain ``redis-server`` (``--save ''``, no AOF) and two sockudo nodes using it as
-  their adapter (``adapter.driver = "redis"``, ``fallback_to_local = false``), each started as
+* the peer: one plain ``redis-server`` (``--save ''``, no AOF) and two sockudo nodes using it
+  for their adapter and cache (``adapter.driver = "redis"``, ``fallback_to_local = false``,
+  ``cache.driver = "redis"``, which sockudo requires when clustered), each started as
   ``sockudo --config FILE`` with a generated TOML file (HTTP/WebSocket and Prometheus metrics
-  bound to 127.0.0.1, API/WebSocket rate limiter off, one app ``1``/``app-key``/``app-secret``
-  without connection limit). If the binary was built without sockudo's ``redis`` cargo feature
-  (the crates.io default build has only ``local``), the nodes refuse to start that way; the peer
-  then runs on its ``local`` adapter and the two-node users figures are replaced by one-node
-  figures, marked "not comparable".
+  bound to 127.0.0.1, rate limiters off, one app ``1``/``app-key``/``app-secret`` allowing
+  100 000 connections). sockudo silently falls back to its defaults when it cannot parse the
+  file, so each node is checked to accept the app key before anything is measured. If the
+  binary was built without sockudo's ``redis`` cargo feature, the nodes refuse that adapter;
+  the peer then runs on its ``local`` adapter and the users figures come from ONE node,
+  marked "not comparable".
 
 and measures each side with the same client code (clients in their own process):
 
@@ -31,13 +38,19 @@ and measures each side with the same client code (clients in their own process):
 4. ``GET /apps/1/channels/presence-users/users`` with two nodes: ``--members`` presence members,
    half on each node; signed GETs alternate between the nodes, at each concurrency level of
    ``--levels`` (``--requests`` requests per level, split over the requesters); p50/p99 ms,
-   requests/s, and how many answers did not list exactly all members.
+   requests/s, and how many answers did not list exactly all members. Twice: keep-alive (the
+   client reuses its connection unless the server answers ``Connection: close``, as sockudo
+   does on every API response; then it reconnects, inside the measured time) and a new TCP
+   connection per request on both sides.
+5. the load-test scenarios of ``loadtests/`` (``--locust``), run by locust against both nodes:
+   requests/s, p50/p99 ms and failures per request name.
 
 Prints a table of both sides, the ratios and the targets (memory <= 1.5x the peer's, joins/s >=
-the peer's, users p99 with two nodes <= the peer's at every level, fan-out >= 0.5x the peer's),
-and plots latency (p50, p99) against achieved requests/s to ``--plot``
-(default bench/results/peer_latency.png). Every loop is bounded by a count and a time limit;
-every process started here is stopped at the end, also on errors.
+the peer's, users p99 with two nodes <= the peer's at every level in both connection modes,
+fan-out >= 0.5x the peer's), one table per load-test scenario, and plots latency (p50, p99)
+against achieved requests/s to ``--plot`` (default bench/results/peer_latency.png). Every loop
+is bounded by a count and a time limit; every process started here is stopped at the end, also
+on errors.
 """
 
 from __future__ import annotations
@@ -470,7 +483,14 @@ def _signed_get(path: str) -> str:
 
 
 async def _users(
-    *, ports: list[int], members: int, levels: list[int], requests: int, out: Any, cmd: Any
+    *,
+    ports: list[int],
+    members: int,
+    levels: list[int],
+    requests: int,
+    out: Any,
+    cmd: Any,
+    modes: tuple[bool, ...] = (False, True),
 ) -> None:
     """Presence members on both nodes, then signed GET users alternating between the nodes."""
     path = f"/apps/{APP_ID}/channels/{USERS_CHANNEL}/users"
@@ -519,7 +539,7 @@ async def _users(
         settle = time.perf_counter() - settle_start
 
         results = []
-        for fresh, level in [(f, lv) for f in (False, True) for lv in levels]:
+        for fresh, level in [(f, lv) for f in modes for lv in levels]:
             per_worker = max(1, requests // level)
             latencies: list[float] = []
             oks: list[bool] = []
@@ -633,12 +653,17 @@ def idle_memory(side: Side, connections: int) -> dict[str, Any]:
     }
 
 
-def users_latency(side: Side, members: int, levels: list[int], requests: int) -> dict[str, Any]:
+def users_latency(
+    side: Side,
+    members: int,
+    levels: list[int],
+    requests: int,
+    modes: tuple[bool, ...] = (False, True),
+) -> dict[str, Any]:
+    """GET users latency; ``modes``: False = keep-alive client, True = new connection each."""
     ports = list(side.ports if side.two_nodes else side.ports[:1])
-    with _client("users", ports=ports, members=members, levels=levels, requests=requests) as (
-        out,
-        _,
-    ):
+    args = dict(ports=ports, members=members, levels=levels, requests=requests, modes=modes)
+    with _client("users", **args) as (out, _):
         return _get(out, 2 * TIME_LIMIT + 30)
 
 
@@ -822,34 +847,45 @@ def report_locust(
 
 
 def plot(ours: dict[str, Any], peer: dict[str, Any] | None, path: Path) -> None:
+    """Latency (p50, p99) against achieved GET users requests/s, one panel per connection mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     sides = [("presence-gateway", ours, "tab:blue")]
     if peer:
         label = "sockudo" + ("" if peer["nodes"] == 2 else " (1 node)")
         sides.append((label, peer, "tab:orange"))
-    for label, fig_side, color in sides:
-        levels = [lv for lv in fig_side["users"]["levels"] if not lv["fresh_connections"]]
-        rps = [lv["rps"] for lv in levels]
-        ax.plot(rps, [lv["p50_ms"] for lv in levels], "o-", color=color, label=f"{label} p50")
-        ax.plot(rps, [lv["p99_ms"] for lv in levels], "s--", color=color, label=f"{label} p99")
-        for lv in levels:
-            ax.annotate(f"c={lv['concurrency']}", (lv["rps"], lv["p99_ms"]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
-    ax.set_xlabel("achieved load (GET users requests/s)")
-    ax.set_ylabel("latency (ms)")
-    ax.set_yscale("log")
-    ax.set_title("GET /apps/{id}/channels/{presence}/users, two nodes, alternating")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    titles = ("keep-alive client (sockudo closes: reconnect per request)",
+              "new TCP connection per request, both sides")  # fmt: skip
+    for ax, fresh, title in zip(axes, (False, True), titles, strict=True):
+        for label, fig_side, color in sides:
+            levels = [lv for lv in fig_side["users"]["levels"] if lv["fresh_connections"] == fresh]
+            rps = [lv["rps"] for lv in levels]
+            ax.plot(rps, [lv["p50_ms"] for lv in levels], "o-", color=color, label=f"{label} p50")
+            ax.plot(rps, [lv["p99_ms"] for lv in levels], "s--", color=color, label=f"{label} p99")
+            for lv in levels:
+                ax.annotate(f"c={lv['concurrency']}", (lv["rps"], lv["p99_ms"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
+        ax.set_xlabel("achieved load (GET users requests/s)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("latency (ms)")
+    fig.suptitle("GET /apps/{id}/channels/{presence}/users, members on two nodes, alternating")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+#: Options recorded in the JSON file (the report needs them to label its rows).
+SETTINGS = ("connections", "fanout_clients", "events", "churn_clients", "cycles", "members",
+            "levels", "requests", "locust", "locust_users", "locust_duration")  # fmt: skip
 
 
 def main() -> int:
@@ -868,6 +904,9 @@ def main() -> int:
     parser.add_argument("--levels", default="1,4,16")
     parser.add_argument("--requests", type=int, help="GET users requests per level")
     parser.add_argument("--ours-only", action="store_true", help="skip the peer")
+    parser.add_argument(
+        "--from-json", type=Path, help="print the report and plot of an earlier --json file"
+    )
     parser.add_argument(
         "--locust",
         default="churn,fanout,read",
@@ -889,6 +928,15 @@ def main() -> int:
             setattr(opts, key, value)
     opts.levels = [int(x) for x in opts.levels.split(",")]
     opts.locust = [x for x in opts.locust.split(",") if x]
+    if opts.from_json:
+        saved = json.loads(opts.from_json.read_text())
+        for key, value in saved["settings"].items():
+            setattr(opts, key, value)
+        report(saved["ours"], saved["sockudo"], opts)
+        report_locust(saved["ours"], saved["sockudo"], opts)
+        plot(saved["ours"], saved["sockudo"], opts.plot)
+        print(f"plot: {opts.plot}")
+        return 0
     if not shutil.which("redis-server"):
         print("redis-server is required", file=sys.stderr)
         return 2
@@ -918,7 +966,15 @@ def main() -> int:
     if opts.json:
         opts.json.parent.mkdir(parents=True, exist_ok=True)
         opts.json.write_text(
-            json.dumps({"ours": ours, "sockudo": peer, "targets": targets}, indent=2)
+            json.dumps(
+                {
+                    "ours": ours,
+                    "sockudo": peer,
+                    "targets": targets,
+                    "settings": {key: getattr(opts, key) for key in SETTINGS},
+                },
+                indent=2,
+            )
         )
     return 0
 

@@ -53,7 +53,7 @@ def sign(secret: str, message: str) -> str:
     """Lowercase hex HMAC-SHA256 of ``message`` keyed with ``secret`` (both UTF-8)."""
     # surrogatepass: a lone surrogate (possible via a JSON \u escape) must fail, not raise.
     data = message.encode("utf-8", "surrogatepass")
-    return hmac.new(secret.encode(), data, hashlib.sha256).hexdigest()
+    return hmac.digest(secret.encode(), data, "sha256").hex()
 
 
 def verify_signature(secret: str, message: str, signature: str) -> bool:

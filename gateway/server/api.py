@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from gateway.config import AppConfig, NodeConfig
@@ -29,6 +30,14 @@ __all__ = ["Api"]
 
 def _json(status: int, body: Any) -> HttpResponse:
     return HttpResponse(status, json.dumps(body, separators=(",", ":")).encode())
+
+
+def _users_body(user_ids: list[str]) -> bytes:
+    """``{"users":[{"id":...},...]}``, built without a dict per member (this is a hot path)."""
+    if not user_ids:
+        return b'{"users":[]}'
+    ids = '},{"id":'.join(map(encode_basestring_ascii, user_ids))
+    return ('{"users":[{"id":' + ids + "}]}").encode()
 
 
 def _error(err: ApiError) -> HttpResponse:
@@ -187,8 +196,7 @@ class Api:
             channel = http_api.parse_users_request(found.channel)
             if isinstance(channel, ApiError):
                 return _error(channel)
-            roster = await self.store.roster(app.id, channel)
-            return _json(200, {"users": [{"id": user} for user in roster]})
+            return HttpResponse(200, _users_body(await self.store.user_ids(app.id, channel)))
         if found.endpoint == ep.TERMINATE:
             assert found.user_id is not None
             user = http_api.parse_terminate_request(found.user_id)

@@ -471,11 +471,11 @@ class _Pending:
     error: int = 0
 
 
+_REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+
+
 def _reason(status: int) -> str:
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
+    return _REASONS.get(status, "Unknown")
 
 
 def _json_error(status: int, message: str | None = None) -> HttpResponse:

@@ -320,6 +320,15 @@ class PresenceStore:
         )
         return _roster(flat)
 
+    async def user_ids(self, app_id: str, channel: str) -> list[str]:
+        """Ids of the members of a presence channel (what ``GET .../users`` lists)."""
+        key = channel_key(app_id, channel)
+        flat = cast(
+            list[bytes],
+            await self._read(self.shards.table.shard_for_key(key), "FCALL_RO", "pg_roster", 1, key),
+        )
+        return [user.decode() for user in flat[::2]]
+
     async def counts(self, app_id: str, channel: str) -> ChannelCounts:
         """Subscription and user counts of a channel (0, 0 when unoccupied)."""
         key = channel_key(app_id, channel)
