@@ -58,23 +58,34 @@ mod glue {
         }
     }
 
-    /// The write reached a server that must not apply it; safe to retry after rediscovery.
-    #[pyclass(extends = ReplyError, subclass, module = "gateway._native")]
-    pub struct RoutingError;
+    /// A subclass of `ReplyError` (constructed like it: the message is the first argument).
+    macro_rules! reply_error {
+        ($name:ident, $doc:literal) => {
+            #[doc = $doc]
+            #[pyclass(extends = ReplyError, subclass, module = "gateway._native")]
+            pub struct $name;
 
-    #[pymethods]
-    impl RoutingError {
-        #[new]
-        #[pyo3(signature = (*args, **kwargs))]
-        fn new(
-            args: &Bound<'_, PyTuple>,
-            kwargs: Option<&Bound<'_, PyDict>>,
-        ) -> PyClassInitializer<Self> {
-            let _ = (args, kwargs);
-            PyClassInitializer::from(ReplyError).add_subclass(Self)
-        }
+            #[pymethods]
+            impl $name {
+                #[new]
+                #[pyo3(signature = (*args, **kwargs))]
+                fn new(
+                    args: &Bound<'_, PyTuple>,
+                    kwargs: Option<&Bound<'_, PyDict>>,
+                ) -> PyClassInitializer<Self> {
+                    let _ = (args, kwargs);
+                    PyClassInitializer::from(ReplyError).add_subclass(Self)
+                }
+            }
+        };
     }
 
+    reply_error!(
+        RoutingError,
+        "The write reached a server that must not apply it; safe to retry after rediscovery."
+    );
+
+    /// A subclass of a `ReplyError` subclass made by `reply_error!`.
     macro_rules! leaf_error {
         ($name:ident, $base:ident, $doc:literal) => {
             #[doc = $doc]
@@ -116,39 +127,14 @@ mod glue {
         "`READONLY`: the server is a replica."
     );
 
-    /// `BADTAG`: the write tag does not match the key.
-    #[pyclass(extends = ReplyError, subclass, module = "gateway._native")]
-    pub struct BadTagError;
-
-    #[pymethods]
-    impl BadTagError {
-        #[new]
-        #[pyo3(signature = (*args, **kwargs))]
-        fn new(
-            args: &Bound<'_, PyTuple>,
-            kwargs: Option<&Bound<'_, PyDict>>,
-        ) -> PyClassInitializer<Self> {
-            let _ = (args, kwargs);
-            PyClassInitializer::from(ReplyError).add_subclass(Self)
-        }
-    }
-
-    /// `BADOP`: unknown operation or wrong argument count.
-    #[pyclass(extends = ReplyError, subclass, module = "gateway._native")]
-    pub struct BadOpError;
-
-    #[pymethods]
-    impl BadOpError {
-        #[new]
-        #[pyo3(signature = (*args, **kwargs))]
-        fn new(
-            args: &Bound<'_, PyTuple>,
-            kwargs: Option<&Bound<'_, PyDict>>,
-        ) -> PyClassInitializer<Self> {
-            let _ = (args, kwargs);
-            PyClassInitializer::from(ReplyError).add_subclass(Self)
-        }
-    }
+    reply_error!(
+        BadTagError,
+        "`BADTAG`: the write tag does not match the key."
+    );
+    reply_error!(
+        BadOpError,
+        "`BADOP`: unknown operation or wrong argument count."
+    );
 
     fn type_name(obj: &Bound<'_, PyAny>) -> String {
         obj.get_type()
