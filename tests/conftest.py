@@ -21,6 +21,10 @@ Fixtures for test authors:
     example ``shards=3`` or ``sentinels=0``) on a free port range; every topology it started
     is stopped after the test.
 
+``hooks`` (module scope)
+    A :class:`nodes.WebhookReceiver` listening on loopback; give ``hooks.url`` to the nodes a
+    test module starts.
+
 Plain helpers behind the fixtures: :func:`find_free_port_range` picks a base port whose whole
 range binds on 127.0.0.1 right now; :func:`start_local_cluster` starts a topology on such a
 range, retrying with another range if a port is taken meanwhile. Prefer the fixtures.
@@ -36,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nodes import WebhookReceiver
 
 from gateway.localcluster import LocalCluster, PortInUseError, find_free_port_range
 
@@ -115,3 +120,10 @@ def pytest_configure(config: pytest.Config) -> None:
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+@pytest.fixture(scope="module")
+def hooks() -> Iterator[WebhookReceiver]:
+    """A webhook receiver on loopback, one per test module (for the nodes it starts)."""
+    with WebhookReceiver() as receiver:
+        yield receiver

@@ -43,8 +43,9 @@ from typing import Any
 
 import pusher
 import requests
-from conftest import find_free_port_range
 from websockets.sync.client import ClientConnection, connect
+
+from gateway.localcluster import find_free_port_range
 
 APP_ID = "1"
 APP_KEY = "app-key"

@@ -29,12 +29,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def hooks() -> Iterator[WebhookReceiver]:
-    with WebhookReceiver() as receiver:
-        yield receiver
-
-
-@pytest.fixture(scope="module")
 def node(cluster: Any, hooks: WebhookReceiver) -> Iterator[NodeProcess]:
     with running_node(cluster.topology_path, node_id="py-a", webhook_url=hooks.url) as proc:
         yield proc

@@ -27,12 +27,6 @@ HOLD_MS = 1500
 
 
 @pytest.fixture(scope="module")
-def hooks() -> Iterator[WebhookReceiver]:
-    with WebhookReceiver() as receiver:
-        yield receiver
-
-
-@pytest.fixture(scope="module")
 def pair(cluster: Any, hooks: WebhookReceiver) -> Iterator[tuple[NodeProcess, NodeProcess]]:
     with (
         running_node(
