@@ -525,24 +525,9 @@ def channel_event(event: str, channel: str, data: str, user_id: str | None = Non
     ``data`` is sent verbatim as a JSON string. Build the frame once per event and send the same
     text to every subscriber. ``user_id`` is set for client events on presence channels.
     """
-    if user_id is None:
-        return (
-            '{"event":'
-            + _quote(event)
-            + ',"channel":'
-            + _quote(channel)
-            + ',"data":'
-            + _quote(data)
-            + "}"
-        )
-    return (
-        '{"event":'
-        + _quote(event)
-        + ',"channel":'
-        + _quote(channel)
-        + ',"data":'
-        + _quote(data)
-        + ',"user_id":'
-        + _quote(user_id)
-        + "}"
+    frame = (
+        '{"event":' + _quote(event) + ',"channel":' + _quote(channel) + ',"data":' + _quote(data)
     )
+    if user_id is not None:
+        frame += ',"user_id":' + _quote(user_id)
+    return frame + "}"
