@@ -312,22 +312,21 @@ class PresenceStore:
         except (ConnectionLost, TimeoutError) as exc:
             raise ShardUnavailableError(f"{link.spec.name}: {exc}") from exc
 
-    async def roster(self, app_id: str, channel: str) -> dict[str, str | None]:
-        """Members of a presence channel: user id to ``user_info`` JSON text."""
+    async def _read_roster(self, app_id: str, channel: str) -> list[bytes]:
+        """``pg_roster``'s flat reply: user id, user_info, user id, user_info, ..."""
         key = channel_key(app_id, channel)
         flat = await self._read(
             self.shards.table.shard_for_key(key), "FCALL_RO", "pg_roster", 1, key
         )
-        return _roster(flat)
+        return cast(list[bytes], flat)
+
+    async def roster(self, app_id: str, channel: str) -> dict[str, str | None]:
+        """Members of a presence channel: user id to ``user_info`` JSON text."""
+        return _roster(await self._read_roster(app_id, channel))
 
     async def user_ids(self, app_id: str, channel: str) -> list[str]:
         """Ids of the members of a presence channel (what ``GET .../users`` lists)."""
-        key = channel_key(app_id, channel)
-        flat = cast(
-            list[bytes],
-            await self._read(self.shards.table.shard_for_key(key), "FCALL_RO", "pg_roster", 1, key),
-        )
-        return [user.decode() for user in flat[::2]]
+        return [user.decode() for user in (await self._read_roster(app_id, channel))[::2]]
 
     async def counts(self, app_id: str, channel: str) -> ChannelCounts:
         """Subscription and user counts of a channel (0, 0 when unoccupied)."""
