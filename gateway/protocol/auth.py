@@ -30,6 +30,7 @@ __all__ = [
     "sign_user",
     "sign_webhook",
     "user_string_to_sign",
+    "verify_api_params",
     "verify_api_request",
     "verify_channel_auth",
     "verify_signature",
@@ -257,6 +258,22 @@ def verify_api_request(
     params = parse_query(raw_query_string)
     if isinstance(params, ApiError):
         return params
+    return verify_api_params(method, path, params, body, now, find_app_by_id, find_app_by_key)
+
+
+def verify_api_params(
+    method: str,
+    path: str,
+    params: Mapping[str, str],
+    body: bytes,
+    now: float,
+    find_app_by_id: Callable[[str], AppConfig | None],
+    find_app_by_key: Callable[[str], AppConfig | None],
+) -> AppConfig | ApiError:
+    """:func:`verify_api_request` for a query already decoded by :func:`parse_query`.
+
+    For callers that need the decoded parameters themselves, so the query is decoded once.
+    """
     for name in _AUTH_PARAMS:
         if not params.get(name):
             return ApiError(401, f"Missing {name} query parameter")

@@ -15,7 +15,7 @@ from typing import Any
 from gateway.config import AppConfig, NodeConfig
 from gateway.metrics import Metrics
 from gateway.protocol import http_api, messages
-from gateway.protocol.auth import parse_query, verify_api_request
+from gateway.protocol.auth import parse_query, verify_api_params
 from gateway.protocol.channels import classify
 from gateway.protocol.errors import ApiError
 from gateway.server.frontdoor import HttpRequest, HttpResponse
@@ -78,10 +78,13 @@ class Api:
         found = http_api.route(request.method, request.path)
         if isinstance(found, ApiError):
             return self._count("unknown", _error(found))
-        app = verify_api_request(
+        query = parse_query(request.query)
+        if isinstance(query, ApiError):
+            return self._count(found.endpoint, _error(query))
+        app = verify_api_params(
             request.method,
             request.path,
-            request.query,
+            query,
             request.body,
             self.clock(),
             self.config.app_by_id,
@@ -89,9 +92,6 @@ class Api:
         )
         if isinstance(app, ApiError):
             return self._count(found.endpoint, _error(app))
-        query = parse_query(request.query)
-        if isinstance(query, ApiError):
-            return self._count(found.endpoint, _error(query))
         try:
             response = await self._dispatch(found, app, request, query)
         except WriteFailed as exc:
