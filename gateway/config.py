@@ -6,6 +6,7 @@ file given with ``--config``, built-in defaults. Every error names the setting a
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -115,6 +116,34 @@ class NodeConfig:
             (they also refresh its entries' expiry).
         entry_ttl_ms: Expiry of every entry unless refreshed (must exceed 2 x the anti-entropy
             interval).
+        reap_grace_ms: How long after its lease expired a node may still refresh it before
+            other nodes remove its members (and, after a shard was unreachable, how long every
+            node gets to refresh before anyone counts as gone).
+        loop_stall_limit: Seconds without any progress of the event loop after which the node
+            stops refreshing its lease (it can no longer serve; its members are removed).
+        max_client_connections: TCP connections (WebSocket and HTTP) this node accepts; 0 = as
+            many as the open-file limit allows after ``reserved_fds``.
+        reserved_fds: File descriptors kept for Redis, Sentinel, webhooks and the process.
+        max_connections_per_ip: Connections from one client address; 0 = unlimited.
+        handshakes_per_ip: WebSocket handshakes per second from one client address (a token
+            bucket); 0 = unlimited.
+        handshake_burst_per_ip: Handshakes one address may make at once before the rate
+            applies.
+        trusted_proxies: Addresses or networks (CIDR) of load balancers whose
+            ``X-Forwarded-For`` names the client address used by the per-address limits.
+        request_header_timeout: Seconds a client has to send a request's head, from its first
+            byte (or from the connection's start).
+        request_body_timeout: Seconds a client has to send a request's body after its head.
+        max_request_bytes: Largest HTTP request body.
+        max_pending_request_bytes: Request bytes buffered over all unfinished requests.
+        response_send_timeout: Seconds a connection may leave responses unread before it is
+            closed.
+        subscribes_per_second: Subscriptions one WebSocket may start per second.
+        subscribe_burst: Subscriptions one WebSocket may start at once.
+        client_work_budget: Client messages handled per event-loop iteration; the rest wait
+            (their sockets are not read) until the next one.
+        shed_lag: Event-loop lag in seconds above which the node sheds load: it refuses new
+            connections (503) and reports not ready until the lag is back down.
     """
 
     host: str = "127.0.0.1"
@@ -131,6 +160,23 @@ class NodeConfig:
     reap_interval: float = 1.0
     anti_entropy_interval: float = 30.0
     entry_ttl_ms: int = 300_000
+    reap_grace_ms: int = 2_000
+    loop_stall_limit: float = 30.0
+    max_client_connections: int = 0
+    reserved_fds: int = 256
+    max_connections_per_ip: int = 1_000
+    handshakes_per_ip: float = 20.0
+    handshake_burst_per_ip: int = 100
+    trusted_proxies: tuple[str, ...] = ()
+    request_header_timeout: float = 10.0
+    request_body_timeout: float = 30.0
+    max_request_bytes: int = 1_048_576
+    max_pending_request_bytes: int = 64 * 1_048_576
+    response_send_timeout: float = 30.0
+    subscribes_per_second: int = 20
+    subscribe_burst: int = 200
+    client_work_budget: int = 500
+    shed_lag: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:
@@ -167,6 +213,50 @@ class NodeConfig:
             self.entry_ttl_ms < self.anti_entropy_interval * 2000
         ):
             raise ConfigError("entry_ttl_ms: must exceed 2 x anti_entropy_interval")
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        def integer(name: str, low: int, high: int | None = None) -> None:
+            value = getattr(self, name)
+            if type(value) is not int or value < low or (high is not None and value > high):
+                bound = f"{low}..{high}" if high is not None else f">= {low}"
+                raise ConfigError(f"{name}: must be an integer {bound}, got {value!r}")
+
+        def seconds(name: str, low: float = 0.0, *, zero: bool = False) -> None:
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or value < low or (value == 0 and not zero):
+                raise ConfigError(f"{name}: must be a number > {low:g}, got {value!r}")
+
+        integer("reap_grace_ms", 0, 600_000)
+        seconds("loop_stall_limit", 1.0)
+        integer("max_client_connections", 0)
+        integer("reserved_fds", 16)
+        integer("max_connections_per_ip", 0)
+        seconds("handshakes_per_ip", zero=True)
+        integer("handshake_burst_per_ip", 1)
+        seconds("request_header_timeout", 0.1)
+        seconds("request_body_timeout", 0.1)
+        integer("max_request_bytes", 1024)
+        integer("max_pending_request_bytes", self.max_request_bytes)
+        seconds("response_send_timeout", 0.1)
+        integer("subscribes_per_second", 1)
+        integer("subscribe_burst", 1)
+        integer("client_work_budget", 10)
+        seconds("shed_lag", 0.05)
+        proxies = self.trusted_proxies
+        if isinstance(proxies, str):
+            proxies = tuple(p.strip() for p in proxies.split(",") if p.strip())
+        if not isinstance(proxies, (list, tuple)):
+            raise ConfigError("trusted_proxies: must be a list of addresses or CIDR networks")
+        for item in proxies:
+            try:
+                ipaddress.ip_network(str(item), strict=False)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"trusted_proxies: {item!r} is not an address or network"
+                ) from exc
+        object.__setattr__(self, "trusted_proxies", tuple(str(p) for p in proxies))
 
     def app_by_key(self, key: str) -> AppConfig | None:
         """The app with this public key, if any."""

@@ -19,6 +19,7 @@ class Metrics:
         self._counters: dict[str, dict[_Labels, float]] = {}
         self._help: dict[str, str] = {}
         self._gauges: dict[str, tuple[str, Callable[[], dict[_Labels, float]]]] = {}
+        self._counter_fns: dict[str, tuple[str, Callable[[], dict[_Labels, float]]]] = {}
 
     def describe(self, name: str, text: str) -> None:
         """Set the ``# HELP`` text of a counter."""
@@ -32,15 +33,25 @@ class Metrics:
 
     def get(self, name: str, **labels: str) -> float:
         """Current value of one counter series (0 if never incremented)."""
-        return self._counters.get(name, {}).get(tuple(sorted(labels.items())), 0)
+        return self._series(name).get(tuple(sorted(labels.items())), 0)
 
     def total(self, name: str) -> float:
         """Sum of a counter over all its label sets."""
-        return sum(self._counters.get(name, {}).values())
+        return sum(self._series(name).values())
+
+    def _series(self, name: str) -> dict[_Labels, float]:
+        if name in self._counter_fns:
+            return self._counter_fns[name][1]()
+        return self._counters.get(name, {})
 
     def gauge(self, name: str, text: str, read: Callable[[], dict[_Labels, float]]) -> None:
         """Register a gauge whose series are produced by ``read`` at render time."""
         self._gauges[name] = (text, read)
+
+    def counter(self, name: str, text: str, read: Callable[[], dict[_Labels, float]]) -> None:
+        """Register a counter whose series are kept elsewhere (e.g. by a thread of its own)
+        and read by ``read`` at render time."""
+        self._counter_fns[name] = (text, read)
 
     def render(self) -> str:
         """The Prometheus text exposition of every counter and gauge."""
@@ -50,12 +61,13 @@ class Metrics:
             lines.append(f"# TYPE {name} counter")
             for labels, value in sorted(self._counters[name].items()):
                 lines.append(f"{name}{_fmt(labels)} {value:g}")
-        for name in sorted(self._gauges):
-            text, read = self._gauges[name]
-            lines.append(f"# HELP {name} {text}")
-            lines.append(f"# TYPE {name} gauge")
-            for labels, value in sorted(read().items()):
-                lines.append(f"{name}{_fmt(labels)} {value:g}")
+        for kind, table in (("counter", self._counter_fns), ("gauge", self._gauges)):
+            for name in sorted(table):
+                text, read = table[name]
+                lines.append(f"# HELP {name} {text}")
+                lines.append(f"# TYPE {name} {kind}")
+                for labels, value in sorted(read().items()):
+                    lines.append(f"{name}{_fmt(labels)} {value:g}")
         return "\n".join(lines) + "\n"
 
 

@@ -37,7 +37,7 @@ async def stores(cluster: LocalCluster) -> AsyncIterator[Callable[..., object]]:
         opened.append((shards, writer))
         store = PresenceStore(shards, writer, owner=owner, hold_ms=200, entry_ttl_ms=60_000)
         for shard in range(len(shards.links)):
-            await store.lease(shard, lease_ms, first=True)
+            await store.lease(shard, lease_ms, first=True, gap_ms=3000, grace_ms=0)
         return store
 
     yield make
@@ -86,7 +86,7 @@ async def _dead_owner_scenario(
     assert (counts.user_count, counts.subscription_count) == (1, 1)
     # Another node (of an earlier test) may hold the shard's reap lock for up to 3 s.
     for _ in range(100):
-        reply = await a.reap(shard, "reaper-test", lock_ms=2000, limit=100)
+        reply = await a.reap(shard, "reaper-test", lock_ms=2000, limit=100, grace_ms=0)
         if reply[0] != -1:
             break
         await asyncio.sleep(0.05)

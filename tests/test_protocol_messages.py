@@ -253,7 +253,20 @@ def test_channel_data_limits() -> None:
     info = {"k": "v" * 1017}
     error = m.parse_channel_data(json.dumps({"user_id": 1, "user_info": info}))
     assert isinstance(error, FrameError)
-    assert "user_info too large (1025 bytes, max 1024)" in error.message
+    assert "user_info too large (1025 bytes as JSON, max 1024)" in error.message
+
+
+def test_user_info_limit_counts_the_stored_text() -> None:
+    # Regression: the limit was checked on UTF-8 before escaping, so 1 000 non-ASCII
+    # characters (2-3 bytes each) were stored as ~6 000 bytes of \uXXXX escapes.
+    info = {"k": "\u00e9" * 300}  # 600 bytes of UTF-8, 1 808 bytes as stored
+    error = m.parse_channel_data(json.dumps({"user_id": 1, "user_info": info}))
+    assert isinstance(error, FrameError)
+    assert "user_info too large (1808 bytes as JSON, max 1024)" in error.message
+    fits = {"k": "\u00e9" * 150}  # 908 bytes as stored
+    member = m.parse_channel_data(json.dumps({"user_id": 1, "user_info": fits}))
+    assert isinstance(member, m.PresenceMember)
+    assert member.user_info is not None and len(member.user_info) <= 1024
 
 
 def test_parse_user_data() -> None:

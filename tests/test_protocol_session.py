@@ -879,3 +879,27 @@ def test_structured_fuzz(texts: list[str], rnd: Any) -> None:
     left = session.closed()
     assert all(isinstance(a, Leave) for a in left)
     assert {a.channel for a in left if isinstance(a, Leave)} == held
+
+
+# --- subscription rate ------------------------------------------------------------------------
+
+
+def test_subscription_rate_limit_is_a_subscription_error() -> None:
+    session = make(limits=Limits(subscribes_per_second=2, subscribe_burst=3))
+    for i in range(3):
+        assert [type(a) for a in session.receive_text(subscribe(f"c{i}"), 1.0)] == [Join]
+    (refused,) = session.receive_text(subscribe("c3"), 1.0)
+    assert isinstance(refused, Send)
+    frame = json.loads(refused.text)
+    assert frame["event"] == "pusher:subscription_error" and frame["channel"] == "c3"
+    assert frame["data"]["status"] == 4301 and frame["data"]["type"] == "LimitReached"
+    assert "c3" not in session.pending_channels and not session.closing
+    # A repeated subscribe of a pending or joined channel costs nothing.
+    assert session.receive_text(subscribe("c0"), 1.0) == []
+    # Tokens come back at the rate: one every half second.
+    assert [type(a) for a in session.receive_text(subscribe("c3"), 1.5)] == [Join]
+    assert isinstance(session.receive_text(subscribe("c4"), 1.6)[0], Send)
+    # Unsubscribing and subscribing again is a new subscription: it is counted.
+    session.receive_text(unsubscribe("c0"), 2.0)
+    assert [type(a) for a in session.receive_text(subscribe("c0"), 2.1)] == [Join]
+    assert isinstance(session.receive_text(subscribe("c5"), 2.1)[0], Send)

@@ -15,6 +15,7 @@ from gateway.shards.pubsub import PubSub
 from gateway.shards.shardset import ShardSet
 from gateway.shards.topology import load_topology
 from gateway.shards.writer import BatchWriter
+from gateway.store import wire
 from gateway.store.presence import PresenceStore, channel_key
 
 
@@ -39,7 +40,7 @@ async def _node(cluster: LocalCluster, owner: str) -> Node:
     await shards.wait_ready(10)
     writer.start()
     for shard in range(len(shards.links)):  # reads count only owners with a live lease
-        await store.lease(shard, 60_000, first=True)
+        await store.lease(shard, 60_000, first=True, gap_ms=3000, grace_ms=0)
     return Node(shards, writer, store, pubsub, box)
 
 
@@ -84,7 +85,8 @@ async def test_first_and_last_connection_across_nodes(nodes: tuple[Node, Node]) 
     # Both nodes heard exactly the two member_added transitions, in order.
     await _settle(lambda: len(a.messages) == 2 and len(b.messages) == 2)
     assert [m[1][:1] for m in a.messages] == [b"A", b"A"]
-    assert a.messages[0][1] == b'A1.1\0u1\0{"name":"Ann"}'
+    assert a.messages[0][1] == wire.encode_member_added("u1", '{"name":"Ann"}', "1.1")
+    assert wire.decode(a.messages[0][1]) == wire.MemberAdded("1.1", "u1", '{"name":"Ann"}')
 
     assert (await a.store.counts("1", ch)).user_count == 2
     assert not await a.store.leave("1", ch, "u1")  # node b still holds u1

@@ -39,6 +39,12 @@ class Limits:
         pong_timeout: Seconds to wait for any frame after a server ping before closing (4201).
         max_channels_per_connection: Channels (joined or pending) one socket may hold. Not a
             Pusher number; 100 bounds per-socket state and Leave fan-out on disconnect.
+        subscribes_per_second: Subscriptions one socket may start per second, on average. Not a
+            Pusher number: it keeps one socket's subscribe/unsubscribe flood from delaying
+            everybody else's subscriptions. Over it the subscription is refused with
+            ``pusher:subscription_error`` (status 4301).
+        subscribe_burst: Subscriptions a socket may start at once before the rate applies
+            (a page load or a reconnect re-subscribing every channel).
     """
 
     max_frame_bytes: int = 32_768
@@ -56,6 +62,8 @@ class Limits:
     activity_timeout: int = 120
     pong_timeout: int = 30
     max_channels_per_connection: int = 100
+    subscribes_per_second: int = 20
+    subscribe_burst: int = 200
 
     def __post_init__(self) -> None:
         for field in fields(self):

@@ -340,14 +340,16 @@ def _user_info(value: Any, limits: Limits, where: str) -> str | FrameError | Non
         return None
     if not isinstance(value, dict):
         return FrameError(None, f"Invalid {where}: user_info must be an object")
-    size = utf8_length(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
-    if size > limits.max_user_info_bytes:
+    # The limit applies to the text as stored and sent (ASCII JSON, non-ASCII escaped as
+    # \uXXXX), so it bounds memory and frame sizes whatever the characters.
+    text = compact_json(value)
+    if len(text) > limits.max_user_info_bytes:
         return FrameError(
             None,
-            f"Invalid {where}: user_info too large ({size} bytes, "
+            f"Invalid {where}: user_info too large ({len(text)} bytes as JSON, "
             f"max {limits.max_user_info_bytes})",
         )
-    return compact_json(value)
+    return text
 
 
 def parse_user_data(text: str, limits: Limits = DEFAULT_LIMITS) -> UserData | FrameError:

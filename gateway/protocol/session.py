@@ -201,6 +201,9 @@ class Session:
         self._user: UserData | None = None
         self._user_data: str | None = None
         self._client_event_times: deque[float] = deque()
+        # Token bucket of subscriptions: full at the start, refilled at the per-second rate.
+        self._subscribe_tokens = float(limits.subscribe_burst)
+        self._subscribe_refill = now
 
     # -- read-only state ----------------------------------------------------------------------
 
@@ -288,7 +291,7 @@ class Session:
         if isinstance(message, ClientEvent):
             return self._client_event(message, now)
         if isinstance(message, ClientSubscribe):
-            return self._subscribe(message)
+            return self._subscribe(message, now)
         if isinstance(message, ClientUnsubscribe):
             return self._unsubscribe(message.channel)
         if isinstance(message, ClientPing):
@@ -405,7 +408,20 @@ class Session:
     def _error(code: int | None, message: str) -> list[Action]:
         return [Send(messages.error(code, message))]
 
-    def _subscribe(self, message: ClientSubscribe) -> list[Action]:
+    def _subscribe_allowed(self, now: float) -> bool:
+        limits = self._limits
+        elapsed = max(0.0, now - self._subscribe_refill)
+        self._subscribe_refill = now
+        self._subscribe_tokens = min(
+            float(limits.subscribe_burst),
+            self._subscribe_tokens + elapsed * limits.subscribes_per_second,
+        )
+        if self._subscribe_tokens < 1.0:
+            return False
+        self._subscribe_tokens -= 1.0
+        return True
+
+    def _subscribe(self, message: ClientSubscribe, now: float) -> list[Action]:
         name = message.channel
         problem = channel_error(name, max_length=self._limits.max_channel_name_length)
         if problem is not None:
@@ -458,6 +474,20 @@ class Session:
                 f"Subscription to {name!r} refused: at most "
                 f"{self._limits.max_channels_per_connection} channels per connection",
             )
+        if not self._subscribe_allowed(now):
+            limits = self._limits
+            return [
+                Send(
+                    messages.subscription_error(
+                        name,
+                        "LimitReached",
+                        f"Subscription rate limit exceeded: at most "
+                        f"{limits.subscribes_per_second} subscriptions per second "
+                        f"(bursts of {limits.subscribe_burst}) per connection",
+                        int(ProtocolCode.CLIENT_EVENT_RATE_LIMIT),
+                    )
+                )
+            ]
         self._cancelled.pop(name, None)
         self._pending[name] = member
         return [Join(name, member)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
@@ -22,6 +23,7 @@ from gateway.server.frontdoor import HttpRequest, HttpResponse
 from gateway.server.hub import CACHE_TTL_MS, Hub
 from gateway.shards.shardset import ShardSet
 from gateway.shards.writer import WriteFailed
+from gateway.store import wire
 from gateway.store.healing import Healer
 from gateway.store.presence import PresenceStore
 
@@ -57,8 +59,10 @@ class Api:
         healer: Healer | None = None,
         *,
         clock: Any = time.time,
+        readiness: Callable[[], list[str]] | None = None,
     ) -> None:
         self.healer = healer
+        self.readiness = readiness
         self.config = config
         self.store = store
         self.shards = shards
@@ -69,8 +73,11 @@ class Api:
 
     async def http_request(self, request: HttpRequest) -> HttpResponse:
         """Route one request; never raises."""
-        if request.path == "/health" and request.method in ("GET", "HEAD"):
-            return self.health()
+        if request.method in ("GET", "HEAD"):
+            if request.path in ("/health", "/ready"):
+                return self.health()
+            if request.path == "/live":
+                return _json(200, {"status": "alive", "node": self.config.node_id})
         if request.path == "/metrics" and request.method in ("GET", "HEAD"):
             return HttpResponse(
                 200, self.metrics.render().encode(), content_type="text/plain; version=0.0.4"
@@ -105,18 +112,21 @@ class Api:
         return response
 
     def health(self) -> HttpResponse:
-        """200 while every shard accepts verified writes, else 503 with the reasons.
+        """Readiness (``/ready``, also ``/health``): 200 while the node can take clients.
 
-        Unhealthy when a shard is unusable (unreachable, wrong identity, demoted master),
-        when writes have waited for a shard for more than 2 s, or when this node's lease on a
-        shard has not been refreshed for half its duration.
+        503 with the reasons when a shard is unusable (unreachable, wrong identity, demoted
+        master), when writes have waited for a shard for more than 2 s, when a shard's Pub/Sub
+        connection is down, when this node's lease on a shard has not been refreshed for half
+        its duration, or while the node sheds load.
         """
         shards = self.shards.status()
         problems = [f"{s['shard']}: {s['error']}" for s in shards if not s["usable"]]
         oldest = self.hub.store.writer.oldest_held_age()
         if oldest > 2.0:
             problems.append(f"writes waiting for a shard for {oldest:.1f} s")
-        if self.healer is not None:
+        if self.readiness is not None:
+            problems += self.readiness()
+        elif self.healer is not None:
             problems += self.healer.lease_problems()
         ok = not problems
         body = {
@@ -202,15 +212,14 @@ class Api:
             user = http_api.parse_terminate_request(found.user_id)
             if isinstance(user, ApiError):
                 return _error(user)
-            await self.store.publish(app.id, f"#server-to-user-{user}", b"T")
+            await self.store.publish(app.id, f"#server-to-user-{user}", wire.encode_terminate())
             return _json(200, {})
         return _json(404, {"error": "not found"})
 
     async def _trigger(self, app: AppConfig, trigger: http_api.TriggerRequest) -> None:
-        exclude = (trigger.socket_id or "").encode()
         for channel in trigger.channels:
             frame = messages.channel_event(trigger.name, channel, trigger.data)
-            await self.store.publish(app.id, channel, b"E" + exclude + b"\0" + frame.encode())
+            await self.store.publish(app.id, channel, wire.encode_event(frame, trigger.socket_id))
             if classify(channel).cache:
                 await self.store.cache_set(app.id, channel, frame, CACHE_TTL_MS)
         self.metrics.inc("pg_events_published_total", len(trigger.channels), app=app.id)

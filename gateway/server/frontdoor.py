@@ -44,6 +44,9 @@ from websockets.http11 import Request
 from websockets.protocol import Event, State
 from websockets.server import ServerProtocol
 
+from gateway.metrics import Metrics
+from gateway.server.admission import Admission, AdmissionSettings, WorkBudget
+
 __all__ = [
     "FrontDoor",
     "HttpHandler",
@@ -70,7 +73,10 @@ _OPEN = State.OPEN
 _TEXT = Opcode.TEXT
 _BINARY = Opcode.BINARY
 _CONT = Opcode.CONT
+_DATA_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 _ids = itertools.count(1)
+#: Units of the work budget a WebSocket handshake costs (a message costs 1).
+_HANDSHAKE_COST = 4
 _pack_16 = struct.Struct("!BBH").pack
 _pack_64 = struct.Struct("!BBQ").pack
 _ws_logger = logging.getLogger("websockets.server")
@@ -218,6 +224,8 @@ class WsConnection(asyncio.Protocol):
         "_pending",
         "_pending_bytes",
         "_proto",
+        "_stash",
+        "_ticket",
         "_transport",
         "id",
         "path",
@@ -249,6 +257,10 @@ class WsConnection(asyncio.Protocol):
         self._fragments: list[bytes] | None = None
         self._fragments_text = False
         self._close_timer: asyncio.TimerHandle | None = None
+        # Frames received but not handled yet: the work budget ran out (reading is paused).
+        self._stash: list[Event] = []
+        # The (address, forwarded address) this TCP connection is counted under.
+        self._ticket: tuple[str | None, str | None] | None = None
 
     def __repr__(self) -> str:
         return f"<WsConnection {self.id} {self.path!r} open={self._open}>"
@@ -329,7 +341,10 @@ class WsConnection(asyncio.Protocol):
         events = proto.events_received()
         self._open = proto.state is _OPEN
         if events:
-            self._dispatch(events)
+            if self._stash:
+                self._stash.extend(events)
+            else:
+                self._dispatch(events)
         self._flush()
 
     def eof_received(self) -> bool | None:
@@ -351,9 +366,13 @@ class WsConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._open = False
+        self._stash = []
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
+        if self._ticket is not None:
+            self._door._release(*self._ticket)
+            self._ticket = None
         self._door._forget(self)
         if self._opened and not self._notified:
             self._notified = True
@@ -392,13 +411,22 @@ class WsConnection(asyncio.Protocol):
             self._dispatch(events[1:])
             self._flush()
 
-    def _dispatch(self, events: list[Event]) -> None:
-        for event in events:
+    def _dispatch(self, events: list[Event], *, resumed: bool = False) -> None:
+        work = self._door.work
+        for i, event in enumerate(events):
             if not self._open:
                 return
             if not isinstance(event, Frame):
                 continue
             opcode = event.opcode
+            if event.fin and opcode in _DATA_OPCODES:
+                # A complete message: client work, paid from the loop iteration's budget.
+                if not work.may_run(resumed=resumed):
+                    self._stash = events[i:]
+                    self._transport.pause_reading()
+                    work.defer(self._resume)
+                    return
+                work.spend()
             if opcode is _TEXT or opcode is _BINARY:
                 if event.fin:
                     self._deliver(opcode is _TEXT, bytes(event.data))
@@ -412,6 +440,16 @@ class WsConnection(asyncio.Protocol):
                     self._fragments = None
                     self._deliver(self._fragments_text, data)
             # PING (auto-ponged by websockets), PONG and CLOSE need nothing from us.
+
+    def _resume(self) -> None:
+        """Handle the frames that waited for the work budget, then read the socket again."""
+        events, self._stash = self._stash, []
+        if not events or self._transport.is_closing():
+            return
+        self._dispatch(events, resumed=True)
+        if not self._stash and not self._transport.is_closing():
+            self._transport.resume_reading()
+        self._flush()
 
     def _deliver(self, is_text: bool, data: bytes) -> None:
         handler = self._door.ws_handler
@@ -469,6 +507,7 @@ class _Pending:
     request: HttpRequest | None  # None: answer ``error`` and close
     keep_alive: bool
     error: int = 0
+    message: str | None = None
 
 
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
@@ -480,7 +519,13 @@ def _reason(status: int) -> str:
 
 def _json_error(status: int, message: str | None = None) -> HttpResponse:
     text = message if message is not None else _reason(status)
-    return HttpResponse(status, json.dumps({"error": text}).encode())
+    headers = {"Retry-After": "5"} if status in (429, 503) else {}
+    return HttpResponse(status, json.dumps({"error": text}).encode(), headers)
+
+
+def _refusal(status: int, message: str) -> bytes:
+    """A whole response for a connection refused before anything was read from it."""
+    return _serialize(_json_error(status, message), keep_alive=False, head=False)
 
 
 _SKIPPED_HEADERS = frozenset({"content-length", "connection", "transfer-encoding"})
@@ -536,10 +581,17 @@ class _HttpConnection(asyncio.Protocol):
         self._upgrade: bytearray | None = None  # handshake bytes (+ what followed) to hand over
         self._upgrade_target = ("/", "")
         self._reject = 0
+        self._reject_message: str | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
         self.last_active = self._loop.time()
-        self._head_spans = False  # the current request head started in an earlier chunk
         self._head_extra = 0
+        self._begun = 0  # requests begun so far (to tell whether a head began in this read)
+        self._admitted = False
+        self._counted_ip: str | None = None  # the address this connection is counted under
+        self._forwarded_ip: str | None = None  # ... and, behind a trusted proxy, the client's
+        self._deadline: float | None = None  # when the request being received times out
+        self._held = 0  # request body bytes held (counted in the door's pending bytes)
+        self._write_paused: asyncio.Future[None] | None = None
         self._new_message()
 
     def _new_message(self) -> None:
@@ -563,13 +615,59 @@ class _HttpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self._remote = (str(peer[0]), int(peer[1]))
-        self._door._http.add(self)
+        door = self._door
+        ip = self._remote[0] if self._remote is not None else None
+        refusal = door.admission.admit(ip)
+        if refusal is not None:
+            # Written before anything is read, then closed: the client gets a clean 503.
+            self._stopped = self._closed = True
+            transport.write(_refusal(503, refusal))
+            transport.close()
+            return
+        self._admitted = True
+        self._counted_ip = ip if door.admission.counts(ip) else None
+        self._deadline = self._loop.time() + door.header_timeout
+        door._http.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         if self._linger_timer is not None:
             self._linger_timer.cancel()
+        if self._write_paused is not None and not self._write_paused.done():
+            self._write_paused.set_result(None)
+        self._release_bytes(self._held)
+        if self._admitted:
+            self._admitted = False
+            self._door._release(self._counted_ip, self._forwarded_ip)
         self._door._forget(self)
+
+    def pause_writing(self) -> None:
+        # The client does not read our responses: answer nothing more until it does.
+        if self._write_paused is None:
+            self._write_paused = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        paused, self._write_paused = self._write_paused, None
+        if paused is not None and not paused.done():
+            paused.set_result(None)
+
+    def _release_bytes(self, n: int) -> None:
+        if n:
+            self._held -= n
+            self._door.pending_bytes -= n
+
+    def timed_out(self, now: float) -> bool:
+        """Answer 408 if the request being received is late; True if it was."""
+        if self._deadline is None or now < self._deadline or self._stopped or self._closed:
+            return False
+        self._deadline = None
+        self._stopped = True
+        self._in_head = False
+        self._release_bytes(len(self._body))
+        self._body = bytearray()
+        self._queue.append(_Pending(None, False, 408, "request not received in time"))
+        self._pump()
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._upgrade is not None:
@@ -579,6 +677,7 @@ class _HttpConnection(asyncio.Protocol):
             return
         self.last_active = self._loop.time()
         continued = self._in_head
+        begun = self._begun
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -587,13 +686,22 @@ class _HttpConnection(asyncio.Protocol):
             else:  # an upgrade to something else (h2c, CONNECT): answer it, then close
                 self._stopped = True
         except httptools.HttpParserError:
+            # The request being received is dropped with its body: free its bytes at once.
+            self._release_bytes(len(self._body))
+            self._body = bytearray()
             if self._upgrade is None:  # after an upgrade request the rest is not HTTP anyway
                 self._stopped = True
-                self._queue.append(_Pending(None, False, self._reject or 400))
+                self._queue.append(_Pending(None, False, self._reject or 400, self._reject_message))
         else:
             if self._in_head:
-                # llhttp has no limit of its own on a head arriving in many small reads.
-                self._head_extra = self._head_extra + len(data) if continued else 0
+                # llhttp has no limit of its own on a head arriving in many small reads, and
+                # httptools reports a header only once it is complete: count the bytes of
+                # reads that continue an unfinished head. A head that began in this read is
+                # not counted for this read (its start is unknown; at most one read more).
+                if continued and self._begun == begun:
+                    self._head_extra += len(data)
+                else:
+                    self._head_extra = 0
                 if self._head_extra > MAX_HEAD_BYTES:
                     self._stopped = True
                     self._queue.append(_Pending(None, False, 431))
@@ -612,6 +720,8 @@ class _HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._new_message()
         self._in_head = True
+        self._begun += 1
+        self._deadline = self._loop.time() + self._door.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -634,6 +744,10 @@ class _HttpConnection(asyncio.Protocol):
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._door.max_body:
             self._fail_parse(413)
+        body_expected = (length is not None and length != "0") or (
+            "transfer-encoding" in self._headers
+        )
+        self._deadline = self._loop.time() + self._door.body_timeout if body_expected else None
         expect = self._headers.get("expect")
         if (
             expect is not None
@@ -646,10 +760,17 @@ class _HttpConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._body += body
-        if len(self._body) > self._door.max_body:
+        door = self._door
+        self._held += len(body)
+        door.pending_bytes += len(body)
+        if len(self._body) > door.max_body:
             self._fail_parse(413)
+        if door.pending_bytes > door.max_pending_bytes:
+            door.note_pending_overflow()
+            self._fail_parse(503, "server busy: too many unfinished requests; retry later")
 
     def on_message_complete(self) -> None:
+        self._deadline = None
         if self._stopped:
             return
         method = self._parser.get_method().decode("ascii", errors="replace")
@@ -672,8 +793,9 @@ class _HttpConnection(asyncio.Protocol):
             self._reading = False
             self._transport.pause_reading()
 
-    def _fail_parse(self, status: int) -> typing.NoReturn:
+    def _fail_parse(self, status: int, message: str | None = None) -> typing.NoReturn:
         self._reject = status
+        self._reject_message = message
         raise _Rejected(status)
 
     # -- answering ---------------------------------------------------------------------------
@@ -684,9 +806,61 @@ class _HttpConnection(asyncio.Protocol):
         if self._queue:
             self._task = self._loop.create_task(self._serve())
         elif self._upgrade is not None:
-            self._hand_over()
+            self._upgrade_now()
         elif self._stopped:
             self._linger()
+
+    def _upgrade_now(self, *, resumed: bool = False) -> None:
+        if self._closed or self._upgrade is None:
+            return
+        door = self._door
+        work = door.work
+        if not work.may_run(resumed=resumed):
+            # Out of budget for this loop iteration: wait for a later one, reading nothing.
+            if self._reading and self._transport is not None:
+                self._reading = False
+                self._transport.pause_reading()
+            work.defer(lambda: self._upgrade_now(resumed=True))
+            return
+        work.spend(_HANDSHAKE_COST)
+        refusal = self._admit_upgrade()
+        if refusal is not None:
+            status, message = refusal
+            self._upgrade = None
+            self._queue.append(_Pending(None, False, status, message))
+            self._pump()
+            return
+        self._hand_over()
+
+    def _admit_upgrade(self) -> tuple[int, str] | None:
+        """Per-address limits of a WebSocket handshake: (status, message) when refused."""
+        admission = self._door.admission
+        peer = self._remote[0] if self._remote is not None else None
+        client = admission.client_address(peer, self._headers.get("x-forwarded-for"))
+        if client != peer and client is not None:
+            refusal = admission.admit_forwarded(client)
+            if refusal is not None:
+                return 503, refusal
+            self._forwarded_ip = client
+        refusal = admission.handshake(client)
+        if refusal is not None:
+            return 429, refusal
+        return None
+
+    async def _writable(self) -> None:
+        paused = self._write_paused
+        if paused is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(paused), self._door.send_timeout)
+        except TimeoutError:
+            log.info(
+                "closing HTTP connection from %s: responses unread for %g s",
+                self._remote,
+                self._door.send_timeout,
+            )
+            if self._transport is not None:
+                self._transport.abort()
 
     async def _serve(self) -> None:
         keep_alive = True
@@ -698,10 +872,19 @@ class _HttpConnection(asyncio.Protocol):
                     if self._transport is not None:
                         self._transport.resume_reading()
                 if item.request is None:
-                    self._send(_json_error(item.error), keep_alive=False, head=False)
+                    self._send(_json_error(item.error, item.message), keep_alive=False, head=False)
                     keep_alive = False
                     break
+                if self._write_paused is not None:
+                    await self._writable()
+                    if self._closed:
+                        break
+                work = self._door.work
+                if not work.may_run():
+                    await work.turn()
+                work.spend()
                 response = await self._answer(item.request)
+                self._release_bytes(len(item.request.body))
                 keep_alive = item.keep_alive and not self._door.shutting_down
                 self._send(response, keep_alive=keep_alive, head=item.request.method == "HEAD")
                 if not keep_alive:
@@ -765,6 +948,10 @@ class _HttpConnection(asyncio.Protocol):
             transport.resume_reading()
         path, query = self._upgrade_target
         conn = WsConnection(self._door, transport, path, query, self._remote)
+        # The TCP connection stays counted: the WebSocket releases it when it closes.
+        conn._ticket = (self._counted_ip, self._forwarded_ip)
+        self._admitted = False
+        self._deadline = None
         self._door._ws.add(conn)
         transport.set_protocol(conn)
         conn._start(raw)
@@ -780,6 +967,9 @@ class FrontDoor:
     Attributes:
         port: The bound port.
         slow_consumers_closed: WebSockets closed with 4100 for exceeding ``ws_high_water``.
+        pending_bytes: Request body bytes buffered over all unfinished requests.
+        admission: Connection caps, per-address limits and handshake rates.
+        work: The budget of client work per event-loop iteration.
     """
 
     def __init__(
@@ -792,6 +982,12 @@ class FrontDoor:
         ws_high_water: int,
         ws_close_timeout: float,
         http_idle_timeout: float,
+        admission: Admission,
+        work: WorkBudget,
+        header_timeout: float,
+        body_timeout: float,
+        max_pending_bytes: int,
+        send_timeout: float,
     ) -> None:
         self.ws_handler = ws
         self.http_handler = http
@@ -800,6 +996,15 @@ class FrontDoor:
         self.ws_high_water = ws_high_water
         self.ws_close_timeout = ws_close_timeout
         self.http_idle_timeout = http_idle_timeout
+        self.admission = admission
+        self.work = work
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.max_pending_bytes = max_pending_bytes
+        self.send_timeout = send_timeout
+        self.pending_bytes = 0
+        self.timeouts = 0
+        self._overflow_logged = 0.0
         self.shutting_down = False
         self.slow_consumers_closed = 0
         self.port = 0
@@ -873,6 +1078,23 @@ class FrontDoor:
         for _ in range(3):
             await asyncio.sleep(0)
 
+    def _release(self, ip: str | None, forwarded: str | None) -> None:
+        self.admission.release(ip)
+        if forwarded is not None:
+            self.admission.release(forwarded, total=False)
+
+    def note_pending_overflow(self) -> None:
+        """A request was refused because unfinished requests hold too many bytes."""
+        now = asyncio.get_running_loop().time()
+        if now - self._overflow_logged > 10.0:
+            self._overflow_logged = now
+            log.warning(
+                "unfinished HTTP requests hold %d bytes (max_pending_request_bytes %d): "
+                "refusing requests with 503 until they finish or time out",
+                self.pending_bytes,
+                self.max_pending_bytes,
+            )
+
     def _forget(self, conn: WsConnection | _HttpConnection) -> None:
         if isinstance(conn, WsConnection):
             self._ws.discard(conn)
@@ -883,11 +1105,15 @@ class FrontDoor:
 
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
-        limit = loop.time() - self.http_idle_timeout
+        now = loop.time()
+        limit = now - self.http_idle_timeout
         for conn in list(self._http):
-            if conn.last_active < limit and conn._task is None:
+            if conn.timed_out(now):
+                self.timeouts += 1
+            elif conn.last_active < limit and conn.idle:
                 conn._close()
-        self._sweeper = loop.call_later(self.http_idle_timeout / 4, self._sweep)
+        self.admission.sweep()
+        self._sweeper = loop.call_later(min(1.0, self.http_idle_timeout / 4), self._sweep)
 
 
 async def start_frontdoor(
@@ -902,6 +1128,12 @@ async def start_frontdoor(
     ws_close_timeout: float = 5.0,
     http_idle_timeout: float = 60.0,
     backlog: int = 2048,
+    admission: Admission | None = None,
+    work_budget: int = 1_000_000,
+    header_timeout: float = 10.0,
+    body_timeout: float = 30.0,
+    max_pending_bytes: int = 64 * 1_048_576,
+    send_timeout: float = 30.0,
 ) -> FrontDoor:
     """Listen on ``host:port`` (0 picks a free port) and serve WebSockets and HTTP.
 
@@ -916,6 +1148,14 @@ async def start_frontdoor(
         ws_close_timeout: Seconds to wait for the client's side of a closing handshake.
         http_idle_timeout: Seconds after which an idle keep-alive connection is closed.
         backlog: Listen backlog.
+        admission: Connection caps, per-address limits and handshake rates (default: none).
+        work_budget: Client messages handled per event-loop iteration (see
+            :class:`~gateway.server.admission.WorkBudget`).
+        header_timeout: Seconds to receive a request head (408 after), from its first byte or
+            from the connection's start.
+        body_timeout: Seconds to receive a request body after its head (408 after).
+        max_pending_bytes: Body bytes all unfinished requests may hold together (503 beyond).
+        send_timeout: Seconds a connection may leave responses unread before it is closed.
     """
     door = FrontDoor(
         ws=ws,
@@ -925,6 +1165,12 @@ async def start_frontdoor(
         ws_high_water=ws_high_water,
         ws_close_timeout=ws_close_timeout,
         http_idle_timeout=http_idle_timeout,
+        admission=admission or Admission(AdmissionSettings(), Metrics()),
+        work=WorkBudget(work_budget, admission.shedding if admission is not None else None),
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_pending_bytes=max_pending_bytes,
+        send_timeout=send_timeout,
     )
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
@@ -933,5 +1179,5 @@ async def start_frontdoor(
     door._server = server
     with contextlib.suppress(IndexError):
         door.port = int(server.sockets[0].getsockname()[1])
-    door._sweeper = loop.call_later(http_idle_timeout / 4, door._sweep)
+    door._sweeper = loop.call_later(min(1.0, http_idle_timeout / 4), door._sweep)
     return door

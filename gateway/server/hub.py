@@ -28,8 +28,9 @@ from gateway.server.frontdoor import WsConnection, broadcast_frame, encode_text_
 from gateway.server.webhooks import WebhookSender
 from gateway.shards.pubsub import PubSub
 from gateway.shards.writer import WriteFailed
+from gateway.store import wire
 from gateway.store.healing import LocalChannel, LocalState
-from gateway.store.presence import PresenceStore, channel_key, parse_channel_key
+from gateway.store.presence import PresenceStore, channel_key
 
 __all__ = ["Client", "Hub"]
 
@@ -93,7 +94,11 @@ class Hub:
         self._count_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keys: dict[bytes, ChannelId] = {}
-        self.limits = Limits(activity_timeout=config.activity_timeout)
+        self.limits = Limits(
+            activity_timeout=config.activity_timeout,
+            subscribes_per_second=config.subscribes_per_second,
+            subscribe_burst=config.subscribe_burst,
+        )
         metrics.gauge("pg_connections", "Open WebSocket connections", self._conn_gauge)
 
     def _conn_gauge(self) -> dict[tuple[tuple[str, str], ...], float]:
@@ -264,17 +269,23 @@ class Hub:
         self._schedule_count(cid)
 
     def _release(self, cid: ChannelId) -> None:
-        """Stop listening to a channel no local socket wants, after a grace period.
+        """Forget a channel no local socket wants, after a grace period.
 
         The grace period keeps a channel whose sockets come and go (reloads, churn) from paying
-        a Pub/Sub round trip on every join.
+        a Pub/Sub round trip on every join. After it, nothing of the channel stays in memory.
         """
+        asyncio.get_running_loop().call_later(UNSUBSCRIBE_GRACE, self._forget, cid)
 
-        def maybe_unsubscribe() -> None:
-            if cid not in self.members:
-                self.pubsub.unsubscribe(self.store.shard_of(*cid), channel_key(*cid))
-
-        asyncio.get_running_loop().call_later(UNSUBSCRIBE_GRACE, maybe_unsubscribe)
+    def _forget(self, cid: ChannelId) -> None:
+        if cid in self.members:
+            return  # wanted again
+        app_id, channel = cid
+        user = channel.removeprefix("#server-to-user-")
+        if user != channel and (app_id, user) in self.users:
+            return  # a signed-in socket of the user still needs it
+        key = channel_key(app_id, channel)
+        if self._keys.pop(key, None) is not None:
+            self.pubsub.unsubscribe(self.store.shard_of(app_id, channel), key)
 
     def _drop_presence(self, pres_key: tuple[str, str, str]) -> int:
         left = self.presence.get(pres_key, 0) - 1
@@ -312,7 +323,7 @@ class Hub:
     async def _publish(self, client: Client, action: Publish) -> None:
         app = client.app
         frame = messages.channel_event(action.event, action.channel, action.data, action.user_id)
-        payload = b"E" + client.session.socket_id.encode() + b"\0" + frame.encode()
+        payload = wire.encode_event(frame, client.session.socket_id)
         try:
             await self.store.publish(app.id, action.channel, payload)
         except (WriteFailed, ConnectionError, TimeoutError) as exc:
@@ -398,10 +409,7 @@ class Hub:
         sockets.discard(client)
         if not sockets:
             del self.users[ukey]
-            channel = f"#server-to-user-{user_id}"
-            self.pubsub.unsubscribe(
-                self.store.shard_of(client.app.id, channel), channel_key(client.app.id, channel)
-            )
+            self._forget((client.app.id, f"#server-to-user-{user_id}"))
 
     # -- delivery of shard messages ------------------------------------------------------------
 
@@ -409,31 +417,27 @@ class Hub:
         """A message published on a shard channel this node listens to."""
         cid = self._keys.get(key)
         if cid is None:
-            try:
-                cid = parse_channel_key(key)
-            except ValueError:
-                return
-        kind = data[:1]
+            return  # a channel this node no longer holds (released during the grace period)
+        message = wire.decode(data)
         exclude: str | None = None
-        if kind == b"E":
-            sock, _, body = data[1:].partition(b"\0")
-            exclude = sock.decode() or None
-            text = body.decode()
-        elif kind == b"A":
-            sock, user, info = data[1:].split(b"\0", 2)
-            exclude = sock.decode() or None
-            text = messages.member_added(cid[1], user.decode(), info.decode() or None)
-        elif kind == b"R":
-            text = messages.member_removed(cid[1], data[1:].decode())
-        elif kind == b"C":
+        if isinstance(message, wire.EventMessage):
+            exclude = message.exclude
+            text = message.frame
+        elif isinstance(message, wire.MemberAdded):
+            exclude = message.exclude
+            text = messages.member_added(cid[1], message.user_id, message.user_info)
+        elif isinstance(message, wire.MemberRemoved):
+            text = messages.member_removed(cid[1], message.user_id)
+        elif isinstance(message, wire.CountMessage):
             app = self.config.app_by_id(cid[0])
             if app is None or not app.subscription_count:
                 return
-            text = messages.subscription_count(cid[1], int(data[1:]))
-        elif kind == b"T":
+            text = messages.subscription_count(cid[1], message.count)
+        elif isinstance(message, wire.Terminate):
             self._terminate(cid[0], cid[1].removeprefix("#server-to-user-"))
             return
         else:
+            self.metrics.inc("pg_pubsub_malformed_total")
             return
         self._deliver(cid, text, exclude)
 

@@ -10,11 +10,14 @@ import secrets
 import signal
 
 from gateway.config import NodeConfig
+from gateway.fdlimit import client_connection_cap, nofile_limit, raise_nofile
 from gateway.metrics import Metrics
 from gateway.periodic import every
+from gateway.server.admission import Admission, AdmissionSettings
 from gateway.server.api import Api
 from gateway.server.frontdoor import FrontDoor, start_frontdoor
 from gateway.server.hub import Hub
+from gateway.server.overload import LoadGuard
 from gateway.server.webhooks import WebhookSender
 from gateway.shards.pubsub import PubSub
 from gateway.shards.shardset import ShardSet
@@ -57,7 +60,7 @@ class GatewayNode:
             entry_ttl_ms=config.entry_ttl_ms,
         )
         self.webhooks = WebhookSender(metrics=self.metrics)
-        self.pubsub = PubSub(self.shards, self._on_message)
+        self.pubsub = PubSub(self.shards, self._on_message, metrics=self.metrics, lag=self._lag)
         self.hub = Hub(config, self.store, self.pubsub, self.webhooks, self.metrics)
         self.healer = Healer(
             self.store,
@@ -68,16 +71,60 @@ class GatewayNode:
             HealingSettings(
                 lease_ms=config.lease_ms,
                 lease_interval=config.lease_interval,
+                reap_grace_ms=config.reap_grace_ms,
+                loop_stall_limit=config.loop_stall_limit,
                 reap_interval=config.reap_interval,
                 anti_entropy_interval=config.anti_entropy_interval,
             ),
         )
-        self.api = Api(config, self.store, self.shards, self.hub, self.metrics, self.healer)
+        self.guard = LoadGuard(
+            lag_limit=config.shed_lag,
+            lease_at_risk=self.healer.lease.at_risk,
+            beat=self.healer.lease.beat,
+            metrics=self.metrics,
+        )
+        self.admission = Admission(
+            AdmissionSettings(
+                max_connections=client_connection_cap(
+                    config.max_client_connections, config.reserved_fds
+                ),
+                max_per_ip=config.max_connections_per_ip,
+                handshakes_per_ip=config.handshakes_per_ip,
+                handshake_burst=config.handshake_burst_per_ip,
+                trusted_proxies=config.trusted_proxies,
+            ),
+            self.metrics,
+            shedding=lambda: self.guard.shedding,
+        )
+        self.api = Api(
+            config,
+            self.store,
+            self.shards,
+            self.hub,
+            self.metrics,
+            self.healer,
+            readiness=self.readiness_problems,
+        )
         self._door: FrontDoor | None = None
         self._loops: list[asyncio.Task[None]] = []
 
     def _on_message(self, shard: int, key: bytes, data: bytes) -> None:
         self.hub.on_message(shard, key, data)
+
+    def _lag(self) -> float:
+        return self.guard.worst_lag()
+
+    def readiness_problems(self) -> list[str]:
+        """Why this node should not get new clients now (empty: ready).
+
+        Pub/Sub connections down, leases at risk and load shedding; the shards' own state is
+        reported by the API next to these.
+        """
+        return [
+            *self.pubsub.problems(),
+            *self.healer.lease_problems(),
+            *self.guard.problems(),
+        ]
 
     @property
     def port(self) -> int:
@@ -90,24 +137,38 @@ class GatewayNode:
         await self.shards.start()
         await self.shards.wait_ready(ready_timeout)
         self.writer.start()
+        self.pubsub.start()
         self.healer.start()
+        self.guard.start()
+        c = self.config
         self._door = await start_frontdoor(
-            self.config.host,
-            self.config.port,
+            c.host,
+            c.port,
             ws=self.hub,
             http=self.api,
-            max_ws_message=self.config.max_message_bytes,
+            max_ws_message=c.max_message_bytes,
+            max_body=c.max_request_bytes,
+            admission=self.admission,
+            work_budget=c.client_work_budget,
+            header_timeout=c.request_header_timeout,
+            body_timeout=c.request_body_timeout,
+            max_pending_bytes=c.max_pending_request_bytes,
+            send_timeout=c.response_send_timeout,
         )
         self._loops = [
             asyncio.create_task(every(1.0, self._tick, name="activity", run_first=False)),
             asyncio.create_task(every(0.25, self._claim_due, name="webhook-claim")),
         ]
         log.info(
-            "gateway node %s (owner %s) listening on %s:%d",
+            "gateway node %s (owner %s) listening on %s:%d; up to %d connections "
+            "(open-file limit %d, %d reserved for Redis, Sentinel and webhooks)",
             self.config.node_id,
             self.owner,
             self.config.host,
             self.port,
+            self.admission.settings.max_connections,
+            nofile_limit(),
+            self.config.reserved_fds,
         )
 
     def _tick(self) -> None:
@@ -124,6 +185,7 @@ class GatewayNode:
         for task in self._loops:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.guard.close()
         await self.healer.close()
         if self._door is not None:
             await self._door.shutdown(4200, "server shutting down")
@@ -143,6 +205,7 @@ async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    raise_nofile()
     node = GatewayNode(config, topology)
     try:
         await node.start()

@@ -7,6 +7,7 @@ import collections
 from typing import Any, cast
 
 from gateway._native import ReplyError, ReplyReader, RespError, pack_command
+from gateway.fdlimit import is_emfile, note_emfile
 from gateway.shards.topology import Address
 
 __all__ = ["ConnectionLost", "ShardConnection", "open_connection"]
@@ -31,14 +32,19 @@ class _Protocol(asyncio.Protocol):
         self.pending: collections.deque[tuple[int, asyncio.Future[list[object]]]] = (
             collections.deque()
         )
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = loop.create_future()
         self.error: BaseException | None = None
+        # Loop time of the last bytes received: a reply that is late while others keep
+        # arriving is queued behind them, not lost.
+        self.last_data = loop.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the Transport interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        self.last_data = self.closed.get_loop().time()
         try:
             self.reader.feed(data)
         except RespError as exc:
@@ -75,6 +81,48 @@ class _Protocol(asyncio.Protocol):
             self.transport.abort()
         if not self.closed.done():
             self.closed.set_result(None)
+
+
+class _Timeout:
+    """Fails a command's future when its server shows no sign of life for ``timeout`` s."""
+
+    __slots__ = ("conn", "fut", "handle", "hard", "late_checked", "timeout")
+
+    def __init__(
+        self, conn: ShardConnection, fut: asyncio.Future[list[object]], timeout: float
+    ) -> None:
+        loop = fut.get_loop()
+        self.conn = conn
+        self.fut = fut
+        self.timeout = timeout
+        self.hard = loop.time() + max(10 * timeout, 30.0)
+        self.late_checked = False
+        self.handle: asyncio.Handle = loop.call_later(timeout, self.fire)
+
+    def fire(self) -> None:
+        fut = self.fut
+        if fut.done():
+            return
+        loop = fut.get_loop()
+        if not self.late_checked:
+            # uvloop runs due timers before it polls sockets: after a long loop iteration the
+            # reply may be waiting unread. Look again after one poll (two call_soon hops).
+            self.late_checked = True
+            self.handle = loop.call_soon(self._hop)
+            return
+        self.late_checked = False
+        now = loop.time()
+        if now - self.conn._protocol.last_data < self.timeout and now < self.hard:
+            self.handle = loop.call_later(self.timeout, self.fire)
+            return
+        fut.set_exception(TimeoutError())
+        self.conn.close()
+
+    def _hop(self) -> None:
+        self.handle = self.fut.get_loop().call_soon(self.fire)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 class ShardConnection:
@@ -116,13 +164,18 @@ class ShardConnection:
     async def command(self, *args: bytes | str | int, timeout: float = 5.0) -> Any:
         """Run one command and return its reply; an error reply is raised.
 
+        The timeout is about the server, not about the queue: while replies to earlier
+        requests keep arriving, the wait goes on (up to ``max(10 * timeout, 30)`` seconds), so
+        a connection busy with a long pipeline is not mistaken for a dead one.
+
         Raises:
             ReplyError: The server answered with an error (subclass chosen by its code).
             ConnectionLost: The connection broke.
-            TimeoutError: No reply within ``timeout`` seconds (the connection is closed).
+            TimeoutError: No reply and no progress within ``timeout`` seconds (the connection
+                is closed).
         """
         fut = self.send(pack_command(args), 1)
-        timer = fut.get_loop().call_later(timeout, self._expire, fut)
+        timer = _Timeout(self, fut, timeout)
         try:
             replies = await fut
         finally:
@@ -131,11 +184,6 @@ class ShardConnection:
         if isinstance(reply, ReplyError):
             raise reply
         return reply
-
-    def _expire(self, fut: asyncio.Future[list[object]]) -> None:
-        if not fut.done():
-            fut.set_exception(TimeoutError())
-            self.close()
 
     def close(self) -> None:
         """Close the connection; pending requests fail with :class:`ConnectionLost`."""
@@ -158,5 +206,7 @@ async def open_connection(address: Address, *, timeout: float = 2.0) -> ShardCon
             loop.create_connection(_Protocol, address.host, address.port), timeout
         )
     except (OSError, TimeoutError) as exc:
+        if is_emfile(exc):
+            note_emfile(f"connecting to {address}")
         raise ConnectionLost(f"{address}: cannot connect: {exc}") from exc
     return ShardConnection(address, protocol)

@@ -7,15 +7,17 @@ the call was meant for this shard (uuid), under the current topology (epoch), an
 operation's tag was computed for its exact key. The framing is described in docs/write-path.md.
 ]]
 
-local LIB_VERSION = '3'
+local LIB_VERSION = '4'
 local IDENTITY = '__pg:shard'
 
 -- Set by apply() from the shard identity before any op runs: this shard's own hash tag, under
 -- which its shard-wide keys live (':chans' occupied channels, ':due' held webhooks, ':nodes'
 -- owner leases, ':idx:<owner>' the channels an owner has entries in, ':reaper' the reap lock).
 local SHARD = nil
--- Per call: Redis time in ms, and every owner's liveness as seen at that time.
+-- Per call: Redis time in ms, the shard's lease history (see beat()), and every owner's
+-- liveness as seen at that time.
 local NOW = nil
+local BEAT = nil
 local ALIVE = {}
 
 local function now_ms()
@@ -26,12 +28,36 @@ local function now_ms()
   return NOW
 end
 
--- Whether an owner (node_id@incarnation) holds a live lease on this shard.
+-- The shard's lease history, kept by lease(): {gap, up, grace}. `gap` is the time of the last
+-- refresh before the last period in which no node refreshed at all (the shard was unreachable
+-- or failing over), `up` the time refreshes started again, `grace` the nodes' reap grace (ms).
+local function beat()
+  if BEAT == nil then
+    local b = redis.call('HMGET', SHARD .. ':beat', 'gap', 'up', 'grace')
+    BEAT = {tonumber(b[1]) or 0, tonumber(b[2]) or 0, tonumber(b[3]) or 0}
+  end
+  return BEAT
+end
+
+-- Whether an owner (node_id@incarnation) counts as alive on this shard: its lease has not
+-- expired; or it expired while no node could refresh on this shard (a late owner, not a dead
+-- one) and the shard has been taking refreshes again for less than the grace, so every owner
+-- gets `grace` ms to refresh before it counts as gone. The reaper removes only owners that are
+-- not alive and whose lease expired more than the grace ago (reap()).
 local function alive(owner)
   local known = ALIVE[owner]
   if known == nil then
     local deadline = redis.call('ZSCORE', SHARD .. ':nodes', owner)
-    known = deadline ~= false and tonumber(deadline) >= now_ms()
+    if deadline == false then
+      known = false
+    else
+      deadline = tonumber(deadline)
+      known = deadline >= now_ms()
+      if not known then
+        local b = beat()
+        known = deadline >= b[1] and now_ms() < b[2] + b[3]
+      end
+    end
     ALIVE[owner] = known
   end
   return known
@@ -114,7 +140,8 @@ local function add_member(key, owner, user, info, exclude)
   if redis.call('HSET', pkey, field, info) == 0 then return false, false end
   add_to_index(key, owner)
   if redis.call('HINCRBY', key .. ':u', user, 1) ~= 1 then return false, false end
-  redis.call('PUBLISH', key, 'A' .. exclude .. '\0' .. user .. '\0' .. info)
+  -- The user id is length-prefixed: it may hold any byte, NUL included (gateway/store/wire.py).
+  redis.call('PUBLISH', key, 'A' .. exclude .. '\0' .. #user .. ':' .. user .. info)
   return true, redis.call('ZREM', SHARD .. ':due', key .. '\0m\0' .. user) == 0
 end
 
@@ -232,10 +259,13 @@ local function sync(key, a, p)
 end
 
 -- Owner lease on this shard (key: the shard tag). args: owner, lease ms, first (1 on a node's
--- first lease: earlier incarnations of the same node id are dead at once). Reply: deadline.
+-- first lease: earlier incarnations of the same node id are dead at once), gap ms (no refresh
+-- from any node for longer than this is a period in which the shard was unreachable), grace
+-- ms (the nodes' reap grace). Reply: deadline.
 local function lease(key, a, p)
   local owner, nodes = a[p], key .. ':nodes'
-  local deadline = now_ms() + tonumber(a[p + 1])
+  local now, ms = now_ms(), tonumber(a[p + 1])
+  local deadline = now + ms
   if a[p + 2] == '1' then
     local node = string.sub(owner, 1, string.find(owner, '@', 1, true))
     for _, other in ipairs(redis.call('ZRANGE', nodes, 0, -1)) do
@@ -246,7 +276,14 @@ local function lease(key, a, p)
   end
   redis.call('ZADD', nodes, deadline, owner)
   -- The lease table outlives any lease by far, but not a deployment that stopped entirely.
-  redis.call('PEXPIRE', nodes, 100 * tonumber(a[p + 1]))
+  redis.call('PEXPIRE', nodes, 100 * ms)
+  local bkey = key .. ':beat'
+  local last = tonumber(redis.call('HGET', bkey, 'last') or '0')
+  if now - last > tonumber(a[p + 3]) then
+    redis.call('HSET', bkey, 'gap', last, 'up', now)
+  end
+  redis.call('HSET', bkey, 'last', now, 'grace', a[p + 4])
+  redis.call('PEXPIRE', bkey, 100 * ms)
   return deadline
 end
 
@@ -287,43 +324,55 @@ local function check(key, a, p)
   return {n, tostring(sum)}
 end
 
--- Reaper (key: the shard tag). args: token, lock ms, limit, hold ms. Takes or renews the
--- shard's reap lock; under it, removes up to `limit` channels' entries of owners whose lease
--- expired, through the same transitions as normal leaves (member_removed, channel_vacated).
--- Reply: {-1} when another node holds the lock, else {channels reaped, dead owners left,
--- entries removed}.
+-- Removes up to `limit` channels' entries of a dead owner through the normal transitions, and
+-- the owner's lease once it has no entry left. Returns channels done, entries removed.
+local function reap_owner(key, owner, limit, hold)
+  local idx = key .. ':idx:' .. owner
+  local prefix = owner .. '\0'
+  local done, removed = 0, 0
+  for _, ck in ipairs(redis.call('SRANDMEMBER', idx, limit)) do
+    for _, f in ipairs(redis.call('HKEYS', ck .. ':p')) do
+      if string.sub(f, 1, #prefix) == prefix then
+        remove_member(ck, owner, string.sub(f, #prefix + 1), hold)
+        removed = removed + 1
+      end
+    end
+    if redis.call('HEXISTS', ck .. ':s', owner) == 1 then
+      set_count(ck, owner, 0, hold, true)
+      removed = removed + 1
+    end
+    redis.call('SREM', idx, ck)
+    done = done + 1
+  end
+  if redis.call('SCARD', idx) == 0 then
+    redis.call('ZREM', key .. ':nodes', owner)
+  end
+  return done, removed
+end
+
+-- Reaper (key: the shard tag). args: token, lock ms, limit, hold ms, grace ms. Takes or renews
+-- the shard's reap lock; under it, removes up to `limit` channels' entries of owners that are
+-- not alive (see alive()) and whose lease expired more than `grace` ms ago, through the same
+-- transitions as normal leaves (member_removed, channel_vacated). An owner that was late, not
+-- dead, and refreshes within the grace comes back with no event at all. Reply: {-1} when
+-- another node holds the lock, else {channels reaped, dead owners left, entries removed}.
 local function reap(key, a, p)
   local token, lock = a[p], key .. ':reaper'
   local holder = redis.call('GET', lock)
   if holder and holder ~= token then return {-1} end
   redis.call('SET', lock, token, 'PX', tonumber(a[p + 1]))
   local limit, hold = tonumber(a[p + 2]), tonumber(a[p + 3])
+  local cutoff = '(' .. (now_ms() - tonumber(a[p + 4]))
   local nodes = key .. ':nodes'
-  local dead = redis.call('ZRANGEBYSCORE', nodes, '-inf', '(' .. now_ms(), 'LIMIT', 0, 16)
   local done, removed = 0, 0
-  for _, owner in ipairs(dead) do
-    local idx = key .. ':idx:' .. owner
-    for _, ck in ipairs(redis.call('SRANDMEMBER', idx, limit - done)) do
-      local prefix = owner .. '\0'
-      for _, f in ipairs(redis.call('HKEYS', ck .. ':p')) do
-        if string.sub(f, 1, #prefix) == prefix then
-          remove_member(ck, owner, string.sub(f, #prefix + 1), hold)
-          removed = removed + 1
-        end
-      end
-      if redis.call('HEXISTS', ck .. ':s', owner) == 1 then
-        set_count(ck, owner, 0, hold, true)
-        removed = removed + 1
-      end
-      redis.call('SREM', idx, ck)
-      done = done + 1
-    end
-    if redis.call('SCARD', idx) == 0 then
-      redis.call('ZREM', nodes, owner)
-    end
+  for _, owner in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', cutoff, 'LIMIT', 0, 16)) do
     if done >= limit then break end
+    if not alive(owner) then
+      local d, r = reap_owner(key, owner, limit - done, hold)
+      done, removed = done + d, removed + r
+    end
   end
-  return {done, redis.call('ZCOUNT', nodes, '-inf', '(' .. now_ms()), removed}
+  return {done, redis.call('ZCOUNT', nodes, '-inf', cutoff), removed}
 end
 
 -- Audit repair of one channel's derived state (key: the channel). args: ttl ms. Rebuilds the
@@ -429,9 +478,9 @@ local OPS = {
     return redis.call('SET', key .. ':c', a[p], 'PX', a[p + 1])
   end},
   claim = {1, claim},
-  lease = {3, lease},
+  lease = {5, lease},
   check = {2, check},
-  reap = {4, reap},
+  reap = {5, reap},
   repair = {1, repair},
   purge = {1, purge},
   admin = {3, admin},
@@ -456,6 +505,7 @@ local function check_identity(uuid, epoch)
   end
   SHARD = id[4]
   NOW = nil
+  BEAT = nil
   ALIVE = {}
   return nil
 end
@@ -501,6 +551,7 @@ end
 local function read_prepare()
   SHARD = redis.call('HGET', IDENTITY, 'tag')
   NOW = nil
+  BEAT = nil
   ALIVE = {}
   return SHARD
 end
@@ -539,6 +590,26 @@ local function read_owned(keys, argv)
   return redis.call('SMEMBERS', keys[1] .. ':idx:' .. argv[1])
 end
 
+-- Every owner with a lease on this shard (key: the shard tag), as a flat array of owner,
+-- deadline (ms, Redis clock), state: 'live' (counted by reads), 'late' (not counted, but
+-- within the reap grace: it may still refresh) or 'dead' (the reaper removes its entries).
+local function read_leases(keys)
+  if not read_prepare() then return redis.error_reply('NOIDENTITY run shards init') end
+  local out = {}
+  local all = redis.call('ZRANGE', keys[1] .. ':nodes', 0, -1, 'WITHSCORES')
+  local grace = beat()[3]
+  for i = 1, #all, 2 do
+    local owner, deadline = all[i], tonumber(all[i + 1])
+    local state = 'dead'
+    if alive(owner) then state = 'live'
+    elseif deadline >= now_ms() - grace then state = 'late' end
+    out[#out + 1] = owner
+    out[#out + 1] = all[i + 1]
+    out[#out + 1] = state
+  end
+  return out
+end
+
 -- {cached event or false, remaining ms}
 local function read_cache(keys)
   local ck = keys[1] .. ':c'
@@ -551,6 +622,8 @@ redis.register_function{function_name = 'pg_info', callback = read_info, flags =
 redis.register_function{
   function_name = 'pg_channels', callback = read_channels, flags = {'no-writes'}}
 redis.register_function{function_name = 'pg_cache', callback = read_cache, flags = {'no-writes'}}
+redis.register_function{
+  function_name = 'pg_leases', callback = read_leases, flags = {'no-writes'}}
 redis.register_function{function_name = 'pg_owned', callback = read_owned, flags = {'no-writes'}}
 redis.register_function{
   function_name = 'pg_version',

@@ -12,11 +12,17 @@ from dataclasses import dataclass, field
 
 from gateway._native import ReplyError, SlotTable
 from gateway.metrics import Metrics
-from gateway.shards.admin import IDENTITY_KEY, ShardIdentity
+from gateway.shards.admin import IDENTITY_KEY, ShardIdentity, library_version
 from gateway.shards.connection import ConnectionLost, ShardConnection, open_connection
 from gateway.shards.topology import Address, ShardSpec, TopologyConfig
 
-__all__ = ["IdentityMismatch", "ShardLink", "ShardSet", "discover_master"]
+__all__ = [
+    "IdentityMismatch",
+    "SentinelUnreachable",
+    "ShardLink",
+    "ShardSet",
+    "discover_master",
+]
 
 log = logging.getLogger("gateway.shards")
 
@@ -28,23 +34,33 @@ class IdentityMismatch(RuntimeError):
     """The server found for a shard is not that shard (or not a master)."""
 
 
+class SentinelUnreachable(ConnectionError):
+    """No Sentinel answered (the message lists why, per Sentinel)."""
+
+
 async def discover_master(
     sentinels: tuple[Address, ...], name: str, *, timeout: float = 1.0
 ) -> Address | None:
     """Ask every Sentinel for master ``name``; return the address most of them report.
 
-    Sentinels that do not answer in ``timeout`` seconds are ignored. Returns ``None`` when no
-    Sentinel knows the name.
+    Sentinels that do not answer in ``timeout`` seconds are ignored. Returns ``None`` when the
+    Sentinels that answered do not know the name.
+
+    Raises:
+        SentinelUnreachable: No Sentinel answered at all.
     """
+    errors: list[str] = []
 
     async def ask(sentinel: Address) -> Address | None:
         try:
             conn = await open_connection(sentinel, timeout=timeout)
-        except ConnectionLost:
+        except ConnectionLost as exc:
+            errors.append(str(exc))
             return None
         try:
             reply = await conn.command("SENTINEL", "get-master-addr-by-name", name, timeout=timeout)
-        except (ReplyError, ConnectionLost, TimeoutError):
+        except (ReplyError, ConnectionLost, TimeoutError) as exc:
+            errors.append(f"{sentinel}: {exc!r}")
             return None
         finally:
             conn.close()
@@ -53,6 +69,8 @@ async def discover_master(
         return Address(bytes(reply[0]).decode(), int(bytes(reply[1])))
 
     answers = await asyncio.gather(*(ask(s) for s in sentinels))
+    if len(errors) == len(sentinels):
+        raise SentinelUnreachable("no Sentinel answered: " + "; ".join(errors))
     votes = Counter(a for a in answers if a is not None)
     if not votes:
         return None
@@ -86,6 +104,8 @@ class ShardLink:
         run_id: ``run_id`` of the verified server (changes when the master changes).
         replid: Replication id of the verified master.
         last_error: Why the link is down, for health reports.
+        warning: A problem that does not stop the link (Sentinels unreachable while the
+            verified master still answers), for health reports.
     """
 
     index: int
@@ -95,6 +115,7 @@ class ShardLink:
     run_id: str = ""
     replid: str = ""
     last_error: str = "not connected yet"
+    warning: str | None = None
     usable: bool = False
     suspect_reason: str | None = None
     failures: int = 0
@@ -132,6 +153,7 @@ class ShardSet:
         self.connect_timeout = connect_timeout
         self.verify_identity = verify_identity
         self.links = [ShardLink(i, spec) for i, spec in enumerate(topology.shards)]
+        self.library_version = library_version()
         self._ranges = SlotTable.even_ranges(len(self.links))
         self.table = SlotTable(1, [_UNKNOWN_UUID] * len(self.links), self._ranges)
         self._listeners: list[Callable[[ShardLink], None]] = []
@@ -212,6 +234,7 @@ class ShardSet:
                 "address": str(link.address) if link.address else None,
                 "epoch": link.identity.epoch if link.identity else None,
                 "error": None if link.usable else link.last_error,
+                "warning": link.warning,
             }
             for link in self.links
         ]
@@ -236,14 +259,49 @@ class ShardSet:
                 await asyncio.wait_for(link.wake.wait(), self.recheck_interval)
 
     async def _resolve(self, link: ShardLink) -> Address | None:
-        if self.topology.uses_sentinel:
-            return await discover_master(
+        if not self.topology.uses_sentinel:
+            return link.spec.master
+        conn = link.conn
+        current = (
+            conn.address
+            if conn is not None and not conn.is_closed and link.suspect_reason is None
+            else None
+        )
+        try:
+            found = await discover_master(
                 self.topology.sentinels, link.spec.name, timeout=self.connect_timeout
             )
-        return link.spec.master
+        except SentinelUnreachable as exc:
+            if current is None:
+                raise
+            # The verified master stays verified on its own connection (role and identity are
+            # checked again below, and every write is tagged): Sentinels being unreachable is
+            # no reason to stop using it.
+            self._warn(link, f"{exc}; keeping the verified master {current}")
+            return current
+        if found is None and current is not None:
+            self._warn(
+                link,
+                f"no Sentinel knows a master named {link.spec.name!r}; keeping the verified "
+                f"master {current}",
+            )
+            return current
+        if link.warning is not None:
+            log.info("shard %s: Sentinels answer again", link.spec.name)
+            link.warning = None
+        return found
+
+    def _warn(self, link: ShardLink, warning: str) -> None:
+        if link.warning is None:
+            log.warning("shard %s: %s", link.spec.name, warning)
+        link.warning = warning
 
     async def _check(self, link: ShardLink) -> None:
-        addr = await self._resolve(link)
+        try:
+            addr = await self._resolve(link)
+        except SentinelUnreachable as exc:
+            self._down(link, str(exc))
+            return
         if addr is None:
             self._down(link, "no Sentinel knows a master for this shard")
             return
@@ -296,6 +354,18 @@ class ShardSet:
         kind = role[0].decode() if isinstance(role, list) and role else "unknown"
         if kind != "master":
             raise IdentityMismatch(f"server is a {kind}, not a master")
+        try:
+            version = await conn.command("FCALL_RO", "pg_version", 0, timeout=self.connect_timeout)
+        except ReplyError as exc:
+            raise IdentityMismatch(
+                f"the function library is not loaded ({exc}); run presence-gateway shards init"
+            ) from exc
+        if bytes(version).decode() != self.library_version:
+            raise IdentityMismatch(
+                f"function library version {bytes(version).decode()} is loaded, this gateway "
+                f"needs version {self.library_version}: run presence-gateway shards init with "
+                "this gateway's package"
+            )
         fields = _decode_hash(raw)
         if not fields:
             raise IdentityMismatch("server holds no shard identity (run shards init)")

@@ -1,9 +1,10 @@
 """Self-healing of the shared state: leases, the reaper, re-assertion and anti-entropy.
 
 Each node holds a lease on every shard, refreshed every ``lease_interval`` seconds with a
-deadline ``lease_ms`` ahead of the shard's own clock; reads ignore the entries of owners whose
-lease expired. Any node reaps a shard under the shard's reap lock, removing dead owners'
-entries through the same transitions as normal leaves, so ``member_removed`` and
+deadline ``lease_ms`` ahead of the shard's own clock by threads of its own
+(:mod:`gateway.store.lease`); reads ignore the entries of owners whose lease expired. Any node
+reaps a shard under the shard's reap lock, removing the entries of owners dead for longer than
+the reap grace through the same transitions as normal leaves, so ``member_removed`` and
 ``channel_vacated`` (and their webhooks) go out for users who really left. Each node re-asserts
 the absolute state it owns when a shard's master changes, when a shard comes back after being
 unusable, and whenever the cheap digest check of the anti-entropy loop finds a difference.
@@ -15,7 +16,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +24,7 @@ from gateway.metrics import Metrics
 from gateway.periodic import every
 from gateway.shards.shardset import ShardLink, ShardSet
 from gateway.shards.writer import WriteFailed
+from gateway.store.lease import LeaseKeeper, LeaseSettings
 from gateway.store.presence import PresenceStore, channel_key
 
 __all__ = ["Healer", "HealingSettings", "LocalChannel", "digest"]
@@ -51,6 +52,9 @@ class HealingSettings:
     Attributes:
         lease_ms: How long a lease lasts past its refresh (Redis clock).
         lease_interval: Seconds between lease refreshes.
+        reap_grace_ms: How long after its lease expired an owner may still refresh before the
+            reaper removes its entries.
+        loop_stall_limit: Seconds without event-loop progress after which the lease is let go.
         reap_interval: Seconds between reaper passes on each shard.
         reap_lock_ms: Validity of a shard's reap lock.
         reap_limit: Channels reaped per call.
@@ -59,6 +63,8 @@ class HealingSettings:
 
     lease_ms: int = 10_000
     lease_interval: float = 1.0
+    reap_grace_ms: int = 2_000
+    loop_stall_limit: float = 30.0
     reap_interval: float = 1.0
     reap_lock_ms: int = 3_000
     reap_limit: int = 200
@@ -119,16 +125,26 @@ class Healer:
         self.metrics = metrics
         self.settings = settings or HealingSettings()
         self.token = store.owner.decode()
+        s = self.settings
+        self.lease = LeaseKeeper(
+            shards,
+            store,
+            LeaseSettings(
+                lease_ms=s.lease_ms,
+                interval=s.lease_interval,
+                grace_ms=s.reap_grace_ms,
+                stall_limit=s.loop_stall_limit,
+            ),
+            metrics,
+            on_lapsed=lambda shard: self.resync(shard, "lease_lapsed"),
+        )
         n = len(shards.links)
-        self._leased = [False] * n
-        self._last_lease = [0.0] * n  # monotonic time of the last successful refresh
         self._seen_up = [False] * n
         self._resyncing: list[asyncio.Task[None] | None] = [None] * n
         self._tasks: list[asyncio.Task[None]] = []
         shards.on_link_up(self._link_up)
         shards.on_master_change(self._master_changed)
         m = metrics
-        m.describe("pg_lease_refreshes_total", "Lease refreshes, by shard and result")
         m.describe("pg_reaped_entries_total", "Entries of dead owners removed, by shard")
         m.describe("pg_reassertions_total", "Re-assertions of this node's state, by shard, reason")
         m.describe("pg_convergence_events_total", "Differences found and repaired, by reason")
@@ -137,10 +153,10 @@ class Healer:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the loops."""
+        """Start the lease threads and the loops."""
         s = self.settings
+        self.lease.start()
         self._tasks = [
-            asyncio.create_task(every(s.lease_interval, self._lease_all, name="lease")),
             asyncio.create_task(every(s.reap_interval, self._reap_all, name="reaper")),
             asyncio.create_task(
                 every(s.anti_entropy_interval, self._check_all, name="anti-entropy")
@@ -148,45 +164,18 @@ class Healer:
         ]
 
     async def close(self) -> None:
-        """Stop the loops."""
+        """Stop the loops and the lease threads."""
         tasks = [*self._tasks, *(t for t in self._resyncing if t is not None)]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.lease.close()
 
     def lease_problems(self) -> list[str]:
-        """Shards on which this node's lease is at risk (for /health)."""
-        limit = self.settings.lease_ms / 2000
-        now = time.monotonic()
-        return [
-            f"{link.spec.name}: lease not refreshed for {now - self._last_lease[link.index]:.1f} s"
-            for link in self.shards.links
-            if self._leased[link.index] and now - self._last_lease[link.index] > limit
-        ]
-
-    # -- leases --------------------------------------------------------------------------------
-
-    async def _lease_all(self) -> None:
-        await asyncio.gather(*(self._lease(link) for link in self.shards.links if link.usable))
-
-    async def _lease(self, link: ShardLink) -> None:
-        i = link.index
-        try:
-            await self.store.lease(i, self.settings.lease_ms, first=not self._leased[i])
-        except (WriteFailed, ReplyError, ConnectionError) as exc:
-            self.metrics.inc("pg_lease_refreshes_total", shard=link.spec.name, result="failed")
-            log.warning("shard %s: lease not refreshed: %s", link.spec.name, exc)
-            return
-        now = time.monotonic()
-        lapsed = self._leased[i] and now - self._last_lease[i] > self.settings.lease_ms / 1000
-        self._leased[i] = True
-        self._last_lease[i] = now
-        self.metrics.inc("pg_lease_refreshes_total", shard=link.spec.name, result="ok")
-        if lapsed:
-            # Others may have reaped us meanwhile: put our state back.
-            self.resync(i, "lease_lapsed")
+        """Shards on which this node's lease is at risk (for readiness)."""
+        return self.lease.problems()
 
     # -- reaper --------------------------------------------------------------------------------
 
@@ -201,6 +190,7 @@ class Healer:
                     self.token,
                     lock_ms=self.settings.reap_lock_ms,
                     limit=self.settings.reap_limit,
+                    grace_ms=self.settings.reap_grace_ms,
                 )
             except (WriteFailed, ReplyError, ConnectionError) as exc:
                 log.warning("shard %s: reaper failed: %s", link.spec.name, exc)
@@ -240,7 +230,16 @@ class Healer:
         name = self.shards.links[shard].spec.name
         self.metrics.inc("pg_reassertions_total", shard=name, reason=reason)
         try:
-            await self.store.lease(shard, self.settings.lease_ms, first=not self._leased[shard])
+            # The lease threads keep the lease; this refresh only makes sure it exists before
+            # the entries are written (they would not count otherwise).
+            s = self.settings
+            await self.store.lease(
+                shard,
+                s.lease_ms,
+                first=not self.lease.leased(shard),
+                gap_ms=self.lease.settings.gap_ms,
+                grace_ms=s.reap_grace_ms,
+            )
             owned = set(await self.store.owned(shard))
         except (WriteFailed, ReplyError, ConnectionError) as exc:
             log.warning("shard %s: re-assertion postponed: %s", name, exc)

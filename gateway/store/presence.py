@@ -15,7 +15,7 @@ from typing import cast
 from gateway._native import ReplyError
 from gateway.shards.connection import ConnectionLost
 from gateway.shards.shardset import ShardSet
-from gateway.shards.writer import BatchWriter, ShardUnavailableError
+from gateway.shards.writer import BatchWriter, Op, ShardUnavailableError
 
 __all__ = [
     "ChannelCounts",
@@ -222,19 +222,43 @@ class PresenceStore:
         identity = self.shards.links[shard].identity
         return identity.tag.encode() if identity is not None and identity.tag else None
 
-    async def lease(self, shard: int, lease_ms: int, *, first: bool) -> int:
-        """Refresh this node's lease on ``shard``; returns the deadline (Redis time, ms).
+    def lease_op(self, shard: int, lease_ms: int, *, first: bool, gap_ms: int, grace_ms: int) -> Op:
+        """The write that refreshes this node's lease on ``shard`` (see :meth:`lease`).
 
-        ``first``: this incarnation's first lease, which makes earlier incarnations of the same
-        node id dead at once.
+        Raises:
+            ShardUnavailableError: The shard's identity is not verified yet.
         """
         tag = self.shard_tag(shard)
         if tag is None:
             raise ShardUnavailableError(f"shard {shard} not verified yet")
-        reply = await self.writer.write(
-            b"lease", tag, self.owner, str(lease_ms).encode(), b"1" if first else b"0"
+        args = (
+            self.owner,
+            str(lease_ms).encode(),
+            b"1" if first else b"0",
+            str(gap_ms).encode(),
+            str(grace_ms).encode(),
         )
-        return cast(int, reply)
+        return (b"lease", tag, args)
+
+    async def lease(
+        self, shard: int, lease_ms: int, *, first: bool, gap_ms: int, grace_ms: int
+    ) -> int:
+        """Refresh this node's lease on ``shard``; returns the deadline (Redis time, ms).
+
+        Args:
+            shard: The shard.
+            lease_ms: How long the lease lasts from now (Redis clock).
+            first: This incarnation's first lease, which makes earlier incarnations of the
+                same node id dead at once.
+            gap_ms: A period longer than this without any node's refresh counts as one in
+                which the shard was unreachable: owners whose lease expired in it get the
+                grace to refresh before they count as gone.
+            grace_ms: The reap grace (recorded on the shard for its reads).
+        """
+        op, key, args = self.lease_op(
+            shard, lease_ms, first=first, gap_ms=gap_ms, grace_ms=grace_ms
+        )
+        return cast(int, await self.writer.write(op, key, *args))
 
     async def check(self, shard: int) -> tuple[int, int]:
         """Refresh the expiry of this node's entries on ``shard``; return their (count, digest)."""
@@ -244,19 +268,44 @@ class PresenceStore:
         reply = cast(list[object], await self.writer.write(b"check", tag, self.owner, self.ttl))
         return cast(int, reply[0]), int(cast(bytes, reply[1]))
 
-    async def reap(self, shard: int, token: str, *, lock_ms: int, limit: int) -> list[int]:
+    async def reap(
+        self, shard: int, token: str, *, lock_ms: int, limit: int, grace_ms: int
+    ) -> list[int]:
         """Reap dead owners' entries on ``shard`` under the shard's reap lock.
 
-        Returns ``[-1]`` when another node holds the lock, else ``[channels reaped, dead owners
-        left, entries removed]``.
+        Only owners that are not alive and whose lease expired more than ``grace_ms`` ago are
+        reaped (the rule is in ``functions.lua``, ``alive`` and ``reap``). Returns ``[-1]``
+        when another node holds the lock, else ``[channels reaped, dead owners left, entries
+        removed]``.
         """
         tag = self.shard_tag(shard)
         if tag is None:
             return [-1]
         reply = await self.writer.write(
-            b"reap", tag, token.encode(), str(lock_ms).encode(), str(limit).encode(), self.hold
+            b"reap",
+            tag,
+            token.encode(),
+            str(lock_ms).encode(),
+            str(limit).encode(),
+            self.hold,
+            str(grace_ms).encode(),
         )
         return cast(list[int], reply)
+
+    async def leases(self, shard: int) -> list[tuple[str, int, str]]:
+        """Every owner with a lease on ``shard``: ``(owner, deadline ms, state)``.
+
+        ``state`` is ``"live"`` (its entries are counted), ``"late"`` (not counted, but within
+        the reap grace) or ``"dead"`` (the reaper removes its entries).
+        """
+        tag = self.shard_tag(shard)
+        if tag is None:
+            raise ShardUnavailableError(f"shard {shard} not verified yet")
+        flat = cast(list[bytes], await self._read(shard, "FCALL_RO", "pg_leases", 1, tag))
+        return [
+            (flat[i].decode(), int(flat[i + 1]), flat[i + 2].decode())
+            for i in range(0, len(flat), 3)
+        ]
 
     async def owned(self, shard: int) -> list[tuple[str, str]]:
         """Channels (app id, channel) in which this node has entries on ``shard``."""

@@ -1,0 +1,307 @@
+"""This node's lease on every shard, kept by threads of their own so that load cannot fake death.
+
+A node's members count on a shard only while its lease there is alive (``functions.lua``,
+``alive``). The lease used to be refreshed by the event loop through the batched writer, so a
+burst of client work (thousands of subscribes waiting in the same loop and the same pipeline)
+could delay it past its expiry and get a live node's members announced as gone. Here each
+shard has a thread with its own blocking connection to the shard's verified master that sends
+one verified ``lease`` write every ``interval`` seconds: neither the event loop nor the write
+queue stands between the node and its lease. The thread needs the GIL only for a few
+microseconds per refresh, which a busy event loop hands over every few milliseconds.
+
+A lease must not outlive a node that can no longer serve: the event loop beats a heartbeat
+(:meth:`LeaseKeeper.beat`), and when the loop has not beaten for ``stall_limit`` seconds (a
+callback stuck in a loop, a deadlock) the threads stop refreshing, so the node is treated as
+dead and its members are reaped. A loop that is merely busy still beats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway._native import ReplyError, ReplyReader, build_batches
+from gateway.metrics import Metrics
+from gateway.shards.shardset import ShardSet
+from gateway.shards.topology import Address
+from gateway.store.presence import PresenceStore
+
+__all__ = ["LeaseKeeper", "LeaseSettings"]
+
+log = logging.getLogger("gateway.lease")
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    """Timing of the lease.
+
+    Attributes:
+        lease_ms: How long a lease lasts past its refresh (Redis clock).
+        interval: Seconds between refreshes.
+        grace_ms: Reap grace: how long a node whose lease expired may still refresh before its
+            entries are reaped (and how long after a shard comes back every node gets).
+        stall_limit: Seconds without an event-loop heartbeat after which the lease is let go.
+        timeout: Seconds to connect or to wait for one refresh's reply.
+    """
+
+    lease_ms: int = 10_000
+    interval: float = 1.0
+    grace_ms: int = 2_000
+    stall_limit: float = 30.0
+    timeout: float = 2.0
+
+    @property
+    def gap_ms(self) -> int:
+        """A shard that took no refresh from any node for this long was unreachable."""
+        return max(2_000, int(self.interval * 3_000))
+
+
+class _ShardLease:
+    """State of one shard's lease, written by its thread and read by the event loop."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.sock: socket.socket | None = None
+        self.addr: Address | None = None
+        self.first = True
+        self.last_ok = 0.0  # monotonic time of the last refresh the shard accepted
+        self.last_rtt = 0.0
+        self.error = ""
+        self.ok = 0
+        self.failed = 0
+
+
+class LeaseKeeper:
+    """Refreshes the node's lease on every shard from one thread per shard.
+
+    Args:
+        shards: The shard links; each thread follows its shard's verified master.
+        store: Builds the verified ``lease`` write.
+        settings: Timing.
+        metrics: ``pg_lease_refreshes_total{shard,result}`` and ``pg_lease_age_seconds{shard}``.
+        on_lapsed: Called on the event loop with a shard index when a refresh succeeded after
+            the lease had expired (others may have reaped this node meanwhile).
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        store: PresenceStore,
+        settings: LeaseSettings,
+        metrics: Metrics,
+        on_lapsed: Callable[[int], None],
+    ) -> None:
+        self.shards = shards
+        self.store = store
+        self.settings = settings
+        self.on_lapsed = on_lapsed
+        self._state = [_ShardLease(link.index) for link in shards.links]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._beat = time.monotonic()
+        self._stalled = False
+        metrics.counter(
+            "pg_lease_refreshes_total", "Lease refreshes, by shard and result", self._counts
+        )
+        metrics.gauge(
+            "pg_lease_age_seconds", "Seconds since this node's lease was last refreshed", self._ages
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the threads (call from the event loop, which must then call :meth:`beat`)."""
+        self._loop = asyncio.get_running_loop()
+        self._beat = time.monotonic()
+        for state in self._state:
+            name = self.shards.links[state.index].spec.name
+            thread = threading.Thread(
+                target=self._run, args=(state,), name=f"lease-{name}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    async def close(self) -> None:
+        """Stop refreshing (the lease then expires on its own) and close the connections."""
+        self._stop.set()
+        threads, self._threads = self._threads, []
+        if threads:
+            await asyncio.to_thread(_join_all, threads, self.settings.timeout + 1)
+
+    def beat(self) -> None:
+        """The event loop is making progress (call at least every second)."""
+        self._beat = time.monotonic()
+
+    # -- what the node reads -------------------------------------------------------------------
+
+    def leased(self, shard: int) -> bool:
+        """Whether this incarnation's lease on ``shard`` has been accepted at least once."""
+        return not self._state[shard].first
+
+    def age(self, shard: int) -> float | None:
+        """Seconds since the last accepted refresh on ``shard``; None before the first."""
+        state = self._state[shard]
+        return None if state.first else time.monotonic() - state.last_ok
+
+    def problems(self) -> list[str]:
+        """Shards on which this node's lease is at risk (not refreshed for half its length)."""
+        limit = self.settings.lease_ms / 2000
+        out = []
+        for state in self._state:
+            age = self.age(state.index)
+            if age is not None and age > limit:
+                name = self.shards.links[state.index].spec.name
+                reason = f": {state.error}" if state.error else ""
+                out.append(f"{name}: lease not refreshed for {age:.1f} s{reason}")
+        return out
+
+    def at_risk(self) -> bool:
+        """Whether a usable shard's lease is older than a quarter of its length.
+
+        The lease threads do not depend on the event loop, so this means Redis answers them
+        slowly, typically because of the node's own traffic: the node should shed load.
+        """
+        limit = self.settings.lease_ms / 4000
+        for state in self._state:
+            age = self.age(state.index)
+            if age is not None and age > limit and self.shards.links[state.index].usable:
+                return True
+        return False
+
+    def _counts(self) -> dict[tuple[tuple[str, str], ...], float]:
+        out: dict[tuple[tuple[str, str], ...], float] = {}
+        for state in self._state:
+            name = self.shards.links[state.index].spec.name
+            out[(("result", "ok"), ("shard", name))] = float(state.ok)
+            out[(("result", "failed"), ("shard", name))] = float(state.failed)
+        return out
+
+    def _ages(self) -> dict[tuple[tuple[str, str], ...], float]:
+        out: dict[tuple[tuple[str, str], ...], float] = {}
+        for state in self._state:
+            age = self.age(state.index)
+            if age is not None:
+                out[(("shard", self.shards.links[state.index].spec.name),)] = age
+        return out
+
+    # -- the threads ---------------------------------------------------------------------------
+
+    def _run(self, state: _ShardLease) -> None:
+        interval = self.settings.interval
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self._refresh(state)
+            except Exception as exc:  # the thread must survive anything
+                self._failed(state, f"unexpected error: {exc!r}")
+            next_at = max(next_at + interval, time.monotonic())
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+        self._disconnect(state)
+
+    def _refresh(self, state: _ShardLease) -> None:
+        link = self.shards.links[state.index]
+        name = link.spec.name
+        stalled = time.monotonic() - self._beat
+        if stalled > self.settings.stall_limit:
+            if not self._stalled:
+                self._stalled = True
+                log.error(
+                    "event loop stalled for %.0f s (loop_stall_limit %g s): letting this "
+                    "node's leases expire, so its members will be removed",
+                    stalled,
+                    self.settings.stall_limit,
+                )
+            return
+        if self._stalled:
+            self._stalled = False
+            log.warning("event loop is running again: refreshing leases")
+        # Follow the verified master; while the link is being re-verified keep the last one
+        # (the write is tagged: a server that is not this shard refuses it).
+        addr = link.address or state.addr
+        if addr is None or link.identity is None:
+            return
+        s = self.settings
+        op = self.store.lease_op(
+            state.index, s.lease_ms, first=state.first, gap_ms=s.gap_ms, grace_ms=s.grace_ms
+        )
+        (batch,) = build_batches(self.shards.table, [op], group=1)
+        if batch.shard != state.index:  # the table changed under us; next time
+            return
+        started = time.monotonic()
+        try:
+            if state.sock is None or state.addr != addr:
+                self._disconnect(state)
+                state.sock = socket.create_connection((addr.host, addr.port), timeout=s.timeout)
+                state.sock.settimeout(s.timeout)
+                state.addr = addr
+            replies = _round_trip(state.sock, batch.payload, batch.n_commands)
+        except (OSError, ValueError) as exc:
+            self._disconnect(state)
+            if isinstance(exc, OSError) and exc.errno == errno.EMFILE:
+                self._failed(state, f"{addr}: out of file descriptors (EMFILE)")
+            else:
+                self._failed(state, f"{addr}: {exc!r}")
+            return
+        (result,) = batch.map_replies(replies)
+        if isinstance(result, ReplyError):
+            self._disconnect(state)
+            self._failed(state, f"{addr} refused the lease: {result}")
+            return
+        now = time.monotonic()
+        lapsed = not state.first and now - state.last_ok > s.lease_ms / 1000
+        state.first = False
+        state.last_ok = now
+        state.last_rtt = now - started
+        state.ok += 1
+        if state.error:
+            log.info("shard %s: lease refreshed again", name)
+            state.error = ""
+        if lapsed and self._loop is not None:
+            log.warning("shard %s: this node's lease had expired; re-asserting its state", name)
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                self._loop.call_soon_threadsafe(self.on_lapsed, state.index)
+
+    def _failed(self, state: _ShardLease, reason: str) -> None:
+        state.failed += 1
+        if reason != state.error:
+            log.warning(
+                "shard %s: lease not refreshed: %s",
+                self.shards.links[state.index].spec.name,
+                reason,
+            )
+            state.error = reason
+
+    @staticmethod
+    def _disconnect(state: _ShardLease) -> None:
+        if state.sock is not None:
+            with contextlib.suppress(OSError):
+                state.sock.close()
+            state.sock = None
+
+
+def _round_trip(sock: socket.socket, payload: bytes, n: int) -> list[object]:
+    """Send a packed pipeline and read its ``n`` replies (blocking, with the socket timeout)."""
+    sock.sendall(payload)
+    reader = ReplyReader()
+    while True:
+        replies = reader.take(n)
+        if replies is not None:
+            return replies
+        chunk = sock.recv(65_536)
+        if not chunk:
+            raise ConnectionError("connection closed by the server")
+        reader.feed(chunk)
+
+
+def _join_all(threads: list[threading.Thread], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))

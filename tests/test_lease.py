@@ -1,0 +1,270 @@
+"""A node's lease on real shards: kept by its own threads while the event loop is blocked, let
+go when the loop stalls, and the reap rule that tells a late node from a dead one."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from support import raw_client
+
+from gateway.localcluster import LocalCluster
+from gateway.metrics import Metrics
+from gateway.shards.admin import init_shards
+from gateway.shards.pubsub import PubSub
+from gateway.shards.shardset import ShardSet
+from gateway.shards.topology import load_topology
+from gateway.shards.writer import BatchWriter
+from gateway.store.lease import LeaseKeeper, LeaseSettings
+from gateway.store.presence import PresenceStore, channel_key
+
+
+def _uid() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+async def make_store(cluster: LocalCluster) -> AsyncIterator[Callable[..., object]]:
+    """Presence stores with their own links (no lease yet); all closed at the end."""
+    topo = load_topology(cluster.topology_path)
+    init_shards(topo)
+    opened: list[tuple[ShardSet, BatchWriter]] = []
+
+    async def make(owner: str) -> PresenceStore:
+        shards = ShardSet(topo, recheck_interval=0.2)
+        writer = BatchWriter(shards)
+        await shards.start()
+        await shards.wait_ready(10)
+        writer.start()
+        opened.append((shards, writer))
+        return PresenceStore(shards, writer, owner=owner, hold_ms=100, entry_ttl_ms=60_000)
+
+    yield make
+    for shards, writer in opened:
+        await writer.close()
+        await shards.close()
+
+
+class Sampler:
+    """Reads a channel's roster from a thread (works while the event loop is blocked)."""
+
+    def __init__(self, cluster: LocalCluster, shard: int, key: bytes) -> None:
+        self.client = raw_client(cluster.masters()[shard].addr)
+        self.key = key
+        self.samples: list[tuple[float, set[bytes]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            flat = self.client.fcall_ro("pg_roster", 1, self.key)
+            self.samples.append((time.monotonic(), set(flat[::2])))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.client.close()
+
+
+async def _beat(keeper: LeaseKeeper) -> None:
+    while True:
+        keeper.beat()
+        await asyncio.sleep(0.05)
+
+
+async def test_lease_is_kept_while_the_event_loop_is_blocked(
+    make_store: Callable[..., object], cluster: LocalCluster
+) -> None:
+    store: PresenceStore = await make_store(f"busy@{_uid()}")  # type: ignore[misc]
+    lapsed: list[int] = []
+    keeper = LeaseKeeper(
+        store.shards,
+        store,
+        LeaseSettings(lease_ms=1000, interval=0.2, grace_ms=0, stall_limit=30),
+        Metrics(),
+        on_lapsed=lapsed.append,
+    )
+    ch = f"presence-busy-{_uid()}"
+    shard = store.shard_of("1", ch)
+    beat = asyncio.create_task(_beat(keeper))
+    keeper.start()
+    try:
+        await _until(lambda: keeper.leased(shard))
+        await store.join("1", ch, "u1", None, "1.1")
+        with Sampler(cluster, shard, channel_key("1", ch)) as sampler:
+            time.sleep(3.0)  # noqa: ASYNC251 -- the event loop is blocked for three leases
+        seen = [users for _, users in sampler.samples]
+        assert len(seen) > 20
+        assert all(users == {b"u1"} for users in seen), seen
+        assert keeper.age(shard) is not None and keeper.age(shard) < 1.0  # type: ignore[operator]
+        assert lapsed == []
+    finally:
+        beat.cancel()
+        await keeper.close()
+
+
+async def test_lease_is_let_go_when_the_loop_stalls(
+    make_store: Callable[..., object], cluster: LocalCluster
+) -> None:
+    store: PresenceStore = await make_store(f"stuck@{_uid()}")  # type: ignore[misc]
+    lapsed: list[int] = []
+    keeper = LeaseKeeper(
+        store.shards,
+        store,
+        LeaseSettings(lease_ms=600, interval=0.1, grace_ms=0, stall_limit=1.0),
+        Metrics(),
+        on_lapsed=lapsed.append,
+    )
+    ch = f"presence-stuck-{_uid()}"
+    shard = store.shard_of("1", ch)
+    beat = asyncio.create_task(_beat(keeper))
+    keeper.start()
+    try:
+        await _until(lambda: keeper.leased(shard))
+        await store.join("1", ch, "u1", None, "1.1")
+        with Sampler(cluster, shard, channel_key("1", ch)) as sampler:
+            time.sleep(3.0)  # noqa: ASYNC251 -- no heartbeat for longer than the stall limit
+        assert sampler.samples[0][1] == {b"u1"}
+        assert sampler.samples[-1][1] == set(), sampler.samples[-5:]
+        # The loop runs again: the lease is refreshed, and the lapse is reported so the node
+        # re-asserts its state (others may have reaped it meanwhile).
+        await _until(lambda: shard in lapsed)
+    finally:
+        beat.cancel()
+        await keeper.close()
+
+
+async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
+    make_store: Callable[..., object], cluster: LocalCluster
+) -> None:
+    a: PresenceStore = await make_store(f"alive@{_uid()}")  # type: ignore[misc]
+    b: PresenceStore = await make_store(f"late@{_uid()}")  # type: ignore[misc]
+    ch = f"presence-late-{_uid()}"
+    shard = a.shard_of("1", ch)
+    heard: list[bytes] = []
+    pubsub = PubSub(a.shards, lambda _s, _k, data: heard.append(data))
+    lease = {"gap_ms": 10_000, "grace_ms": 1500}
+    master = raw_client(cluster.masters()[shard].addr)
+
+    def b_entries() -> int:
+        return sum(f.startswith(b.owner) for f in master.hkeys(channel_key("1", ch) + b":p"))
+
+    try:
+        await pubsub.subscribe(shard, channel_key("1", ch))
+        await a.lease(shard, 60_000, first=True, **lease)
+        # A shard that had no refresh before (first use, or unreachable) gives every owner
+        # the grace: let that pass, with a refreshing all along.
+        for _ in range(8):
+            await asyncio.sleep(0.25)
+            await a.lease(shard, 60_000, first=False, **lease)
+        await b.lease(shard, 300, first=True, **lease)
+        await b.join("1", ch, "late-user", None, "2.1")
+        await asyncio.sleep(0.4)  # b's lease is over
+        await a.lease(shard, 60_000, first=False, **lease)
+        assert await a.roster("1", ch) == {}  # hidden at once
+        states = {owner: state for owner, _, state in await a.leases(shard)}
+        assert states[b.owner.decode()] == "late"
+        await _reap(a, shard, grace_ms=1500)
+        assert b_entries() == 1  # within the grace: not reaped
+        # b was only late: it refreshes, and its member is back without any event.
+        await b.lease(shard, 60_000, first=False, **lease)
+        assert await a.roster("1", ch) == {"late-user": None}
+        await asyncio.sleep(0.2)
+        assert not any(m.startswith(b"R") for m in heard), heard
+        # Now b dies for good: after its lease and the grace it is reaped, with the event.
+        await b.lease(shard, 300, first=False, **lease)
+        await asyncio.sleep(0.4)
+        await _reap(a, shard, grace_ms=1500)
+        assert b_entries() == 1
+        await asyncio.sleep(1.5)
+        states = {owner: state for owner, _, state in await a.leases(shard)}
+        assert states[b.owner.decode()] == "dead"
+        await _reap(a, shard, grace_ms=1500)
+        assert b_entries() == 0
+        await _until(lambda: b"Rlate-user" in heard)
+    finally:
+        master.close()
+        await pubsub.close()
+
+
+async def test_owners_that_could_not_refresh_get_the_grace_after_the_shard_is_back(
+    make_store: Callable[..., object], fresh_cluster: LocalCluster
+) -> None:
+    # A private topology: on the shared one other tests' nodes refresh their leases, so the
+    # shard never goes without refreshes.
+    del make_store
+    topo = load_topology(fresh_cluster.topology_path)
+    init_shards(topo)
+    stores = []
+    for owner in (f"first@{_uid()}", f"second@{_uid()}"):
+        shards = ShardSet(topo, recheck_interval=0.2)
+        writer = BatchWriter(shards)
+        await shards.start()
+        await shards.wait_ready(10)
+        writer.start()
+        stores.append(PresenceStore(shards, writer, owner=owner, hold_ms=100))
+    a, b = stores
+    try:
+        await _gap_scenario(a, b, fresh_cluster)
+    finally:
+        for store in stores:
+            await store.writer.close()
+            await store.shards.close()
+
+
+async def _gap_scenario(a: PresenceStore, b: PresenceStore, cluster: LocalCluster) -> None:
+    ch = f"presence-gap-{_uid()}"
+    shard = a.shard_of("1", ch)
+    master = raw_client(cluster.masters()[shard].addr)
+
+    def b_entries() -> int:
+        return sum(f.startswith(b.owner) for f in master.hkeys(channel_key("1", ch) + b":p"))
+
+    lease = {"gap_ms": 1000, "grace_ms": 1500}
+    await a.lease(shard, 500, first=True, **lease)
+    await b.lease(shard, 500, first=True, **lease)
+    await a.join("1", ch, "ua", None, "1.1")
+    await b.join("1", ch, "ub", None, "2.1")
+    # Nobody refreshes for 1.3 s (as when the shard is unreachable or failing over): both
+    # leases expire while no node could refresh them.
+    await asyncio.sleep(1.3)
+    await a.lease(shard, 500, first=False, **lease)  # the shard is back; a refreshes first
+    # b gets the grace to refresh before it counts as gone: still listed, not reaped.
+    assert await a.roster("1", ch) == {"ua": None, "ub": None}
+    await _reap(a, shard, grace_ms=1500)
+    assert b_entries() == 1
+    # b never comes back: once the grace is over, it is hidden and reaped.
+    deadline = time.monotonic() + 1.6
+    while time.monotonic() < deadline:
+        await a.lease(shard, 500, first=False, **lease)
+        await asyncio.sleep(0.2)
+    await a.lease(shard, 500, first=False, **lease)
+    assert await a.roster("1", ch) == {"ua": None}
+    await _reap(a, shard, grace_ms=1500)
+    assert b_entries() == 0
+    master.close()
+
+
+async def _reap(store: PresenceStore, shard: int, *, grace_ms: int) -> None:
+    """One reaper pass (waiting for another test's reap lock to lapse)."""
+    for _ in range(100):
+        reply = await store.reap(shard, "lease-test", lock_ms=500, limit=100, grace_ms=grace_ms)
+        if reply[0] != -1:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the reap lock stayed taken")
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
