@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import multiprocessing as mp
+import os
 import shutil
 import signal
 import socket
@@ -49,7 +50,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.config import DEFAULT_APP  # noqa: E402
-from gateway.localcluster import LocalCluster, find_free_port_range  # noqa: E402
+from gateway.localcluster import (  # noqa: E402
+    LOOPBACK_LOAD_ENV,
+    LocalCluster,
+    find_free_port_range,
+)
 from gateway.protocol.auth import sign, sign_api_request  # noqa: E402
 from gateway.shards.admin import init_shards  # noqa: E402
 from gateway.shards.topology import load_topology  # noqa: E402
@@ -312,6 +317,7 @@ def run(clients: int, events: int, churn_clients: int, cycles: int) -> dict[str,
                 [sys.executable, "-m", "gateway", "serve", "--topology",
                  str(cluster.topology_path), "--port", str(gw_port), "--node-id", "bench"],
                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, **LOOPBACK_LOAD_ENV},
             )
         )  # fmt: skip
         procs.append(

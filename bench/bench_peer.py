@@ -95,7 +95,11 @@ from bench_gateway import (  # noqa: E402
     measure,
 )
 
-from gateway.localcluster import LocalCluster, find_free_port_range  # noqa: E402
+from gateway.localcluster import (  # noqa: E402
+    LOOPBACK_LOAD_ENV,
+    LocalCluster,
+    find_free_port_range,
+)
 from gateway.protocol.auth import api_string_to_sign, sign  # noqa: E402
 from gateway.shards.admin import init_shards  # noqa: E402
 from gateway.shards.topology import load_topology  # noqa: E402
@@ -224,7 +228,7 @@ class Ours(Side):
                     "--topology", str(self.cluster.topology_path), "--host", "127.0.0.1",
                     "--port", str(port), "--node-id", f"bench-{label}",
                     "--app", f"{APP_ID}:{KEY}:{SECRET}"]  # fmt: skip
-            pids.append(self.procs.start(f"gateway-{label}", args))
+            pids.append(self.procs.start(f"gateway-{label}", args, LOOPBACK_LOAD_ENV))
         for label, port in zip("ab", ports, strict=True):
             self.procs.wait_ready(f"gateway-{label}", port)
             _wait_health(f"http://127.0.0.1:{port}/health")

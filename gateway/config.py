@@ -144,6 +144,8 @@ class NodeConfig:
             (their sockets are not read) until the next one.
         shed_lag: Event-loop lag in seconds above which the node sheds load: it refuses new
             connections (503) and reports not ready until the lag is back down.
+        housekeeping_interval: Seconds between passes that size the channel tables to their
+            content and return free heap memory to the system.
     """
 
     host: str = "127.0.0.1"
@@ -160,7 +162,7 @@ class NodeConfig:
     reap_interval: float = 1.0
     anti_entropy_interval: float = 30.0
     entry_ttl_ms: int = 300_000
-    reap_grace_ms: int = 2_000
+    reap_grace_ms: int = 1_000
     loop_stall_limit: float = 30.0
     max_client_connections: int = 0
     reserved_fds: int = 256
@@ -177,6 +179,7 @@ class NodeConfig:
     subscribe_burst: int = 200
     client_work_budget: int = 500
     shed_lag: float = 1.0
+    housekeeping_interval: float = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:
@@ -244,6 +247,7 @@ class NodeConfig:
         integer("subscribe_burst", 1)
         integer("client_work_budget", 10)
         seconds("shed_lag", 0.05)
+        seconds("housekeeping_interval", 1.0)
         proxies = self.trusted_proxies
         if isinstance(proxies, str):
             proxies = tuple(p.strip() for p in proxies.split(",") if p.strip())

@@ -1,4 +1,5 @@
-"""The process's open-file limit: raised at start, shared between clients and Redis, EMFILE logged.
+"""Process resources: the open-file limit (raised at start, shared between clients and Redis,
+EMFILE logged) and free heap memory given back to the system.
 
 Every TCP connection is a file descriptor. If clients may take all of them, the node can no
 longer reach Redis or Sentinel (``EMFILE`` on connect), its lease lapses and its members are
@@ -9,11 +10,15 @@ own connections, and logs any ``EMFILE`` once a minute with the figures that exp
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
 import resource
 import time
+from collections.abc import Callable
+from typing import cast
 
 __all__ = [
     "client_connection_cap",
@@ -22,6 +27,7 @@ __all__ = [
     "note_emfile",
     "open_fds",
     "raise_nofile",
+    "release_free_memory",
 ]
 
 log = logging.getLogger("gateway.fdlimit")
@@ -97,3 +103,30 @@ def note_emfile(where: str) -> None:
         nofile_limit(),
         more,
     )
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return cast(Callable[[int], int], trim)
+
+
+_TRIM = _libc_trim()
+
+
+def release_free_memory() -> None:
+    """Return free heap pages to the system (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps freed memory for reuse, so after a burst the process's resident size stays at
+    its peak although the memory is free; trimming makes the resident size follow what is in
+    use.
+    """
+    if _TRIM is not None:
+        _TRIM(0)

@@ -41,6 +41,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 __all__ = [
+    "LOOPBACK_LOAD_ENV",
     "TOPOLOGY_FILE",
     "ClusterError",
     "LocalCluster",
@@ -53,6 +54,19 @@ __all__ = [
 
 TOPOLOGY_FILE = "topology.json"
 """Name of the topology file written by :meth:`LocalCluster.up` inside the cluster directory."""
+
+LOOPBACK_LOAD_ENV = {
+    "GATEWAY_MAX_CONNECTIONS_PER_IP": "0",
+    "GATEWAY_HANDSHAKES_PER_IP": "0",
+    "GATEWAY_SUBSCRIBES_PER_SECOND": "1000000",
+    "GATEWAY_SUBSCRIBE_BURST": "1000000",
+}
+"""Environment for a node driven by a load generator on loopback.
+
+Every synthetic client shares 127.0.0.1 and churns subscriptions far faster than a person, so
+the per-address limits are off and the per-socket subscription rate is raised; everything
+else (the work budget, load shedding, timeouts, the connection cap) stays as in production.
+"""
 
 Role = Literal["master", "replica", "sentinel"]
 

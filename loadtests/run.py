@@ -216,6 +216,8 @@ def start_topology(stack: contextlib.ExitStack) -> Path:
 
 def start_nodes(stack: contextlib.ExitStack, topology: Path, count: int, out: Path) -> list[str]:
     """Start ``count`` gateway nodes on free loopback ports; returns their base URLs."""
+    from gateway.localcluster import LOOPBACK_LOAD_ENV
+
     urls = []
     for i in range(count):
         port = _free_port()
@@ -224,7 +226,12 @@ def start_nodes(stack: contextlib.ExitStack, topology: Path, count: int, out: Pa
                 "--host", "127.0.0.1", "--port", str(port), "--node-id", f"load-{i}",
                 "--app", ":".join(APP)]  # fmt: skip
         proc = subprocess.Popen(
-            args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            args,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **LOOPBACK_LOAD_ENV},
         )
         stack.callback(_stop, proc)
         deadline = time.monotonic() + 30

@@ -28,6 +28,8 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
+import resource
 import signal
 import subprocess
 import sys
@@ -96,18 +98,34 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: fl
 class NodeProcess:
     """A ``presence-gateway serve`` subprocess whose output is drained by a thread."""
 
-    def __init__(self, args: list[str], port: int, node_id: str, config: Path) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        port: int,
+        node_id: str,
+        config: Path,
+        *,
+        nofile: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = port
         self.node_id = node_id
         self.url = f"http://127.0.0.1:{port}"
         self.config = config
         self._lines: list[str] = []
+
+        def limit_files() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             args,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             text=True,
+            preexec_fn=limit_files if nofile is not None else None,  # noqa: PLW1509
+            env={**os.environ, **env} if env else None,
         )
         self._drain = threading.Thread(target=self._read, name=f"drain-{node_id}", daemon=True)
         self._drain.start()
@@ -116,6 +134,32 @@ class NodeProcess:
         assert self.proc.stdout is not None
         for line in iter(self.proc.stdout.readline, ""):
             self._lines.append(line)
+
+    @property
+    def pid(self) -> int:
+        """The node's process id."""
+        return self.proc.pid
+
+    def rss(self) -> int:
+        """Resident memory of the node's process, in bytes."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the node's process has used."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def metric(self, name: str) -> float:
+        """Sum of every series of one metric on ``/metrics``."""
+        text = requests.get(f"{self.url}/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
 
     @property
     def output(self) -> str:
@@ -191,12 +235,15 @@ def start_node(
     extra_toml: str = "",
     hold_ms: int = TEST_HOLD_MS,
     timeout: float = 30,
+    nofile: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> NodeProcess:
     """Start a node on ``topology_path`` and wait for ``/health`` 200.
 
     ``extra_toml`` is appended to the ``[node]`` table of the generated config (so plain
     ``key = value`` lines are node settings; it may open further tables such as ``[[apps]]``).
-    Without ``port`` a free port is picked (retried if it was taken meanwhile).
+    Without ``port`` a free port is picked (retried if it was taken meanwhile). ``nofile``
+    sets the node's open-file limit (soft and hard); ``env`` adds environment variables.
     """
     init_shards_once(topology_path)
     config = Path(tempfile.mkstemp(prefix=f"node-{node_id}-", suffix=".toml")[1])
@@ -224,7 +271,7 @@ def start_node(
         ]
         if webhook_url is not None:
             args += ["--webhook-url", webhook_url]
-        node = NodeProcess(args, chosen, node_id, config)
+        node = NodeProcess(args, chosen, node_id, config, nofile=nofile, env=env)
         try:
             node.wait_healthy(timeout)
         except RuntimeError:

@@ -40,12 +40,14 @@ def test_node_cap_and_per_address_cap() -> None:
     assert adm.total == 0 and adm._per_ip == {}
 
 
-def test_shedding_refuses_new_connections() -> None:
+def test_shedding_refuses_handshakes_not_connections() -> None:
     shedding = [False]
     adm = Admission(AdmissionSettings(), Metrics(), shedding=lambda: shedding[0])
     assert adm.admit("10.0.0.1") is None
+    assert adm.shed("10.0.0.1") is None
     shedding[0] = True
-    assert adm.admit("10.0.0.1") == "this node is overloaded and sheds load"
+    assert adm.admit("10.0.0.1") is None  # probes and /metrics still get through
+    assert adm.shed("10.0.0.1") == "this node is overloaded and sheds load"
 
 
 def test_trusted_proxy_forwards_the_client_address() -> None:

@@ -37,7 +37,8 @@ async def stores(cluster: LocalCluster) -> AsyncIterator[Callable[..., object]]:
         opened.append((shards, writer))
         store = PresenceStore(shards, writer, owner=owner, hold_ms=200, entry_ttl_ms=60_000)
         for shard in range(len(shards.links)):
-            await store.lease(shard, lease_ms, first=True, gap_ms=3000, grace_ms=0)
+            # gap 0 and grace 0: no grace rule at all, a lease expires exactly here.
+            await store.lease(shard, lease_ms, first=True, gap_ms=0, grace_ms=0)
         return store
 
     yield make

@@ -152,8 +152,15 @@ async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
     shard = a.shard_of("1", ch)
     heard: list[bytes] = []
     pubsub = PubSub(a.shards, lambda _s, _k, data: heard.append(data))
-    lease = {"gap_ms": 10_000, "grace_ms": 1500}
+    lease = {"gap_ms": 1000, "grace_ms": 1500}
     master = raw_client(cluster.masters()[shard].addr)
+
+    async def alive_a(seconds: float) -> None:
+        # a stays alive (so the shard never goes without refreshes) while time passes.
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await a.lease(shard, 60_000, first=False, **lease)
+            await asyncio.sleep(0.2)
 
     def b_entries() -> int:
         return sum(f.startswith(b.owner) for f in master.hkeys(channel_key("1", ch) + b":p"))
@@ -168,7 +175,7 @@ async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
             await a.lease(shard, 60_000, first=False, **lease)
         await b.lease(shard, 300, first=True, **lease)
         await b.join("1", ch, "late-user", None, "2.1")
-        await asyncio.sleep(0.4)  # b's lease is over
+        await alive_a(0.4)  # b's lease is over
         await a.lease(shard, 60_000, first=False, **lease)
         assert await a.roster("1", ch) == {}  # hidden at once
         states = {owner: state for owner, _, state in await a.leases(shard)}
@@ -182,10 +189,10 @@ async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
         assert not any(m.startswith(b"R") for m in heard), heard
         # Now b dies for good: after its lease and the grace it is reaped, with the event.
         await b.lease(shard, 300, first=False, **lease)
-        await asyncio.sleep(0.4)
+        await alive_a(0.4)
         await _reap(a, shard, grace_ms=1500)
         assert b_entries() == 1
-        await asyncio.sleep(1.5)
+        await alive_a(1.5)
         states = {owner: state for owner, _, state in await a.leases(shard)}
         assert states[b.owner.decode()] == "dead"
         await _reap(a, shard, grace_ms=1500)

@@ -40,7 +40,7 @@ async def _node(cluster: LocalCluster, owner: str) -> Node:
     await shards.wait_ready(10)
     writer.start()
     for shard in range(len(shards.links)):  # reads count only owners with a live lease
-        await store.lease(shard, 60_000, first=True, gap_ms=3000, grace_ms=0)
+        await store.lease(shard, 60_000, first=True, gap_ms=0, grace_ms=0)
     return Node(shards, writer, store, pubsub, box)
 
 

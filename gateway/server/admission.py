@@ -1,9 +1,9 @@
 """Who gets in, and how much work each gets: connection caps, per-address limits, handshake
 rates, and the budget of client work per event-loop iteration.
 
-The front door asks :class:`Admission` at every new TCP connection (over the node's cap, over
-the address's cap or while the node sheds load: a ``503`` and the connection is closed), at
-every WebSocket handshake (over the address's rate: ``429``) and before each piece of client
+The front door asks :class:`Admission` at every new TCP connection (over the node's cap or the
+address's cap: a ``503`` and the connection is closed), at every WebSocket handshake (while
+the node sheds load: ``503``; over the address's rate: ``429``) and before each piece of client
 work (:class:`WorkBudget`: once a loop iteration's budget is spent, sockets with more input
 are not read until the next iteration, so the node's own work, Redis replies and timers
 always get their turn).
@@ -201,8 +201,6 @@ class Admission:
             return self._refuse(
                 "node_limit", ip, f"this node holds its maximum of {s.max_connections} connections"
             )
-        if self.shedding():
-            return self._refuse("shedding", ip, "this node is overloaded and sheds load")
         if ip is not None and s.max_per_ip and not self.trusted(ip):
             if self._per_ip[ip] >= s.max_per_ip:
                 return self._refuse(
@@ -244,6 +242,16 @@ class Admission:
         return self._per_ip.get(ip, 0)
 
     # -- handshakes ----------------------------------------------------------------------------
+
+    def shed(self, ip: str | None) -> str | None:
+        """Why a WebSocket handshake is refused while the node sheds load (else None).
+
+        Only handshakes are shed: probes, ``/metrics`` and the HTTP API keep working, and a
+        load balancer reading ``/ready`` sends new clients elsewhere.
+        """
+        if self.shedding():
+            return self._refuse("shedding", ip, "this node is overloaded and sheds load")
+        return None
 
     def handshake(self, ip: str | None) -> str | None:
         """Take one handshake token for ``ip``; return why not when its rate is exceeded."""

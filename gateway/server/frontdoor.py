@@ -19,6 +19,15 @@ Choices worth knowing:
   :meth:`WsConnection.send_frame_bytes` per receiver, is how fan-out stays cheap.
 * A socket whose transport write buffer grows past ``ws_high_water`` is a slow consumer and is
   closed with 4100 ("over capacity": pusher-js retries after 1 s).
+* Bounded resources: a request head must arrive within ``header_timeout`` of its first byte
+  (or of the connection's start) and its body within ``body_timeout`` after the head (else
+  408); the bodies of all unfinished requests share ``max_pending_bytes`` (503 beyond); a
+  connection whose responses are not read stops being read and answered, and is closed after
+  ``send_timeout``. New connections and WebSocket handshakes go through
+  :class:`~gateway.server.admission.Admission` (caps, per-address limits, rates, shedding),
+  and client work (messages, handshakes, requests) through the per-iteration
+  :class:`~gateway.server.admission.WorkBudget`: a socket with more input than the budget
+  allows is not read until a later iteration.
 * Targets: ``path`` and ``query`` are the raw (undecoded) request target split at ``?``;
   absolute-form targets (``http://host/p?q``) keep only path and query, and a target without a
   leading ``/`` gets one (``*`` stays ``*``).
@@ -842,6 +851,9 @@ class _HttpConnection(asyncio.Protocol):
             if refusal is not None:
                 return 503, refusal
             self._forwarded_ip = client
+        refusal = admission.shed(client)
+        if refusal is not None:
+            return 503, refusal
         refusal = admission.handshake(client)
         if refusal is not None:
             return 429, refusal

@@ -489,6 +489,20 @@ class Hub:
                 local.members[user] = self.presence_info.get((app_id, channel, user))
         return out
 
+    def local_channel(self, app_id: str, channel: str) -> LocalChannel:
+        """What this node really holds in one channel (empty when nothing)."""
+        sockets = self.members.get((app_id, channel))
+        if not sockets:
+            return LocalChannel(0, {}, False)
+        app = self.config.app_by_id(app_id)
+        publish = bool(app and app.subscription_count) and not channel.startswith("presence-")
+        members: dict[str, str | None] = {}
+        for client in sockets:
+            member = client.session.presence_member(channel)
+            if member is not None and self.presence.get((app_id, channel, member.user_id), 0) > 0:
+                members[member.user_id] = self.presence_info.get((app_id, channel, member.user_id))
+        return LocalChannel(len(sockets), members, publish)
+
     def reasserted(self, app_id: str, channel: str, due: list[tuple[str, str | None]]) -> None:
         """Send the webhooks a re-assertion's transitions made due."""
         app = self.config.app_by_id(app_id)
@@ -509,6 +523,16 @@ class Hub:
             self._webhook(app, name, channel)
         else:
             self._webhook(app, name, channel, user_id=user_id)
+
+    def compact(self) -> None:
+        """Rebuild the channel tables: a dict keeps the size of its largest past content, so
+        after a burst of channels the tables are copied to fit what is left."""
+        self.members = dict(self.members)
+        self._keys = dict(self._keys)
+        self.presence = dict(self.presence)
+        self.presence_info = dict(self.presence_info)
+        self.users = dict(self.users)
+        self.pubsub.compact()
 
     def tick(self) -> None:
         """Give every session its activity check (pings, 4201 closes)."""

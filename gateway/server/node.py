@@ -10,7 +10,7 @@ import secrets
 import signal
 
 from gateway.config import NodeConfig
-from gateway.fdlimit import client_connection_cap, nofile_limit, raise_nofile
+from gateway.fdlimit import client_connection_cap, nofile_limit, raise_nofile, release_free_memory
 from gateway.metrics import Metrics
 from gateway.periodic import every
 from gateway.server.admission import Admission, AdmissionSettings
@@ -66,6 +66,7 @@ class GatewayNode:
             self.store,
             self.shards,
             self.hub.local_state,
+            self.hub.local_channel,
             self.hub.reasserted,
             self.metrics,
             HealingSettings(
@@ -155,9 +156,42 @@ class GatewayNode:
             max_pending_bytes=c.max_pending_request_bytes,
             send_timeout=c.response_send_timeout,
         )
+        door = self._door
+        m = self.metrics
+        m.gauge(
+            "pg_tcp_connections",
+            "Open client TCP connections, by kind",
+            lambda: {
+                (("kind", "websocket"),): float(len(door._ws)),
+                (("kind", "http"),): float(len(door._http)),
+            },
+        )
+        m.gauge(
+            "pg_tcp_connections_max",
+            "Client connections this node accepts (max_client_connections or the fd limit)",
+            lambda: {(): float(self.admission.settings.max_connections)},
+        )
+        m.gauge(
+            "pg_http_pending_bytes",
+            "Request body bytes held by unfinished HTTP requests",
+            lambda: {(): float(door.pending_bytes)},
+        )
+        m.gauge(
+            "pg_client_work_waiting",
+            "Sockets whose input waits for the next event-loop iteration (work budget)",
+            lambda: {(): float(door.work.waiting)},
+        )
         self._loops = [
             asyncio.create_task(every(1.0, self._tick, name="activity", run_first=False)),
             asyncio.create_task(every(0.25, self._claim_due, name="webhook-claim")),
+            asyncio.create_task(
+                every(
+                    self.config.housekeeping_interval,
+                    self._housekeeping,
+                    name="housekeeping",
+                    run_first=False,
+                )
+            ),
         ]
         log.info(
             "gateway node %s (owner %s) listening on %s:%d; up to %d connections "
@@ -173,6 +207,12 @@ class GatewayNode:
 
     def _tick(self) -> None:
         self.hub.tick()
+
+    def _housekeeping(self) -> None:
+        # Give memory back after a burst: channel tables sized to their content, then free
+        # heap pages returned to the system (glibc keeps them otherwise).
+        self.hub.compact()
+        release_free_memory()
 
     async def _claim_due(self) -> None:
         for item in await self.store.claim_due():

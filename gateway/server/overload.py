@@ -108,12 +108,12 @@ class LoadGuard:
         elif self.lease_at_risk():
             reason = "the shard answers this node's lease slowly"
         if reason:
-            if not self.shedding:
+            if not self._since:
                 self._since = wall
-                self.reason = reason
                 kind = "lag" if self.lag > self.lag_limit else "lease"
                 self.metrics.inc("pg_shedding_total", reason=kind)
                 log.warning("shedding load: %s; refusing new connections", reason)
+            self.reason = reason
             self._until = wall + self.hold
         elif self._since and not self.shedding:
             log.warning("load shedding over after %.1f s", wall - self._since)

@@ -208,5 +208,5 @@ async def open_connection(address: Address, *, timeout: float = 2.0) -> ShardCon
     except (OSError, TimeoutError) as exc:
         if is_emfile(exc):
             note_emfile(f"connecting to {address}")
-        raise ConnectionLost(f"{address}: cannot connect: {exc}") from exc
+        raise ConnectionLost(f"{address}: cannot connect: {exc!r}") from exc
     return ShardConnection(address, protocol)

@@ -28,22 +28,25 @@ local function now_ms()
   return NOW
 end
 
--- The shard's lease history, kept by lease(): {gap, up, grace}. `gap` is the time of the last
--- refresh before the last period in which no node refreshed at all (the shard was unreachable
--- or failing over), `up` the time refreshes started again, `grace` the nodes' reap grace (ms).
+-- The shard's lease history, kept by lease(): {gap, up, window, grace}. `gap` is the time of the
+-- last refresh before the last period in which no node refreshed at all (the shard was
+-- unreachable or failing over), `up` the time refreshes started again, `window` how long after
+-- `up` owners that expired in the gap still count as alive (the larger of the nodes' reap
+-- grace and their gap threshold: time for every node to refresh), `grace` the reap grace.
 local function beat()
   if BEAT == nil then
-    local b = redis.call('HMGET', SHARD .. ':beat', 'gap', 'up', 'grace')
-    BEAT = {tonumber(b[1]) or 0, tonumber(b[2]) or 0, tonumber(b[3]) or 0}
+    local b = redis.call('HMGET', SHARD .. ':beat', 'gap', 'up', 'gapms', 'grace')
+    local grace = tonumber(b[4]) or 0
+    BEAT = {tonumber(b[1]) or 0, tonumber(b[2]) or 0, math.max(tonumber(b[3]) or 0, grace), grace}
   end
   return BEAT
 end
 
 -- Whether an owner (node_id@incarnation) counts as alive on this shard: its lease has not
 -- expired; or it expired while no node could refresh on this shard (a late owner, not a dead
--- one) and the shard has been taking refreshes again for less than the grace, so every owner
--- gets `grace` ms to refresh before it counts as gone. The reaper removes only owners that are
--- not alive and whose lease expired more than the grace ago (reap()).
+-- one) and the shard has been taking refreshes again for less than the window (see beat()),
+-- so every owner gets time to refresh before it counts as gone. The reaper removes only
+-- owners that are not alive and whose lease expired more than the grace ago (reap()).
 local function alive(owner)
   local known = ALIVE[owner]
   if known == nil then
@@ -282,7 +285,7 @@ local function lease(key, a, p)
   if now - last > tonumber(a[p + 3]) then
     redis.call('HSET', bkey, 'gap', last, 'up', now)
   end
-  redis.call('HSET', bkey, 'last', now, 'grace', a[p + 4])
+  redis.call('HSET', bkey, 'last', now, 'gapms', a[p + 3], 'grace', a[p + 4])
   redis.call('PEXPIRE', bkey, 100 * ms)
   return deadline
 end
@@ -597,7 +600,7 @@ local function read_leases(keys)
   if not read_prepare() then return redis.error_reply('NOIDENTITY run shards init') end
   local out = {}
   local all = redis.call('ZRANGE', keys[1] .. ':nodes', 0, -1, 'WITHSCORES')
-  local grace = beat()[3]
+  local grace = beat()[4]
   for i = 1, #all, 2 do
     local owner, deadline = all[i], tonumber(all[i + 1])
     local state = 'dead'

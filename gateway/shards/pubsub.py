@@ -68,6 +68,11 @@ class _SubProtocol(asyncio.Protocol):
             if replies is None:
                 return
             reply = replies[0]
+            if reply == "PONG" and self.pongs:  # PING outside subscribe mode (simple string)
+                fut = self.pongs.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                continue
             if not isinstance(reply, list) or not reply:
                 continue
             kind = reply[0]
@@ -266,6 +271,13 @@ class PubSub:
                 )
         return out
 
+    def compact(self) -> None:
+        """Copy the channel sets to fit their content (sets never shrink by themselves)."""
+        for state in self._shards:
+            state.wanted = set(state.wanted)
+            if state.proto is not None:
+                state.proto.confirmed = set(state.proto.confirmed)
+
     def connected(self, shard: int) -> bool:
         """Whether ``shard``'s subscriber connection is up and re-subscribed."""
         return self._shards[shard].ready.is_set()
@@ -419,7 +431,12 @@ async def _wait_progress(proto: _SubProtocol, awaitable: Awaitable[Any], timeout
     try:
         while True:
             done, _ = await asyncio.wait({fut}, timeout=timeout)
-            if done:
+            if not done:
+                # After a long loop iteration the answer may be waiting unread (uvloop runs
+                # due timers before it polls): let the loop poll once more before judging.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+            if fut.done():
                 fut.result()
                 return
             if loop.time() - proto.last_data >= timeout:

@@ -1,7 +1,8 @@
 """``presence-gateway audit``: explain every shard's contents in seconds, and repair them.
 
 For each shard the audit scans every key and reports: keys on the wrong shard (their slot, or
-their shard tag, belongs to another shard), entries of dead owners (lease expired) and of
+their shard tag, belongs to another shard), entries of dead owners (by the reap rule of the
+function library: lease expired longer than the reap grace ago) and of
 unknown owners (no lease at all), derived state that disagrees with the entries it summarises
 (per-user owner counts, the occupied-channel set, owner indexes), keys without an expiry, and
 memory by key class. ``--repair`` fixes what it reports, through the same verified write path
@@ -39,6 +40,7 @@ class ShardReport:
     keys: dict[str, int] = field(default_factory=dict)
     memory_bytes: dict[str, int] = field(default_factory=dict)
     live_owners: list[str] = field(default_factory=list)
+    late_owners: list[str] = field(default_factory=list)
     wrong_shard_keys: list[str] = field(default_factory=list)
     dead_owner_entries: dict[str, int] = field(default_factory=dict)
     unknown_owner_entries: dict[str, int] = field(default_factory=dict)
@@ -83,11 +85,12 @@ async def _audit_shard(
     report = ShardReport(link.spec.name, str(link.address))
     first, last = (int(x) for x in identity.slots.split("-"))
     tag = identity.tag.encode()
-    secs, micros = cast(list[bytes], await conn.command("TIME"))
-    now = int(secs) * 1000 + int(micros) // 1000
-    leases = cast(list[bytes], await conn.command("ZRANGE", tag + b":nodes", 0, -1, "WITHSCORES"))
-    deadline = {leases[i]: float(leases[i + 1]) for i in range(0, len(leases), 2)}
-    report.live_owners = sorted(_text(o) for o, d in deadline.items() if d >= now)
+    # The shard applies its own reap rule (functions.lua): live, late (within the reap grace:
+    # left alone) or dead (its entries are reported, and removed by --repair).
+    leases = cast(list[bytes], await conn.command("FCALL_RO", "pg_leases", 1, tag))
+    state = {leases[i]: leases[i + 2].decode() for i in range(0, len(leases), 3)}
+    report.live_owners = sorted(_text(o) for o, st in state.items() if st == "live")
+    report.late_owners = sorted(_text(o) for o, st in state.items() if st == "late")
 
     keys = await _scan(conn)
     counts: Counter[str] = Counter()
@@ -134,10 +137,10 @@ async def _audit_shard(
             owners.append(owner)
             per_user[user] += 1
         for owner in owners:
-            if owner not in deadline:
+            if owner not in state:
                 unknown[_text(owner)] += 1
                 unknown_owners[base].add(owner)
-            elif deadline[owner] < now:
+            elif state[owner] == "dead":
                 dead[_text(owner)] += 1
                 dead_owners[base].add(owner)
         stored = {users[i]: int(users[i + 1]) for i in range(0, len(users), 2)}
@@ -219,6 +222,10 @@ def format_report(reports: list[ShardReport], *, as_json: bool = False) -> str:
     for r in reports:
         lines.append(f"{r.shard} ({r.address}): {r.problems} problem(s)")
         lines.append(f"  live owners: {', '.join(r.live_owners) or 'none'}")
+        if r.late_owners:
+            lines.append(
+                f"  late owners (lease expired, within the reap grace): {', '.join(r.late_owners)}"
+            )
         keys = ", ".join(f"{k} {n}" for k, n in sorted(r.keys.items()))
         lines.append(f"  keys: {keys or 'none'}")
         mem = ", ".join(f"{k} {n / 1024:.1f} KiB" for k, n in sorted(r.memory_bytes.items()))

@@ -31,6 +31,9 @@ __all__ = ["Healer", "HealingSettings", "LocalChannel", "digest"]
 
 log = logging.getLogger("gateway.healing")
 
+#: Channels re-asserted per batch of writes.
+_RESYNC_CHUNK = 500
+
 
 @dataclass(frozen=True)
 class LocalChannel:
@@ -59,16 +62,19 @@ class HealingSettings:
         reap_lock_ms: Validity of a shard's reap lock.
         reap_limit: Channels reaped per call.
         anti_entropy_interval: Seconds between digest checks of each shard.
+        confirm_delay: Seconds before a digest that differs is checked again (a difference
+            seen twice triggers the re-assertion).
     """
 
     lease_ms: int = 10_000
     lease_interval: float = 1.0
-    reap_grace_ms: int = 2_000
+    reap_grace_ms: int = 1_000
     loop_stall_limit: float = 30.0
     reap_interval: float = 1.0
     reap_lock_ms: int = 3_000
     reap_limit: int = 200
     anti_entropy_interval: float = 30.0
+    confirm_delay: float = 1.0
 
 
 def _entry_hash(text: bytes) -> int:
@@ -103,6 +109,8 @@ class Healer:
         store: The node's presence store.
         shards: Its shard links.
         local_state: Returns what the node really holds on a shard.
+        local_channel: Returns what the node really holds in one channel (``app_id``,
+            ``channel``), read right before that channel is re-asserted.
         on_webhooks: Called with ``(app_id, channel, [(name, user_id)])`` for webhooks that a
             re-assertion's transitions made due.
         metrics: Where the counters go.
@@ -114,6 +122,7 @@ class Healer:
         store: PresenceStore,
         shards: ShardSet,
         local_state: Callable[[int], LocalState],
+        local_channel: Callable[[str, str], LocalChannel],
         on_webhooks: Callable[[str, str, list[tuple[str, str | None]]], None],
         metrics: Metrics,
         settings: HealingSettings | None = None,
@@ -121,6 +130,7 @@ class Healer:
         self.store = store
         self.shards = shards
         self.local_state = local_state
+        self.local_channel = local_channel
         self.on_webhooks = on_webhooks
         self.metrics = metrics
         self.settings = settings or HealingSettings()
@@ -244,28 +254,28 @@ class Healer:
         except (WriteFailed, ReplyError, ConnectionError) as exc:
             log.warning("shard %s: re-assertion postponed: %s", name, exc)
             return
-        local = self.local_state(shard)
-        targets = set(local) | owned
-        empty = LocalChannel(0, {}, False)
-        results = await asyncio.gather(
-            *(
-                self.store.sync(
-                    app_id,
-                    channel,
-                    local.get((app_id, channel), empty).count,
-                    local.get((app_id, channel), empty).members,
-                    publish_count=local.get((app_id, channel), empty).publish_count,
-                )
-                for app_id, channel in targets
-            ),
-            return_exceptions=True,
-        )
+        targets = sorted(set(self.local_state(shard)) | owned)
         failed = 0
-        for (app_id, channel), result in zip(targets, results, strict=True):
-            if isinstance(result, BaseException):
-                failed += 1
-            elif result:
-                self.on_webhooks(app_id, channel, result)
+        # In chunks, so that re-asserting tens of thousands of channels never holds the event
+        # loop for long; each chunk reads what the node holds right before it is written (a
+        # snapshot taken earlier could undo a join made meanwhile).
+        for start in range(0, len(targets), _RESYNC_CHUNK):
+            chunk = targets[start : start + _RESYNC_CHUNK]
+            states = [self.local_channel(app_id, channel) for app_id, channel in chunk]
+            results = await asyncio.gather(
+                *(
+                    self.store.sync(
+                        app_id, channel, st.count, st.members, publish_count=st.publish_count
+                    )
+                    for (app_id, channel), st in zip(chunk, states, strict=True)
+                ),
+                return_exceptions=True,
+            )
+            for (app_id, channel), result in zip(chunk, results, strict=True):
+                if isinstance(result, BaseException):
+                    failed += 1
+                elif result:
+                    self.on_webhooks(app_id, channel, result)
         log.info(
             "shard %s: re-asserted %d channels (%s)%s",
             name,
@@ -281,20 +291,26 @@ class Healer:
 
     async def _check(self, link: ShardLink) -> None:
         i = link.index
+        name = link.spec.name
         try:
             remote = await self.store.check(i)
+            local = digest(self.local_state(i))
+            if remote != local:
+                # Writes in flight make a single comparison unreliable: confirm once.
+                await asyncio.sleep(self.settings.confirm_delay)
+                remote = await self.store.check(i)
+                local = digest(self.local_state(i))
         except (WriteFailed, ReplyError, ConnectionError) as exc:
-            log.warning("shard %s: anti-entropy check failed: %s", link.spec.name, exc)
+            log.warning("shard %s: anti-entropy check failed: %s", name, exc)
             return
-        local = digest(self.local_state(i))
         if remote == local:
-            self.metrics.inc("pg_anti_entropy_checks_total", shard=link.spec.name, result="same")
+            self.metrics.inc("pg_anti_entropy_checks_total", shard=name, result="same")
             return
-        self.metrics.inc("pg_anti_entropy_checks_total", shard=link.spec.name, result="differ")
+        self.metrics.inc("pg_anti_entropy_checks_total", shard=name, result="differ")
         self.metrics.inc("pg_convergence_events_total", reason="digest")
         log.warning(
             "shard %s: state differs from this node's (shard %s, node %s); re-asserting",
-            link.spec.name,
+            name,
             remote,
             local,
         )

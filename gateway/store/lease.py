@@ -53,7 +53,7 @@ class LeaseSettings:
 
     lease_ms: int = 10_000
     interval: float = 1.0
-    grace_ms: int = 2_000
+    grace_ms: int = 1_000
     stall_limit: float = 30.0
     timeout: float = 2.0
 
