@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 
+import pytest
+
+from gateway import fdlimit
 from gateway.fdlimit import client_connection_cap, nofile_limit
 from gateway.metrics import Metrics
 from gateway.server.admission import Admission, AdmissionSettings, WorkBudget
@@ -117,3 +122,18 @@ async def test_work_budget_is_quartered_while_shedding() -> None:
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert budget.left == 2
+
+
+def test_emfile_is_recognised_and_logged_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    lost = ConnectionError("cannot connect")
+    lost.__cause__ = OSError(errno.EMFILE, "Too many open files")
+    assert fdlimit.is_emfile(lost)
+    assert not fdlimit.is_emfile(OSError(errno.ECONNREFUSED, "Connection refused"))
+    fdlimit._Reports.last = float("-inf")
+    with caplog.at_level(logging.ERROR, logger="gateway.fdlimit"):
+        fdlimit.note_emfile("connecting to 127.0.0.1:1")
+        fdlimit.note_emfile("connecting to 127.0.0.1:2")  # within the minute: counted only
+    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.fdlimit"]
+    assert len(messages) == 1, messages
+    assert "EMFILE" in messages[0] and f"limit {nofile_limit()}" in messages[0]
+    assert fdlimit._Reports.suppressed == 1
