@@ -25,6 +25,13 @@ Fixtures for test authors:
     A :class:`nodes.WebhookReceiver` listening on loopback; give ``hooks.url`` to the nodes a
     test module starts.
 
+``store_factory`` (function scope)
+    ``await store_factory(owner, lease_ms=None, topology=None)`` -> a
+    :class:`~gateway.store.presence.PresenceStore` with its own shard links (on the shared
+    ``cluster`` unless ``topology`` names another ``topology.json``); with ``lease_ms`` it
+    leases every shard at once with no grace rule (gap 0, grace 0), so the lease expires
+    exactly ``lease_ms`` later unless refreshed. Everything is closed after the test.
+
 Plain helpers behind the fixtures: :func:`find_free_port_range` picks a base port whose whole
 range binds on 127.0.0.1 right now; :func:`start_local_cluster` starts a topology on such a
 range, retrying with another range if a port is taken meanwhile. Prefer the fixtures.
@@ -35,14 +42,20 @@ All of them skip the test when ``redis-server`` or ``redis-sentinel`` is not ins
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from nodes import WebhookReceiver
+from support import StoreFactory
 
 from gateway.localcluster import LocalCluster, PortInUseError, find_free_port_range
+from gateway.shards.admin import init_shards
+from gateway.shards.shardset import ShardSet
+from gateway.shards.topology import load_topology
+from gateway.shards.writer import BatchWriter
+from gateway.store.presence import PresenceStore
 
 __all__ = ["find_free_port_range", "start_local_cluster"]
 
@@ -127,3 +140,39 @@ def hooks() -> Iterator[WebhookReceiver]:
     """A webhook receiver on loopback, one per test module (for the nodes it starts)."""
     with WebhookReceiver() as receiver:
         yield receiver
+
+
+@pytest.fixture
+async def store_factory(cluster: LocalCluster) -> AsyncIterator[StoreFactory]:
+    """Presence stores with their own shard links; all closed after the test."""
+    opened: list[tuple[ShardSet, BatchWriter]] = []
+    initialised: set[str] = set()
+
+    async def make(
+        owner: str,
+        *,
+        lease_ms: int | None = None,
+        hold_ms: int = 200,
+        topology: Path | str | None = None,
+    ) -> PresenceStore:
+        path = str(topology or cluster.topology_path)
+        topo = load_topology(path)
+        if path not in initialised:
+            init_shards(topo)
+            initialised.add(path)
+        shards = ShardSet(topo, recheck_interval=0.2)
+        writer = BatchWriter(shards)
+        await shards.start()
+        await shards.wait_ready(10)
+        writer.start()
+        opened.append((shards, writer))
+        store = PresenceStore(shards, writer, owner=owner, hold_ms=hold_ms, entry_ttl_ms=60_000)
+        if lease_ms is not None:
+            for shard in range(len(shards.links)):
+                await store.lease(shard, lease_ms, first=True, gap_ms=0, grace_ms=0)
+        return store
+
+    yield make
+    for shards, writer in opened:
+        await writer.close()
+        await shards.close()

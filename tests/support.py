@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import redis
+
+from gateway.store.presence import PresenceStore
+
+#: ``await factory(owner, lease_ms=None, hold_ms=200, topology=None)``: the ``store_factory``
+#: fixture of ``conftest.py``.
+StoreFactory = Callable[..., Awaitable[PresenceStore]]
 
 
 def raw_client(addr: str) -> redis.Redis:

@@ -8,6 +8,7 @@ and keep serving everybody else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -39,6 +40,9 @@ class BigApp(App):
         if request.path == "/big":
             self.requests.append(request)
             return HttpResponse(200, b"x" * 1_048_576)
+        if request.path == "/wait":
+            await asyncio.sleep(3)
+            return HttpResponse(200, b"waited")
         return await super().http_request(request)
 
 
@@ -136,6 +140,58 @@ async def test_unfinished_bodies_share_a_byte_cap(make_door: Door, app: BigApp) 
     await _settles(lambda: door.pending_bytes == 0)
     w1.close()
     assert len(app.requests) == 1
+
+
+async def test_upgrade_request_with_a_body_releases_its_bytes(make_door: Door) -> None:
+    # Without "Connection: Upgrade" llhttp reads the body; the hand-over must release it.
+    door = await make_door()
+    head = (
+        b"GET /app/key HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Content-Length: 50000\r\n\r\n"
+    )
+    for _ in range(3):
+        reply = await raw_exchange(door, head + b"b" * 50_000)
+        assert reply.startswith(b"HTTP/1.1 400 "), reply[:80]  # websockets refuses it
+    await _settles(lambda: door.connections == 0)
+    assert door.pending_bytes == 0
+
+
+async def test_a_reset_during_the_answer_releases_the_body_once(make_door: Door) -> None:
+    door = await make_door()
+    for _ in range(3):
+        _reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+        writer.write(b"POST /slow HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" + b"s" * 100_000)
+        await writer.drain()
+        await asyncio.sleep(0.01)  # the handler is answering
+        writer.transport.abort()
+    await _settles(lambda: door.connections == 0)
+    await asyncio.sleep(0.1)
+    assert door.pending_bytes == 0
+
+
+async def test_bytes_after_an_upgrade_request_are_bounded(make_door: Door) -> None:
+    # An upgrade request waits while an earlier request is answered (3 s here); what the
+    # client sends meanwhile is not read: the socket stops taking bytes.
+    door = await make_door()
+    _reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+    sent = 0
+    try:
+        writer.write(
+            b"GET /wait HTTP/1.1\r\n\r\n"
+            b"GET /app/key HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            for _ in range(200):  # up to 20 MB
+                writer.write(b"z" * 100_000)
+                sent += 100_000
+                await asyncio.wait_for(writer.drain(), 1)
+    finally:
+        writer.transport.abort()
+    # The kernel's socket buffers take a few MB; the door took nothing more.
+    assert sent < 20_000_000, sent
 
 
 # -- connection caps ----------------------------------------------------------------------------

@@ -3,48 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
-from support import raw_client
+from support import StoreFactory, raw_client
 
 from gateway._native import key_slot
 from gateway.localcluster import LocalCluster
 from gateway.shards.admin import init_shards
 from gateway.shards.pubsub import PubSub
-from gateway.shards.shardset import ShardSet
 from gateway.shards.topology import load_topology
-from gateway.shards.writer import BatchWriter
 from gateway.store.audit import run_audit
 from gateway.store.healing import LocalChannel, digest
 from gateway.store.presence import PresenceStore, channel_key
 
 
 @pytest.fixture
-async def stores(cluster: LocalCluster) -> AsyncIterator[Callable[..., object]]:
-    """Makes presence stores with their own links; all closed at the end."""
-    topo = load_topology(cluster.topology_path)
-    init_shards(topo)
-    opened: list[tuple[ShardSet, BatchWriter]] = []
-
-    async def make(owner: str, *, lease_ms: int = 60_000) -> PresenceStore:
-        shards = ShardSet(topo, recheck_interval=0.2)
-        writer = BatchWriter(shards)
-        await shards.start()
-        await shards.wait_ready(10)
-        writer.start()
-        opened.append((shards, writer))
-        store = PresenceStore(shards, writer, owner=owner, hold_ms=200, entry_ttl_ms=60_000)
-        for shard in range(len(shards.links)):
-            # gap 0 and grace 0: no grace rule at all, a lease expires exactly here.
-            await store.lease(shard, lease_ms, first=True, gap_ms=0, grace_ms=0)
-        return store
-
-    yield make
-    for shards, writer in opened:
-        await writer.close()
-        await shards.close()
+def stores(store_factory: StoreFactory) -> Callable[..., object]:
+    """Stores that lease every shard for 60 s at once (``lease_ms`` overrides it)."""
+    return functools.partial(store_factory, lease_ms=60_000)
 
 
 def _uid() -> str:

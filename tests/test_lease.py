@@ -4,49 +4,23 @@ go when the loop stalls, and the reap rule that tells a late node from a dead on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-import pytest
-from support import raw_client
+from support import StoreFactory, raw_client
 
 from gateway.localcluster import LocalCluster
 from gateway.metrics import Metrics
-from gateway.shards.admin import init_shards
 from gateway.shards.pubsub import PubSub
-from gateway.shards.shardset import ShardSet
-from gateway.shards.topology import load_topology
-from gateway.shards.writer import BatchWriter
 from gateway.store.lease import LeaseKeeper, LeaseSettings
 from gateway.store.presence import PresenceStore, channel_key
 
 
 def _uid() -> str:
     return uuid.uuid4().hex[:8]
-
-
-@pytest.fixture
-async def make_store(cluster: LocalCluster) -> AsyncIterator[Callable[..., object]]:
-    """Presence stores with their own links (no lease yet); all closed at the end."""
-    topo = load_topology(cluster.topology_path)
-    init_shards(topo)
-    opened: list[tuple[ShardSet, BatchWriter]] = []
-
-    async def make(owner: str) -> PresenceStore:
-        shards = ShardSet(topo, recheck_interval=0.2)
-        writer = BatchWriter(shards)
-        await shards.start()
-        await shards.wait_ready(10)
-        writer.start()
-        opened.append((shards, writer))
-        return PresenceStore(shards, writer, owner=owner, hold_ms=100, entry_ttl_ms=60_000)
-
-    yield make
-    for shards, writer in opened:
-        await writer.close()
-        await shards.close()
 
 
 class Sampler:
@@ -75,61 +49,64 @@ class Sampler:
         self.client.close()
 
 
-async def _beat(keeper: LeaseKeeper) -> None:
-    while True:
-        keeper.beat()
-        await asyncio.sleep(0.05)
-
-
-async def test_lease_is_kept_while_the_event_loop_is_blocked(
-    make_store: Callable[..., object], cluster: LocalCluster
-) -> None:
-    store: PresenceStore = await make_store(f"busy@{_uid()}")  # type: ignore[misc]
+@contextlib.asynccontextmanager
+async def running_keeper(
+    store: PresenceStore, settings: LeaseSettings, shard: int
+) -> AsyncIterator[tuple[LeaseKeeper, list[int]]]:
+    """A started keeper whose event-loop heartbeat beats every 50 ms; yields it and the
+    shards it reported as lapsed. Returns once its first lease on ``shard`` is accepted."""
     lapsed: list[int] = []
-    keeper = LeaseKeeper(
-        store.shards,
-        store,
-        LeaseSettings(lease_ms=1000, interval=0.2, grace_ms=0, stall_limit=30),
-        Metrics(),
-        on_lapsed=lapsed.append,
-    )
-    ch = f"presence-busy-{_uid()}"
-    shard = store.shard_of("1", ch)
-    beat = asyncio.create_task(_beat(keeper))
+    keeper = LeaseKeeper(store.shards, store, settings, Metrics(), on_lapsed=lapsed.append)
+
+    async def beat() -> None:
+        while True:
+            keeper.beat()
+            await asyncio.sleep(0.05)
+
+    beating = asyncio.create_task(beat())
     keeper.start()
     try:
         await _until(lambda: keeper.leased(shard))
+        yield keeper, lapsed
+    finally:
+        beating.cancel()
+        await keeper.close()
+
+
+async def test_lease_is_kept_while_the_event_loop_is_blocked(
+    store_factory: StoreFactory, cluster: LocalCluster
+) -> None:
+    store = await store_factory(f"busy@{_uid()}")
+    ch = f"presence-busy-{_uid()}"
+    shard = store.shard_of("1", ch)
+    settings = LeaseSettings(lease_ms=1000, interval=0.2, grace_ms=0, stall_limit=30)
+    async with running_keeper(store, settings, shard) as (keeper, lapsed):
         await store.join("1", ch, "u1", None, "1.1")
         with Sampler(cluster, shard, channel_key("1", ch)) as sampler:
             time.sleep(3.0)  # noqa: ASYNC251 -- the event loop is blocked for three leases
         seen = [users for _, users in sampler.samples]
         assert len(seen) > 20
         assert all(users == {b"u1"} for users in seen), seen
-        assert keeper.age(shard) is not None and keeper.age(shard) < 1.0  # type: ignore[operator]
+        age = keeper.age(shard)
+        assert age is not None and age < 1.0
         assert lapsed == []
-    finally:
-        beat.cancel()
-        await keeper.close()
 
 
 async def test_lease_is_let_go_when_the_loop_stalls(
-    make_store: Callable[..., object], cluster: LocalCluster
+    store_factory: StoreFactory, cluster: LocalCluster
 ) -> None:
-    store: PresenceStore = await make_store(f"stuck@{_uid()}")  # type: ignore[misc]
-    lapsed: list[int] = []
-    keeper = LeaseKeeper(
-        store.shards,
-        store,
-        LeaseSettings(lease_ms=600, interval=0.1, grace_ms=0, stall_limit=1.0),
-        Metrics(),
-        on_lapsed=lapsed.append,
-    )
+    store = await store_factory(f"stuck@{_uid()}")
+    other = await store_factory(f"healthy@{_uid()}")
     ch = f"presence-stuck-{_uid()}"
     shard = store.shard_of("1", ch)
-    beat = asyncio.create_task(_beat(keeper))
-    keeper.start()
-    try:
-        await _until(lambda: keeper.leased(shard))
+    settings = LeaseSettings(lease_ms=600, interval=0.1, grace_ms=0, stall_limit=1.0)
+    # Another node keeps refreshing (as in any cluster of more than one node): the shard is
+    # reachable, so the stuck node's silence is its own.
+    healthy = LeaseSettings(lease_ms=600, interval=0.1, grace_ms=0, stall_limit=30)
+    async with (
+        running_keeper(other, healthy, shard),
+        running_keeper(store, settings, shard) as (_, lapsed),
+    ):
         await store.join("1", ch, "u1", None, "1.1")
         with Sampler(cluster, shard, channel_key("1", ch)) as sampler:
             time.sleep(3.0)  # noqa: ASYNC251 -- no heartbeat for longer than the stall limit
@@ -138,16 +115,13 @@ async def test_lease_is_let_go_when_the_loop_stalls(
         # The loop runs again: the lease is refreshed, and the lapse is reported so the node
         # re-asserts its state (others may have reaped it meanwhile).
         await _until(lambda: shard in lapsed)
-    finally:
-        beat.cancel()
-        await keeper.close()
 
 
 async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
-    make_store: Callable[..., object], cluster: LocalCluster
+    store_factory: StoreFactory, cluster: LocalCluster
 ) -> None:
-    a: PresenceStore = await make_store(f"alive@{_uid()}")  # type: ignore[misc]
-    b: PresenceStore = await make_store(f"late@{_uid()}")  # type: ignore[misc]
+    a = await store_factory(f"alive@{_uid()}", hold_ms=100)
+    b = await store_factory(f"late@{_uid()}", hold_ms=100)
     ch = f"presence-late-{_uid()}"
     shard = a.shard_of("1", ch)
     heard: list[bytes] = []
@@ -204,31 +178,20 @@ async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
 
 
 async def test_owners_that_could_not_refresh_get_the_grace_after_the_shard_is_back(
-    make_store: Callable[..., object], fresh_cluster: LocalCluster
+    store_factory: StoreFactory, fresh_cluster: LocalCluster
 ) -> None:
     # A private topology: on the shared one other tests' nodes refresh their leases, so the
     # shard never goes without refreshes.
-    del make_store
-    topo = load_topology(fresh_cluster.topology_path)
-    init_shards(topo)
-    stores = []
-    for owner in (f"first@{_uid()}", f"second@{_uid()}"):
-        shards = ShardSet(topo, recheck_interval=0.2)
-        writer = BatchWriter(shards)
-        await shards.start()
-        await shards.wait_ready(10)
-        writer.start()
-        stores.append(PresenceStore(shards, writer, owner=owner, hold_ms=100))
-    a, b = stores
-    try:
-        await _gap_scenario(a, b, fresh_cluster)
-    finally:
-        for store in stores:
-            await store.writer.close()
-            await store.shards.close()
+    topology = fresh_cluster.topology_path
+    a = await store_factory(f"first@{_uid()}", hold_ms=100, topology=topology)
+    b = await store_factory(f"second@{_uid()}", hold_ms=100, topology=topology)
+    old = await store_factory(f"restarted@{_uid()}", hold_ms=100, topology=topology)
+    await _gap_scenario(a, b, old, fresh_cluster)
 
 
-async def _gap_scenario(a: PresenceStore, b: PresenceStore, cluster: LocalCluster) -> None:
+async def _gap_scenario(
+    a: PresenceStore, b: PresenceStore, old: PresenceStore, cluster: LocalCluster
+) -> None:
     ch = f"presence-gap-{_uid()}"
     shard = a.shard_of("1", ch)
     master = raw_client(cluster.masters()[shard].addr)
@@ -239,11 +202,24 @@ async def _gap_scenario(a: PresenceStore, b: PresenceStore, cluster: LocalCluste
     lease = {"gap_ms": 1000, "grace_ms": 1500}
     await a.lease(shard, 500, first=True, **lease)
     await b.lease(shard, 500, first=True, **lease)
+    await old.lease(shard, 500, first=True, **lease)
     await a.join("1", ch, "ua", None, "1.1")
     await b.join("1", ch, "ub", None, "2.1")
-    # Nobody refreshes for 1.3 s (as when the shard is unreachable or failing over): both
+    await old.join("1", ch, "u-old", None, "3.1")
+    # Nobody refreshes for 1.3 s (as when the shard is unreachable or failing over): the
     # leases expire while no node could refresh them.
     await asyncio.sleep(1.3)
+    # A reaper call that reaches the shard before any refresh (its writes were held while the
+    # shard was away) removes nobody, and everyone who expired in the silence is listed.
+    await _reap(a, shard, grace_ms=1500)
+    assert b_entries() == 1
+    assert await a.roster("1", ch) == {"ua": None, "ub": None, "u-old": None}
+    # The restarted node's new incarnation ends the old one's lease on purpose: never excused.
+    restarted = PresenceStore(
+        old.shards, old.writer, owner=old.owner.decode().split("@")[0] + "@new", hold_ms=100
+    )
+    await restarted.lease(shard, 500, first=True, **lease)
+    assert await a.roster("1", ch) == {"ua": None, "ub": None}
     await a.lease(shard, 500, first=False, **lease)  # the shard is back; a refreshes first
     # b gets the grace to refresh before it counts as gone: still listed, not reaped.
     assert await a.roster("1", ch) == {"ua": None, "ub": None}

@@ -84,7 +84,7 @@ async def test_first_and_last_connection_across_nodes(nodes: tuple[Node, Node]) 
     assert other.added and other.roster == {"u1": '{"name":"Ann"}', "u2": None}
     # Both nodes heard exactly the two member_added transitions, in order.
     await _settle(lambda: len(a.messages) == 2 and len(b.messages) == 2)
-    assert [m[1][:1] for m in a.messages] == [b"A", b"A"]
+    assert [m[1][:1] for m in a.messages] == [b"M", b"M"]
     assert a.messages[0][1] == wire.encode_member_added("u1", '{"name":"Ann"}', "1.1")
     assert wire.decode(a.messages[0][1]) == wire.MemberAdded("1.1", "u1", '{"name":"Ann"}')
 

@@ -34,7 +34,8 @@ def test_other_kinds() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"X", b"Enosep", b"A1.1", b"A1.1\x00", b"A1.1\x00u1", b"A\x009:short", b"A\x00x:u",
+    [b"", b"X", b"Enosep", b"M1.1", b"M1.1\x00", b"M1.1\x00u1", b"M\x009:short", b"M\x00x:u",
+     b"A1.1\x00u1\x00{}",
      b"C", b"C-1", b"C1x", b"R\xff", b"E\x00\xff"],
 )  # fmt: skip
 def test_malformed_messages_are_dropped(data: bytes) -> None:

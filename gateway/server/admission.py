@@ -90,9 +90,16 @@ class WorkBudget:
         self._arm()
 
     def turn(self) -> asyncio.Future[None]:
-        """A future resolved when the caller's turn comes (for work done in tasks)."""
+        """A future resolved when the caller's turn comes, one unit already charged (for work
+        done in tasks)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.defer(lambda: None if fut.done() else fut.set_result(None))
+
+        def go() -> None:
+            self.left -= 1
+            if not fut.done():
+                fut.set_result(None)
+
+        self.defer(go)
         return fut
 
     @property
@@ -261,8 +268,8 @@ class Admission:
         now = self.clock()
         bucket = self._buckets.get(ip)
         if bucket is None:
-            if len(self._buckets) > 10_000:
-                self._prune(now)
+            # Idle buckets are dropped by sweep(), about every second: the table holds the
+            # addresses seen within burst / rate seconds.
             bucket = self._buckets[ip] = _Bucket(float(s.handshake_burst), now)
         bucket.tokens = min(
             float(s.handshake_burst), bucket.tokens + (now - bucket.last) * s.handshakes_per_ip

@@ -661,7 +661,8 @@ class _HttpConnection(asyncio.Protocol):
             paused.set_result(None)
 
     def _release_bytes(self, n: int) -> None:
-        if n:
+        n = min(n, self._held)  # never more than this connection holds
+        if n > 0:
             self._held -= n
             self._door.pending_bytes -= n
 
@@ -680,7 +681,14 @@ class _HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._upgrade is not None:
-            self._upgrade += data  # pipelined requests still being answered; hand over later
+            # Bytes after an upgrade request whose turn has not come (earlier requests are
+            # being answered, or the work budget is spent): reading was paused, so this is at
+            # most what one read brought; anything beyond a message and a head is refused.
+            self._upgrade += data
+            if len(self._upgrade) > self._door.max_ws_message + MAX_HEAD_BYTES and (
+                self._transport is not None
+            ):
+                self._transport.abort()
             return
         if self._stopped:
             return
@@ -786,6 +794,16 @@ class _HttpConnection(asyncio.Protocol):
         target = self._url.decode("latin-1")
         path, query = split_target(target)
         if method == "GET" and self._headers.get("upgrade", "").lower() == "websocket":
+            if (
+                self._body
+                or "transfer-encoding" in self._headers
+                or (self._headers.get("content-length", "0") != "0")
+            ):
+                self._release_bytes(len(self._body))
+                self._body = bytearray()
+                self._stopped = True
+                self._queue.append(_Pending(None, False, 400, "a WebSocket handshake has no body"))
+                return
             # Rebuild the head for websockets to parse; bytes after it are appended later.
             version = self._parser.get_http_version()
             head = [f"GET {target} HTTP/{version}\r\n".encode("latin-1")]
@@ -794,6 +812,10 @@ class _HttpConnection(asyncio.Protocol):
             self._upgrade = bytearray(b"".join(head))
             self._upgrade_target = (path, query)
             self._stopped = True
+            # Nothing more is read until the hand-over: the WebSocket reads it then.
+            if self._reading and self._transport is not None:
+                self._reading = False
+                self._transport.pause_reading()
             return
         request = HttpRequest(method, path, query, self._headers, bytes(self._body), self._remote)
         keep_alive = self._parser.should_keep_alive() and not self._parser.should_upgrade()
@@ -879,7 +901,11 @@ class _HttpConnection(asyncio.Protocol):
         try:
             while self._queue and not self._closed:
                 item = self._queue.popleft()
-                if not self._reading and len(self._queue) < MAX_PIPELINE // 2:
+                if (
+                    not self._reading
+                    and len(self._queue) < MAX_PIPELINE // 2
+                    and self._upgrade is None
+                ):
                     self._reading = True
                     if self._transport is not None:
                         self._transport.resume_reading()
@@ -891,12 +917,14 @@ class _HttpConnection(asyncio.Protocol):
                     await self._writable()
                     if self._closed:
                         break
-                work = self._door.work
-                if not work.may_run():
-                    await work.turn()
-                work.spend()
-                response = await self._answer(item.request)
+                # The request is complete: its body no longer counts as unfinished.
                 self._release_bytes(len(item.request.body))
+                work = self._door.work
+                if work.may_run():
+                    work.spend()
+                else:
+                    await work.turn()  # charged when the turn comes
+                response = await self._answer(item.request)
                 keep_alive = item.keep_alive and not self._door.shutting_down
                 self._send(response, keep_alive=keep_alive, head=item.request.method == "HEAD")
                 if not keep_alive:
@@ -960,8 +988,12 @@ class _HttpConnection(asyncio.Protocol):
             transport.resume_reading()
         path, query = self._upgrade_target
         conn = WsConnection(self._door, transport, path, query, self._remote)
-        # The TCP connection stays counted: the WebSocket releases it when it closes.
+        # The TCP connection stays counted: the WebSocket releases it when it closes. Body
+        # bytes of the upgrade request (a body without "Connection: Upgrade" is parsed) are
+        # released here: this object's connection_lost will never run.
         conn._ticket = (self._counted_ip, self._forwarded_ip)
+        self._release_bytes(self._held)
+        self._body = bytearray()
         self._admitted = False
         self._deadline = None
         self._door._ws.add(conn)

@@ -28,25 +28,38 @@ local function now_ms()
   return NOW
 end
 
--- The shard's lease history, kept by lease(): {gap, up, window, grace}. `gap` is the time of the
--- last refresh before the last period in which no node refreshed at all (the shard was
--- unreachable or failing over), `up` the time refreshes started again, `window` how long after
--- `up` owners that expired in the gap still count as alive (the larger of the nodes' reap
--- grace and their gap threshold: time for every node to refresh), `grace` the reap grace.
+-- Defaults for callers that send no gap threshold or grace (nodes of library version 3, during
+-- a rolling upgrade): the version-4 node defaults.
+local DEFAULT_GAP_MS, DEFAULT_GRACE_MS = 3000, 1000
+
+-- The shard's lease history, kept by lease(). `last`: the last refresh by any node. `gap`,
+-- `up`: the last period in which no node refreshed for longer than `gapms` (the shard was
+-- unreachable or failing over) ended at `up`, and its last refresh before it was at `gap`.
+-- `window`: how long after `up` owners that expired in that period still count as alive (the
+-- larger of the reap grace and the gap threshold: time for every node to refresh).
 local function beat()
   if BEAT == nil then
-    local b = redis.call('HMGET', SHARD .. ':beat', 'gap', 'up', 'gapms', 'grace')
-    local grace = tonumber(b[4]) or 0
-    BEAT = {tonumber(b[1]) or 0, tonumber(b[2]) or 0, math.max(tonumber(b[3]) or 0, grace), grace}
+    local b = redis.call('HMGET', SHARD .. ':beat', 'last', 'gap', 'up', 'gapms', 'grace')
+    local gapms, grace = tonumber(b[4]) or DEFAULT_GAP_MS, tonumber(b[5]) or 0
+    BEAT = {last = tonumber(b[1]) or 0, gap = tonumber(b[2]) or 0, up = tonumber(b[3]) or 0,
+            gapms = gapms, grace = grace, window = math.max(gapms, grace)}
   end
   return BEAT
 end
 
+-- Whether no node has refreshed a lease here for longer than the gap threshold: the shard is
+-- unreachable for the nodes, or it is just back and they have not refreshed yet.
+local function in_gap()
+  local b = beat()
+  return b.gapms > 0 and b.last > 0 and now_ms() - b.last > b.gapms
+end
+
 -- Whether an owner (node_id@incarnation) counts as alive on this shard: its lease has not
--- expired; or it expired while no node could refresh on this shard (a late owner, not a dead
--- one) and the shard has been taking refreshes again for less than the window (see beat()),
--- so every owner gets time to refresh before it counts as gone. The reaper removes only
--- owners that are not alive and whose lease expired more than the grace ago (reap()).
+-- expired; or it expired while no node could refresh here (a late owner, not a dead one):
+-- during such a period, and after it until the window has passed (see beat()), so that every
+-- owner gets time to refresh before it counts as gone. A lease ended on purpose (score 0: an
+-- earlier incarnation) is never excused. The reaper removes only owners that are not alive and
+-- whose lease expired more than the grace ago, and nothing while the shard is in a gap (reap()).
 local function alive(owner)
   local known = ALIVE[owner]
   if known == nil then
@@ -56,9 +69,13 @@ local function alive(owner)
     else
       deadline = tonumber(deadline)
       known = deadline >= now_ms()
-      if not known then
+      if not known and deadline > 0 then
         local b = beat()
-        known = deadline >= b[1] and now_ms() < b[2] + b[3]
+        if in_gap() then
+          known = deadline >= b.last
+        else
+          known = b.up > 0 and deadline >= b.gap and now_ms() < b.up + b.window
+        end
       end
     end
     ALIVE[owner] = known
@@ -144,7 +161,8 @@ local function add_member(key, owner, user, info, exclude)
   add_to_index(key, owner)
   if redis.call('HINCRBY', key .. ':u', user, 1) ~= 1 then return false, false end
   -- The user id is length-prefixed: it may hold any byte, NUL included (gateway/store/wire.py).
-  redis.call('PUBLISH', key, 'A' .. exclude .. '\0' .. #user .. ':' .. user .. info)
+  -- 'M', not version 3's 'A': nodes of version 3 ignore kinds they do not know.
+  redis.call('PUBLISH', key, 'M' .. exclude .. '\0' .. #user .. ':' .. user .. info)
   return true, redis.call('ZREM', SHARD .. ':due', key .. '\0m\0' .. user) == 0
 end
 
@@ -264,7 +282,7 @@ end
 -- Owner lease on this shard (key: the shard tag). args: owner, lease ms, first (1 on a node's
 -- first lease: earlier incarnations of the same node id are dead at once), gap ms (no refresh
 -- from any node for longer than this is a period in which the shard was unreachable), grace
--- ms (the nodes' reap grace). Reply: deadline.
+-- ms (the nodes' reap grace); the last two may be left out (version-3 nodes). Reply: deadline.
 local function lease(key, a, p)
   local owner, nodes = a[p], key .. ':nodes'
   local now, ms = now_ms(), tonumber(a[p + 1])
@@ -281,11 +299,15 @@ local function lease(key, a, p)
   -- The lease table outlives any lease by far, but not a deployment that stopped entirely.
   redis.call('PEXPIRE', nodes, 100 * ms)
   local bkey = key .. ':beat'
+  local gapms = tonumber(a[p + 3]) or DEFAULT_GAP_MS
+  local grace = tonumber(a[p + 4]) or DEFAULT_GRACE_MS
   local last = tonumber(redis.call('HGET', bkey, 'last') or '0')
-  if now - last > tonumber(a[p + 3]) then
+  -- No history yet (a new shard, or one silent for 100 leases): nothing to excuse. A gap
+  -- threshold of 0 turns the rule off.
+  if gapms > 0 and last > 0 and now - last > gapms then
     redis.call('HSET', bkey, 'gap', last, 'up', now)
   end
-  redis.call('HSET', bkey, 'last', now, 'gapms', a[p + 3], 'grace', a[p + 4])
+  redis.call('HSET', bkey, 'last', now, 'gapms', gapms, 'grace', grace)
   redis.call('PEXPIRE', bkey, 100 * ms)
   return deadline
 end
@@ -353,7 +375,8 @@ local function reap_owner(key, owner, limit, hold)
   return done, removed
 end
 
--- Reaper (key: the shard tag). args: token, lock ms, limit, hold ms, grace ms. Takes or renews
+-- Reaper (key: the shard tag). args: token, lock ms, limit, hold ms, grace ms (may be left out:
+-- version-3 nodes). Takes or renews
 -- the shard's reap lock; under it, removes up to `limit` channels' entries of owners that are
 -- not alive (see alive()) and whose lease expired more than `grace` ms ago, through the same
 -- transitions as normal leaves (member_removed, channel_vacated). An owner that was late, not
@@ -365,9 +388,12 @@ local function reap(key, a, p)
   if holder and holder ~= token then return {-1} end
   redis.call('SET', lock, token, 'PX', tonumber(a[p + 1]))
   local limit, hold = tonumber(a[p + 2]), tonumber(a[p + 3])
-  local cutoff = '(' .. (now_ms() - tonumber(a[p + 4]))
+  local cutoff = '(' .. (now_ms() - (tonumber(a[p + 4]) or DEFAULT_GRACE_MS))
   local nodes = key .. ':nodes'
   local done, removed = 0, 0
+  -- Nobody has refreshed here lately: the nodes cannot reach the shard, or it is just back and
+  -- they have not refreshed yet. Nobody is announced as gone now.
+  if in_gap() then return {0, redis.call('ZCOUNT', nodes, '-inf', cutoff), 0} end
   for _, owner in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', cutoff, 'LIMIT', 0, 16)) do
     if done >= limit then break end
     if not alive(owner) then
@@ -461,7 +487,8 @@ local function claim(key, a, p)
   return items
 end
 
--- op name -> {argument count (-1: variable, checked by the op), apply(key, argv, first)}
+-- op name -> {argument count (a list: any of these; -1: variable, see arity_ok), apply(key,
+-- argv, first)}
 local OPS = {
   hset = {3, function(key, a, p)
     local r = redis.call('HSET', key, a[p], a[p + 1])
@@ -481,13 +508,28 @@ local OPS = {
     return redis.call('SET', key .. ':c', a[p], 'PX', a[p + 1])
   end},
   claim = {1, claim},
-  lease = {5, lease},
+  lease = {{3, 5}, lease},
   check = {2, check},
-  reap = {5, reap},
+  reap = {{4, 5}, reap},
   repair = {1, repair},
   purge = {1, purge},
   admin = {3, admin},
 }
+
+-- Whether `argc` arguments fit an op's arity: a count, a list of counts, or -1 (sync: six
+-- arguments then as many pairs as the sixth says).
+local function arity_ok(arity, argc, argv, first)
+  if type(arity) == 'table' then
+    for _, n in ipairs(arity) do
+      if n == argc then return true end
+    end
+    return false
+  end
+  if arity == -1 then
+    return argc >= 6 and argc == 6 + 2 * (tonumber(argv[first + 5]) or -1)
+  end
+  return arity == argc
+end
 
 -- Returns an error message when this server must not apply a write for (uuid, epoch).
 local function check_identity(uuid, epoch)
@@ -529,8 +571,7 @@ local function apply(keys, argv)
     local first = p + 3
     p = first + argc
     local spec = OPS[op]
-    if spec == nil or (spec[1] ~= argc and not (spec[1] == -1 and argc >= 6
-        and argc == 6 + 2 * (tonumber(argv[first + 5]) or -1))) then
+    if spec == nil or not arity_ok(spec[1], argc, argv, first) then
       out[i] = redis.error_reply('BADOP unknown operation or wrong argument count: ' .. op)
     elseif string.sub(redis.sha1hex(prefix .. keys[i]), 1, 16) ~= tag then
       out[i] = redis.error_reply('BADTAG tag does not match key ' .. keys[i])
@@ -600,7 +641,7 @@ local function read_leases(keys)
   if not read_prepare() then return redis.error_reply('NOIDENTITY run shards init') end
   local out = {}
   local all = redis.call('ZRANGE', keys[1] .. ':nodes', 0, -1, 'WITHSCORES')
-  local grace = beat()[4]
+  local grace = beat().grace
   for i = 1, #all, 2 do
     local owner, deadline = all[i], tonumber(all[i + 1])
     local state = 'dead'

@@ -210,8 +210,10 @@ class PubSub:
     async def subscribe(self, shard: int, channel: bytes, *, timeout: float = 5.0) -> None:
         """Listen to ``channel`` on ``shard``; returns when the shard confirmed it.
 
+        While the shard's connection is down the wait lasts until it is back (the supervisor
+        re-subscribes every wanted channel), at most ``timeout`` seconds.
+
         Raises:
-            ConnectionError: The shard's Pub/Sub connection did not come up in time.
             TimeoutError: No confirmation within ``timeout`` seconds.
         """
         self.start()
@@ -230,8 +232,8 @@ class PubSub:
             if proto is None or proto.lost.done():
                 state.ready.clear()
                 continue
-            if channel in proto.confirmed:
-                return
+            if channel in proto.confirmed or channel not in state.wanted:
+                return  # confirmed by a re-subscription, or released meanwhile
             try:
                 (ack,) = proto.send(b"SUBSCRIBE", [channel])
                 await ack
@@ -239,6 +241,8 @@ class PubSub:
                 continue  # the supervisor reconnects and re-subscribes; wait for it
             if channel in state.wanted:
                 proto.confirmed.add(channel)
+            else:  # released while the SUBSCRIBE was on its way
+                _unsubscribe(proto, [channel])
             return
 
     def unsubscribe(self, shard: int, channel: bytes) -> None:
@@ -250,8 +254,7 @@ class PubSub:
         proto = state.proto
         if proto is not None and not proto.lost.done():
             proto.confirmed.discard(channel)
-            with contextlib.suppress(ConnectionError):
-                proto.send(b"UNSUBSCRIBE", [channel])
+            _unsubscribe(proto, [channel])
 
     def subscribed(self, shard: int) -> set[bytes]:
         """Channels wanted on ``shard``."""
@@ -330,7 +333,7 @@ class PubSub:
             # Channels released while we were re-subscribing.
             gone = [c for c in wanted if c not in state.wanted]
             if gone:
-                proto.send(b"UNSUBSCRIBE", gone)
+                _unsubscribe(proto, gone)
         except BaseException:
             proto.abort("re-subscribing failed")
             raise
@@ -421,6 +424,19 @@ class PubSub:
             reason,
             len(state.wanted),
         )
+
+
+def _unsubscribe(proto: _SubProtocol, channels: list[bytes]) -> None:
+    """Fire and forget: nobody waits for the acks (their failure on a lost connection is
+    expected and must not be reported as an unretrieved exception)."""
+    with contextlib.suppress(ConnectionError):
+        for ack in proto.send(b"UNSUBSCRIBE", channels):
+            ack.add_done_callback(_retrieved)
+
+
+def _retrieved(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def _wait_progress(proto: _SubProtocol, awaitable: Awaitable[Any], timeout: float) -> None:

@@ -261,21 +261,23 @@ class Healer:
         # snapshot taken earlier could undo a join made meanwhile).
         for start in range(0, len(targets), _RESYNC_CHUNK):
             chunk = targets[start : start + _RESYNC_CHUNK]
-            states = [self.local_channel(app_id, channel) for app_id, channel in chunk]
-            results = await asyncio.gather(
-                *(
-                    self.store.sync(
+            # Read and submitted in one step: no join or leave can come in between.
+            ops = []
+            for app_id, channel in chunk:
+                st = self.local_channel(app_id, channel)
+                ops.append(
+                    self.store.sync_op(
                         app_id, channel, st.count, st.members, publish_count=st.publish_count
                     )
-                    for (app_id, channel), st in zip(chunk, states, strict=True)
-                ),
-                return_exceptions=True,
-            )
+                )
+            results = await self.store.writer.submit_many(ops)
             for (app_id, channel), result in zip(chunk, results, strict=True):
                 if isinstance(result, BaseException):
                     failed += 1
-                elif result:
-                    self.on_webhooks(app_id, channel, result)
+                    continue
+                due = self.store.parse_sync(result)
+                if due:
+                    self.on_webhooks(app_id, channel, due)
         log.info(
             "shard %s: re-asserted %d channels (%s)%s",
             name,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from gateway._native import ReplyError, ReplyReader, build_batches
 from gateway.metrics import Metrics
-from gateway.shards.shardset import ShardSet
+from gateway.shards.shardset import ShardLink, ShardSet
 from gateway.shards.topology import Address
 from gateway.store.presence import PresenceStore
 
@@ -73,6 +73,10 @@ class _ShardLease:
         self.first = True
         self.last_ok = 0.0  # monotonic time of the last refresh the shard accepted
         self.last_rtt = 0.0
+        # The link generation (see ShardLink) seen by the last attempt: a lease is judged only
+        # once an attempt was made since the link last became usable.
+        self.generation = -1
+        self.wake = threading.Event()
         self.error = ""
         self.ok = 0
         self.failed = 0
@@ -107,7 +111,9 @@ class LeaseKeeper:
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._beat = time.monotonic()
+        self._started = time.monotonic()
         self._stalled = False
+        shards.on_link_up(self._link_up)
         metrics.counter(
             "pg_lease_refreshes_total", "Lease refreshes, by shard and result", self._counts
         )
@@ -132,6 +138,8 @@ class LeaseKeeper:
     async def close(self) -> None:
         """Stop refreshing (the lease then expires on its own) and close the connections."""
         self._stop.set()
+        for state in self._state:
+            state.wake.set()
         threads, self._threads = self._threads, []
         if threads:
             await asyncio.to_thread(_join_all, threads, self.settings.timeout + 1)
@@ -139,6 +147,10 @@ class LeaseKeeper:
     def beat(self) -> None:
         """The event loop is making progress (call at least every second)."""
         self._beat = time.monotonic()
+
+    def _link_up(self, link: ShardLink) -> None:
+        # A shard back after an outage: refresh now rather than at the next interval.
+        self._state[link.index].wake.set()
 
     # -- what the node reads -------------------------------------------------------------------
 
@@ -152,16 +164,27 @@ class LeaseKeeper:
         return None if state.first else time.monotonic() - state.last_ok
 
     def problems(self) -> list[str]:
-        """Shards on which this node's lease is at risk (not refreshed for half its length)."""
+        """Shards on which this node's lease is at risk (not refreshed for half its length, or
+        never accepted although the shard is usable)."""
         limit = self.settings.lease_ms / 2000
         out = []
         for state in self._state:
+            link = self.shards.links[state.index]
+            reason = f": {state.error}" if state.error else ""
             age = self.age(state.index)
-            if age is not None and age > limit:
-                name = self.shards.links[state.index].spec.name
-                reason = f": {state.error}" if state.error else ""
-                out.append(f"{name}: lease not refreshed for {age:.1f} s{reason}")
+            if age is not None and age > limit and self._judged(state):
+                out.append(f"{link.spec.name}: lease not refreshed for {age:.1f} s{reason}")
+            elif age is None and link.usable and self._waited(3):
+                out.append(f"{link.spec.name}: no lease accepted yet{reason}")
         return out
+
+    def _judged(self, state: _ShardLease) -> bool:
+        # An attempt was made since the link last became usable (after an outage the age
+        # says nothing until then).
+        return state.generation == self.shards.links[state.index].generation
+
+    def _waited(self, intervals: float) -> bool:
+        return time.monotonic() - self._started > intervals * self.settings.interval
 
     def at_risk(self) -> bool:
         """Whether a usable shard's lease is older than a quarter of its length.
@@ -172,7 +195,8 @@ class LeaseKeeper:
         limit = self.settings.lease_ms / 4000
         for state in self._state:
             age = self.age(state.index)
-            if age is not None and age > limit and self.shards.links[state.index].usable:
+            usable = self.shards.links[state.index].usable
+            if age is not None and age > limit and usable and self._judged(state):
                 return True
         return False
 
@@ -203,7 +227,10 @@ class LeaseKeeper:
             except Exception as exc:  # the thread must survive anything
                 self._failed(state, f"unexpected error: {exc!r}")
             next_at = max(next_at + interval, time.monotonic())
-            self._stop.wait(max(0.0, next_at - time.monotonic()))
+            state.wake.wait(max(0.0, next_at - time.monotonic()))
+            if state.wake.is_set():
+                state.wake.clear()
+                next_at = time.monotonic()
         self._disconnect(state)
 
     def _refresh(self, state: _ShardLease) -> None:
@@ -225,6 +252,7 @@ class LeaseKeeper:
             log.warning("event loop is running again: refreshing leases")
         # Follow the verified master; while the link is being re-verified keep the last one
         # (the write is tagged: a server that is not this shard refuses it).
+        generation = link.generation
         addr = link.address or state.addr
         if addr is None or link.identity is None:
             return
@@ -236,6 +264,7 @@ class LeaseKeeper:
         if batch.shard != state.index:  # the table changed under us; next time
             return
         started = time.monotonic()
+        state.generation = generation
         try:
             if state.sock is None or state.addr != addr:
                 self._disconnect(state)

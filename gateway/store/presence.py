@@ -196,6 +196,19 @@ class PresenceStore:
         through the normal transitions. Returns the webhooks due: ``("channel_occupied",
         None)`` and ``("member_added", user_id)``.
         """
+        op, key, args = self.sync_op(app_id, channel, count, members, publish_count=publish_count)
+        return self.parse_sync(await self.writer.write(op, key, *args))
+
+    def sync_op(
+        self,
+        app_id: str,
+        channel: str,
+        count: int,
+        members: dict[str, str | None],
+        *,
+        publish_count: bool,
+    ) -> Op:
+        """The write of :meth:`sync`, for callers that submit many at once."""
         args: list[bytes] = [
             self.owner,
             str(count).encode(),
@@ -206,11 +219,13 @@ class PresenceStore:
         ]
         for user, info in members.items():
             args += [user.encode(), (info or "").encode()]
-        reply = cast(
-            list[bytes], await self.writer.write(b"sync", channel_key(app_id, channel), *args)
-        )
+        return (b"sync", channel_key(app_id, channel), args)
+
+    @staticmethod
+    def parse_sync(reply: object) -> list[tuple[str, str | None]]:
+        """The webhooks due from a ``sync`` reply (see :meth:`sync`)."""
         out: list[tuple[str, str | None]] = []
-        for item in reply:
+        for item in cast(list[bytes], reply):
             if item == b"occupied":
                 out.append(("channel_occupied", None))
             else:

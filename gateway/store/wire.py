@@ -14,9 +14,11 @@ kind    body                                       meaning
 ``T``   (none)                                     terminate the user's connections (user channels)
 ======  =========================================  ================================================
 
-``A``, ``R`` and ``C`` are published by the function library (``functions.lua``), ``E`` and
+``M``, ``R`` and ``C`` are published by the function library (``functions.lua``), ``E`` and
 ``T`` by nodes. Socket ids are digits and one dot, and frames are JSON text without raw NULs,
-so the first NUL always ends ``exclude``.
+so the first NUL always ends ``exclude``. (Library version 3 sent ``member_added`` as ``A``
+with NUL separators, which a user id holding a NUL broke; nodes ignore kinds they do not
+know, so a node of version 3 meeting ``M`` during an upgrade skips it instead of failing.)
 """
 
 from __future__ import annotations
@@ -82,10 +84,10 @@ def encode_event(frame: str, exclude: str | None = None) -> bytes:
 
 
 def encode_member_added(user_id: str, user_info: str | None, exclude: str | None = None) -> bytes:
-    """An ``A`` message, as the function library publishes it (for tests and tools)."""
+    """An ``M`` message, as the function library publishes it (for tests and tools)."""
     user = user_id.encode()
     return (
-        b"A"
+        b"M"
         + (exclude or "").encode()
         + b"\0"
         + str(len(user)).encode()
@@ -112,7 +114,7 @@ def decode(data: bytes) -> Message | None:
             if not sep:
                 return None
             return EventMessage(sock.decode() or None, body.decode())
-        if kind == b"A":
+        if kind == b"M":
             sock, sep, rest = data[1:].partition(b"\0")
             size, colon, rest = rest.partition(b":")
             if not sep or not colon or not size.isdigit() or int(size) > len(rest):
