@@ -416,7 +416,7 @@ def test_per_address_connection_limit(ctx: Ctx) -> None:
         for sock in socks:
             sock.close()
     # 200 per address, of which this suite's own clients already held some.
-    assert abs(refused - (260 - (200 - held))) <= 3, (refused, held)
+    assert abs(refused - (260 - (200 - held))) <= 10, (refused, held)
     time.sleep(0.5)
     report("per_address_limit", {"opened": 260, "refused_503": refused, **ctx.intact("per-ip")})
 
