@@ -136,10 +136,13 @@ def _local_cluster(args: argparse.Namespace) -> object:
     )
 
 
-def _run_serve(config: NodeConfig, topology: TopologyConfig) -> None:
+def _run_serve(config: NodeConfig, topology: TopologyConfig, *, verbose: bool = False) -> None:
     import uvloop
 
+    from gateway import logs
     from gateway.server.node import run_node
+
+    logs.setup("debug" if verbose else config.log_level, config.log_format, config.node_id)
 
     # run_node handles SIGINT/SIGTERM itself; KeyboardInterrupt can only come before that.
     with contextlib.suppress(KeyboardInterrupt):
@@ -180,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = _node_config(args, args.topology)
             if config.topology is None:
                 raise ConfigError("topology: give --topology, GATEWAY_TOPOLOGY or [node] topology")
-            _run_serve(config, load_topology(config.topology))
+            _run_serve(config, load_topology(config.topology), verbose=args.verbose)
             return 0
         if args.command == "dev":
             return _dev(args)
@@ -214,7 +217,7 @@ def _dev(args: argparse.Namespace) -> int:
             f"(app id {app.id}, secret {app.secret}); topology {topology_file}; Ctrl-C stops",
             flush=True,
         )
-        _run_serve(config, topo)
+        _run_serve(config, topo, verbose=args.verbose)
     finally:
         lc.down()
     return 0

@@ -146,6 +146,9 @@ class NodeConfig:
             connections (503) and reports not ready until the lag is back down.
         housekeeping_interval: Seconds between passes that size the channel tables to their
             content and return free heap memory to the system.
+        log_level: ``debug``, ``info``, ``warning`` or ``error``.
+        log_format: ``text``, or ``json`` (one object per line: ``ts``, ``level``, ``logger``,
+            ``msg``, ``node`` and, on operational lines, ``shard``, ``server``, ``reason``...).
     """
 
     host: str = "127.0.0.1"
@@ -180,6 +183,8 @@ class NodeConfig:
     client_work_budget: int = 500
     shed_lag: float = 1.0
     housekeeping_interval: float = 60.0
+    log_level: str = "info"
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:
@@ -248,6 +253,12 @@ class NodeConfig:
         integer("client_work_budget", 10)
         seconds("shed_lag", 0.05)
         seconds("housekeeping_interval", 1.0)
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(
+                f"log_level: must be debug, info, warning or error, got {self.log_level!r}"
+            )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
         proxies = self.trusted_proxies
         if isinstance(proxies, str):
             proxies = tuple(p.strip() for p in proxies.split(",") if p.strip())

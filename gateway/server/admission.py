@@ -19,6 +19,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gateway.logs import fields
 from gateway.metrics import Metrics
 
 __all__ = ["Admission", "AdmissionSettings", "WorkBudget"]
@@ -314,7 +315,11 @@ class Admission:
             f"{n} {reason} (e.g. {self._sample[reason]})"
             for reason, n in self._refused.most_common()
         )
-        log.warning("refused connections or handshakes: %s", parts)
+        log.warning(
+            "refused connections or handshakes: %s",
+            parts,
+            extra=fields(count=sum(self._refused.values()), reason=", ".join(self._refused)),
+        )
         self._refused.clear()
         self._sample.clear()
         self._last_report = now

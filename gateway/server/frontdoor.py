@@ -46,6 +46,7 @@ import typing
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httptools
 from websockets.frames import Frame, Opcode
@@ -88,7 +89,17 @@ _ids = itertools.count(1)
 _HANDSHAKE_COST = 4
 _pack_16 = struct.Struct("!BBH").pack
 _pack_64 = struct.Struct("!BBQ").pack
-_ws_logger = logging.getLogger("websockets.server")
+
+
+class _QuietLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """websockets logs every connection's open and close at INFO; at 10 000 connections that
+    is noise (``pg_connections_opened_total`` counts them): they go to DEBUG."""
+
+    def info(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self.debug(msg, *args, **kwargs)
+
+
+_ws_logger = _QuietLogger(logging.getLogger("websockets.server"), {})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from gateway.logs import fields
 from gateway.metrics import Metrics
 
 __all__ = ["LoadGuard"]
@@ -112,7 +113,11 @@ class LoadGuard:
                 self._since = wall
                 kind = "lag" if self.lag > self.lag_limit else "lease"
                 self.metrics.inc("pg_shedding_total", reason=kind)
-                log.warning("shedding load: %s; refusing new connections", reason)
+                log.warning(
+                    "shedding load: %s; refusing new connections",
+                    reason,
+                    extra=fields(reason=reason),
+                )
             self.reason = reason
             self._until = wall + self.hold
         elif self._since and not self.shedding:

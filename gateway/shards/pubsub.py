@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from gateway._native import ReplyReader, RespError, pack_command
 from gateway.fdlimit import is_emfile, note_emfile
+from gateway.logs import fields
 from gateway.metrics import Metrics
 from gateway.shards.shardset import ShardLink, ShardSet
 from gateway.shards.topology import Address
@@ -379,12 +380,16 @@ class PubSub:
         state.ready.set()
         name = self.shards.links[state.index].spec.name
         if state.ever_up and state.down_since is not None:
+            down_s = time.monotonic() - state.down_since
             log.warning(
                 "shard %s pubsub: listening again on %s after %.2f s (%d channels re-subscribed)",
                 name,
                 addr,
-                time.monotonic() - state.down_since,
+                down_s,
                 len(proto.confirmed),
+                extra=fields(
+                    shard=name, server=addr, seconds=round(down_s, 3), channels=len(proto.confirmed)
+                ),
             )
         state.ever_up = True
         state.down_since = None
@@ -397,7 +402,9 @@ class PubSub:
             state.down_reason = reason
             if state.ever_up:
                 name = self.shards.links[state.index].spec.name
-                log.warning("shard %s pubsub: %s", name, reason)
+                log.warning(
+                    "shard %s pubsub: %s", name, reason, extra=fields(shard=name, reason=reason)
+                )
 
     def _lost(self, state: _Shard, reason: str, addr: Address) -> None:
         name = self.shards.links[state.index].spec.name
@@ -423,6 +430,7 @@ class PubSub:
             addr,
             reason,
             len(state.wanted),
+            extra=fields(shard=name, server=addr, reason=reason, channels=len(state.wanted)),
         )
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway._native import ReplyError, SlotTable
+from gateway.logs import fields
 from gateway.metrics import Metrics
 from gateway.shards.admin import IDENTITY_KEY, ShardIdentity, library_version
 from gateway.shards.connection import ConnectionLost, ShardConnection, open_connection
@@ -215,7 +216,12 @@ class ShardSet:
         link = self.links[index]
         link.failures += 1
         if link.usable:
-            log.warning("shard %s: suspended (%s); rediscovering", link.spec.name, reason)
+            log.warning(
+                "shard %s: suspended (%s); rediscovering",
+                link.spec.name,
+                reason,
+                extra=fields(shard=link.spec.name, server=link.address, reason=reason),
+            )
         link.usable = False
         link.suspect_reason = reason
         link.last_error = reason
@@ -287,13 +293,22 @@ class ShardSet:
             )
             return current
         if link.warning is not None:
-            log.info("shard %s: Sentinels answer again", link.spec.name)
+            log.info(
+                "shard %s: Sentinels answer again",
+                link.spec.name,
+                extra=fields(shard=link.spec.name),
+            )
             link.warning = None
         return found
 
     def _warn(self, link: ShardLink, warning: str) -> None:
         if link.warning is None:
-            log.warning("shard %s: %s", link.spec.name, warning)
+            log.warning(
+                "shard %s: %s",
+                link.spec.name,
+                warning,
+                extra=fields(shard=link.spec.name, server=link.address, reason=warning),
+            )
         link.warning = warning
 
     async def _check(self, link: ShardLink) -> None:
@@ -334,14 +349,26 @@ class ShardSet:
         link.suspect_reason = None
         self._set_identity(link, identity)
         if master_changed:
-            log.warning("shard %s: master is now %s (run id %s)", link.spec.name, addr, run_id)
+            log.warning(
+                "shard %s: master is now %s (run id %s)",
+                link.spec.name,
+                addr,
+                run_id,
+                extra=fields(shard=link.spec.name, server=addr, reason="master change"),
+            )
             for cb in self._master_change_listeners:
                 cb(link)
         if not link.usable:
             link.usable = True
             link.generation += 1
             link.last_error = ""
-            log.info("shard %s: using master %s (epoch %d)", link.spec.name, addr, identity.epoch)
+            log.info(
+                "shard %s: using master %s (epoch %d)",
+                link.spec.name,
+                addr,
+                identity.epoch,
+                extra=fields(shard=link.spec.name, server=addr),
+            )
             for cb in self._listeners:
                 cb(link)
 
@@ -412,6 +439,11 @@ class ShardSet:
 
     def _down(self, link: ShardLink, reason: str) -> None:
         if link.usable:
-            log.warning("shard %s: unavailable: %s", link.spec.name, reason)
+            log.warning(
+                "shard %s: unavailable: %s",
+                link.spec.name,
+                reason,
+                extra=fields(shard=link.spec.name, server=link.address, reason=reason),
+            )
         link.usable = False
         link.last_error = reason

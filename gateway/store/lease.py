@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway._native import ReplyError, ReplyReader, build_batches
+from gateway.logs import fields
 from gateway.metrics import Metrics
 from gateway.shards.shardset import ShardLink, ShardSet
 from gateway.shards.topology import Address
@@ -291,20 +292,26 @@ class LeaseKeeper:
         state.last_rtt = now - started
         state.ok += 1
         if state.error:
-            log.info("shard %s: lease refreshed again", name)
+            log.info("shard %s: lease refreshed again", name, extra=fields(shard=name, server=addr))
             state.error = ""
         if lapsed and self._loop is not None:
-            log.warning("shard %s: this node's lease had expired; re-asserting its state", name)
+            log.warning(
+                "shard %s: this node's lease had expired; re-asserting its state",
+                name,
+                extra=fields(shard=name, server=addr, reason="lease lapsed"),
+            )
             with contextlib.suppress(RuntimeError):  # the loop is closing
                 self._loop.call_soon_threadsafe(self.on_lapsed, state.index)
 
     def _failed(self, state: _ShardLease, reason: str) -> None:
         state.failed += 1
         if reason != state.error:
+            name = self.shards.links[state.index].spec.name
             log.warning(
                 "shard %s: lease not refreshed: %s",
-                self.shards.links[state.index].spec.name,
+                name,
                 reason,
+                extra=fields(shard=name, server=state.addr, reason=reason),
             )
             state.error = reason
 
