@@ -33,6 +33,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="TOML file with [node] and [[apps]] tables")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 6001)")
+    p.add_argument(
+        "--admin-port",
+        type=int,
+        default=None,
+        help="also serve /metrics and the probes on this port (and /metrics only there)",
+    )
     p.add_argument("--node-id", default=None, help="stable node name (default host-pid)")
     p.add_argument(
         "--app",
@@ -116,6 +122,7 @@ def _node_config(args: argparse.Namespace, topology: str | None) -> NodeConfig:
         overrides={
             "host": args.host,
             "port": args.port,
+            "admin_port": args.admin_port,
             "node_id": args.node_id,
             "topology": topology,
             "apps": tuple(parse_app(a) for a in args.app),

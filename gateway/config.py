@@ -146,6 +146,9 @@ class NodeConfig:
             connections (503) and reports not ready until the lag is back down.
         housekeeping_interval: Seconds between passes that size the channel tables to their
             content and return free heap memory to the system.
+        admin_port: A second listener for ``/metrics``, ``/health``, ``/live`` and ``/ready``
+            only (0 = none); when set, the public port no longer serves ``/metrics``.
+        admin_host: Bind address of the admin listener (default: ``host``).
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
         log_format: ``text``, or ``json`` (one object per line: ``ts``, ``level``, ``logger``,
             ``msg``, ``node`` and, on operational lines, ``shard``, ``server``, ``reason``...).
@@ -183,6 +186,8 @@ class NodeConfig:
     client_work_budget: int = 500
     shed_lag: float = 1.0
     housekeeping_interval: float = 60.0
+    admin_port: int = 0
+    admin_host: str | None = None
     log_level: str = "info"
     log_format: str = "text"
 
@@ -253,6 +258,10 @@ class NodeConfig:
         integer("client_work_budget", 10)
         seconds("shed_lag", 0.05)
         seconds("housekeeping_interval", 1.0)
+        if type(self.admin_port) is not int or not 0 <= self.admin_port < 65536:
+            raise ConfigError(f"admin_port: must be 0..65535, got {self.admin_port!r}")
+        if self.admin_port and self.admin_port == self.port:
+            raise ConfigError("admin_port: must differ from port")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(
                 f"log_level: must be debug, info, warning or error, got {self.log_level!r}"

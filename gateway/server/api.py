@@ -19,7 +19,7 @@ from gateway.protocol import http_api, messages
 from gateway.protocol.auth import parse_query, verify_api_params
 from gateway.protocol.channels import classify
 from gateway.protocol.errors import ApiError
-from gateway.server.frontdoor import HttpRequest, HttpResponse
+from gateway.server.frontdoor import HttpRequest, HttpResponse, WsConnection
 from gateway.server.hub import CACHE_TTL_MS, Hub
 from gateway.shards.shardset import ShardSet
 from gateway.shards.writer import WriteFailed
@@ -27,7 +27,7 @@ from gateway.store import wire
 from gateway.store.healing import Healer
 from gateway.store.presence import PresenceStore
 
-__all__ = ["Api"]
+__all__ = ["AdminApi", "Api"]
 
 
 def _json(status: int, body: Any) -> HttpResponse:
@@ -44,6 +44,32 @@ def _users_body(user_ids: list[str]) -> bytes:
 
 def _error(err: ApiError) -> HttpResponse:
     return _json(err.status, {"error": err.message})
+
+
+class AdminApi:
+    """The admin listener (``admin_port``): ``/metrics``, ``/health``, ``/live``, ``/ready``
+    only; WebSocket upgrades are refused (4005)."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    async def http_request(self, request: HttpRequest) -> HttpResponse:
+        """Answer one operational request; 404 for anything else."""
+        answer = self.api.operational(request)
+        return answer if answer is not None else _json(404, {"error": "not found"})
+
+    def ws_open(self, conn: WsConnection) -> None:
+        """No WebSocket on the admin listener."""
+        conn.close(4005, "no WebSocket on the admin port")
+
+    def ws_text(self, conn: WsConnection, text: str) -> None:
+        """Never called (the socket is closed at once)."""
+
+    def ws_binary(self, conn: WsConnection, data: bytes) -> None:
+        """Never called (the socket is closed at once)."""
+
+    def ws_closed(self, conn: WsConnection, code: int | None) -> None:
+        """Nothing to clean up."""
 
 
 class Api:
@@ -71,17 +97,27 @@ class Api:
         self.clock = clock
         metrics.describe("pg_api_requests_total", "HTTP API requests, by endpoint and status")
 
-    async def http_request(self, request: HttpRequest) -> HttpResponse:
-        """Route one request; never raises."""
-        if request.method in ("GET", "HEAD"):
-            if request.path in ("/health", "/ready"):
-                return self.health()
-            if request.path == "/live":
-                return _json(200, {"status": "alive", "node": self.config.node_id})
-        if request.path == "/metrics" and request.method in ("GET", "HEAD"):
+    def operational(self, request: HttpRequest, *, metrics: bool = True) -> HttpResponse | None:
+        """``/live``, ``/ready``, ``/health`` and (with ``metrics``) ``/metrics``; else None."""
+        if request.method not in ("GET", "HEAD"):
+            return None
+        if request.path in ("/health", "/ready"):
+            return self.health()
+        if request.path == "/live":
+            # Answered by the event loop itself: an answer is the proof that it runs.
+            return _json(200, {"status": "alive", "node": self.config.node_id})
+        if request.path == "/metrics" and metrics:
             return HttpResponse(
                 200, self.metrics.render().encode(), content_type="text/plain; version=0.0.4"
             )
+        return None
+
+    async def http_request(self, request: HttpRequest) -> HttpResponse:
+        """Route one request; never raises."""
+        # With an admin listener, /metrics is served there only.
+        answer = self.operational(request, metrics=not self.config.admin_port)
+        if answer is not None:
+            return answer
         found = http_api.route(request.method, request.path)
         if isinstance(found, ApiError):
             return self._count("unknown", _error(found))

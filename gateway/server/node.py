@@ -14,7 +14,7 @@ from gateway.fdlimit import client_connection_cap, nofile_limit, raise_nofile, r
 from gateway.metrics import Metrics
 from gateway.periodic import every
 from gateway.server.admission import Admission, AdmissionSettings
-from gateway.server.api import Api
+from gateway.server.api import AdminApi, Api
 from gateway.server.frontdoor import FrontDoor, start_frontdoor
 from gateway.server.hub import Hub
 from gateway.server.overload import LoadGuard
@@ -107,6 +107,7 @@ class GatewayNode:
             readiness=self.readiness_problems,
         )
         self._door: FrontDoor | None = None
+        self._admin: FrontDoor | None = None
         self._loops: list[asyncio.Task[None]] = []
 
     def _on_message(self, shard: int, key: bytes, data: bytes) -> None:
@@ -133,6 +134,11 @@ class GatewayNode:
         assert self._door is not None
         return self._door.port
 
+    @property
+    def admin_port(self) -> int | None:
+        """The admin listener's bound port, if there is one."""
+        return self._admin.port if self._admin is not None else None
+
     async def start(self, *, ready_timeout: float = 15.0) -> None:
         """Connect to every shard, then listen."""
         await self.shards.start()
@@ -156,6 +162,14 @@ class GatewayNode:
             max_pending_bytes=c.max_pending_request_bytes,
             send_timeout=c.response_send_timeout,
         )
+        if c.admin_port:
+            admin = AdminApi(self.api)
+            self._admin = await start_frontdoor(
+                c.admin_host or c.host, c.admin_port, ws=admin, http=admin, max_body=1024
+            )
+            log.info(
+                "admin listener (metrics and probes) on %s:%d", c.admin_host or c.host, c.admin_port
+            )
         door = self._door
         m = self.metrics
         m.gauge(
@@ -229,6 +243,8 @@ class GatewayNode:
         await self.healer.close()
         if self._door is not None:
             await self._door.shutdown(4200, "server shutting down")
+        if self._admin is not None:
+            await self._admin.shutdown(4200, "server shutting down", timeout=1.0)
         await self.hub.drain()
         # Held webhooks of our own leaves may already be due: send what we can claim.
         with contextlib.suppress(Exception):
