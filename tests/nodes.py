@@ -169,21 +169,21 @@ class NodeProcess:
     def ws_url(self, key: str = APP_KEY, query: str = "protocol=7&client=js&version=8.6.0") -> str:
         return f"ws://127.0.0.1:{self.port}/app/{key}?{query}"
 
-    def health(self) -> int | None:
-        """Status of ``GET /health``, None when nothing answers."""
+    def health(self, path: str = "/health") -> int | None:
+        """Status of ``GET /health`` (or another path), None when nothing answers."""
         try:
-            return requests.get(f"{self.url}/health", timeout=2).status_code
+            return requests.get(f"{self.url}{path}", timeout=2).status_code
         except requests.RequestException:
             return None
 
-    def wait_healthy(self, timeout: float = 30) -> None:
+    def wait_healthy(self, timeout: float = 30, path: str = "/health") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"node {self.node_id} exited with {self.proc.returncode}:\n{self.output}"
                 )
-            if self.health() == 200:
+            if self.health(path) == 200:
                 return
             time.sleep(0.1)
         raise AssertionError(
@@ -237,6 +237,8 @@ def start_node(
     timeout: float = 30,
     nofile: int | None = None,
     env: dict[str, str] | None = None,
+    init: bool = True,
+    ready: bool = True,
 ) -> NodeProcess:
     """Start a node on ``topology_path`` and wait for ``/health`` 200.
 
@@ -244,8 +246,11 @@ def start_node(
     ``key = value`` lines are node settings; it may open further tables such as ``[[apps]]``).
     Without ``port`` a free port is picked (retried if it was taken meanwhile). ``nofile``
     sets the node's open-file limit (soft and hard); ``env`` adds environment variables.
+    ``init=False`` leaves the shards as they are; ``ready=False`` returns as soon as ``/live``
+    answers (a node may serve while some shards are unusable).
     """
-    init_shards_once(topology_path)
+    if init:
+        init_shards_once(topology_path)
     config = Path(tempfile.mkstemp(prefix=f"node-{node_id}-", suffix=".toml")[1])
     config.write_text(f"[node]\nwebhook_hold_ms = {hold_ms}\n{extra_toml}\n")
     attempts = 1 if port is not None else 3
@@ -273,7 +278,7 @@ def start_node(
             args += ["--webhook-url", webhook_url]
         node = NodeProcess(args, chosen, node_id, config, nofile=nofile, env=env)
         try:
-            node.wait_healthy(timeout)
+            node.wait_healthy(timeout, path="/health" if ready else "/live")
         except RuntimeError:
             node.kill()
             if attempt == attempts - 1 or "in use" not in node.output:

@@ -244,7 +244,9 @@ class Hub:
             if isinstance(exc, _Refused):
                 code, message = exc.code, exc.message
             else:
-                code, message = 4200, f"State store unavailable: {exc}"
+                shard = self.store.shards.links[self.store.shard_of(app.id, channel)].spec.name
+                code = 4200
+                message = f"State store unavailable for this channel ({shard}); retry later"
             self._apply(client, client.session.subscribe_failed(channel, code, message))
             return
         buffered = client.pending.pop(channel, [])

@@ -11,6 +11,7 @@ import signal
 
 from gateway.config import NodeConfig
 from gateway.fdlimit import client_connection_cap, nofile_limit, raise_nofile, release_free_memory
+from gateway.logs import fields
 from gateway.metrics import Metrics
 from gateway.periodic import every
 from gateway.server.admission import Admission, AdmissionSettings
@@ -139,10 +140,30 @@ class GatewayNode:
         """The admin listener's bound port, if there is one."""
         return self._admin.port if self._admin is not None else None
 
-    async def start(self, *, ready_timeout: float = 15.0) -> None:
-        """Connect to every shard, then listen."""
+    async def start(self, *, ready_timeout: float = 5.0) -> None:
+        """Connect to the shards, then listen, whether every shard is usable or not.
+
+        A node waits at most ``ready_timeout`` seconds for its shards, then serves: channels on
+        usable shards work at once, the others get ``pusher:subscription_error`` 4200 (and the
+        HTTP API 503) until their shard is fixed, which needs no restart. Each unusable shard
+        is logged once with its server and reason, and ``/ready`` says the same.
+
+        Raises:
+            OSError: The port cannot be bound (the message says which and why).
+        """
         await self.shards.start()
-        await self.shards.wait_ready(ready_timeout)
+        try:
+            await self.shards.wait_ready(ready_timeout)
+        except TimeoutError:
+            for link in self.shards.links:
+                if not link.usable:
+                    log.error(
+                        "shard %s: not usable at start: %s; serving the other shards, its "
+                        "channels get subscription errors until it is fixed (no restart needed)",
+                        link.spec.name,
+                        link.last_error,
+                        extra=fields(shard=link.spec.name, reason=link.last_error),
+                    )
         self.writer.start()
         self.pubsub.start()
         self.healer.start()
@@ -264,7 +285,11 @@ async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
     raise_nofile()
     node = GatewayNode(config, topology)
     try:
-        await node.start()
+        try:
+            await node.start()
+        except OSError as exc:  # the one start-up condition a node cannot serve through
+            log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
+            raise SystemExit(2) from None
         # Everything allocated so far (modules, config, shard links) lives as long as the
         # process: keep it out of the cyclic collector, whose full passes otherwise pause the
         # loop for ~10 ms (measured) and grow with the heap.

@@ -438,7 +438,10 @@ class ShardSet:
                 self.mark_suspect(link.index, f"stale epoch {link.identity.epoch} < {epoch}")
 
     def _down(self, link: ShardLink, reason: str) -> None:
-        if link.usable:
+        # Logged when a usable shard goes down, and for a shard never usable yet when its
+        # reason changes (its first reason is in the node's start-up line).
+        first = link.last_error == "not connected yet"
+        if link.usable or (link.generation == 0 and not first and reason != link.last_error):
             log.warning(
                 "shard %s: unavailable: %s",
                 link.spec.name,
