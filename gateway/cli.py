@@ -33,6 +33,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="TOML file with [node] and [[apps]] tables")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 6001)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate: serve wss:// and https://")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument(
         "--admin-port",
         type=int,
@@ -123,6 +125,8 @@ def _node_config(args: argparse.Namespace, topology: str | None) -> NodeConfig:
             "host": args.host,
             "port": args.port,
             "admin_port": args.admin_port,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
             "node_id": args.node_id,
             "topology": topology,
             "apps": tuple(parse_app(a) for a in args.app),

@@ -146,6 +146,9 @@ class NodeConfig:
             connections (503) and reports not ready until the lag is back down.
         housekeeping_interval: Seconds between passes that size the channel tables to their
             content and return free heap memory to the system.
+        tls_cert: PEM certificate (chain) of the public listener; with ``tls_key``, the port
+            speaks TLS (``wss://`` and ``https://``).
+        tls_key: PEM private key of ``tls_cert``.
         admin_port: A second listener for ``/metrics``, ``/health``, ``/live`` and ``/ready``
             only (0 = none); when set, the public port no longer serves ``/metrics``.
         admin_host: Bind address of the admin listener (default: ``host``).
@@ -186,6 +189,8 @@ class NodeConfig:
     client_work_budget: int = 500
     shed_lag: float = 1.0
     housekeeping_interval: float = 60.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
     admin_port: int = 0
     admin_host: str | None = None
     log_level: str = "info"
@@ -258,6 +263,8 @@ class NodeConfig:
         integer("client_work_budget", 10)
         seconds("shed_lag", 0.05)
         seconds("housekeeping_interval", 1.0)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key: give both (or neither)")
         if type(self.admin_port) is not int or not 0 <= self.admin_port < 65536:
             raise ConfigError(f"admin_port: must be 0..65535, got {self.admin_port!r}")
         if self.admin_port and self.admin_port == self.port:

@@ -31,6 +31,7 @@ import json
 import os
 import resource
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -107,10 +108,14 @@ class NodeProcess:
         *,
         nofile: int | None = None,
         env: dict[str, str] | None = None,
+        tls_ca: Path | None = None,
     ) -> None:
         self.port = port
         self.node_id = node_id
-        self.url = f"http://127.0.0.1:{port}"
+        self.tls_ca = tls_ca
+        self.url = f"{'https' if tls_ca else 'http'}://127.0.0.1:{port}"
+        #: ``verify`` for requests: the CA of a TLS node, else the default.
+        self.verify: str | bool = str(tls_ca) if tls_ca else True
         self.config = config
         self._lines: list[str] = []
 
@@ -154,7 +159,7 @@ class NodeProcess:
 
     def metric(self, name: str) -> float:
         """Sum of every series of one metric on ``/metrics``."""
-        text = requests.get(f"{self.url}/metrics", timeout=10).text
+        text = requests.get(f"{self.url}/metrics", timeout=10, verify=self.verify).text
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
@@ -167,12 +172,13 @@ class NodeProcess:
         return "".join(self._lines)
 
     def ws_url(self, key: str = APP_KEY, query: str = "protocol=7&client=js&version=8.6.0") -> str:
-        return f"ws://127.0.0.1:{self.port}/app/{key}?{query}"
+        scheme = "wss" if self.tls_ca else "ws"
+        return f"{scheme}://127.0.0.1:{self.port}/app/{key}?{query}"
 
     def health(self, path: str = "/health") -> int | None:
         """Status of ``GET /health`` (or another path), None when nothing answers."""
         try:
-            return requests.get(f"{self.url}{path}", timeout=2).status_code
+            return requests.get(f"{self.url}{path}", timeout=2, verify=self.verify).status_code
         except requests.RequestException:
             return None
 
@@ -239,6 +245,7 @@ def start_node(
     env: dict[str, str] | None = None,
     init: bool = True,
     ready: bool = True,
+    tls: Any = None,
 ) -> NodeProcess:
     """Start a node on ``topology_path`` and wait for ``/health`` 200.
 
@@ -247,7 +254,8 @@ def start_node(
     Without ``port`` a free port is picked (retried if it was taken meanwhile). ``nofile``
     sets the node's open-file limit (soft and hard); ``env`` adds environment variables.
     ``init=False`` leaves the shards as they are; ``ready=False`` returns as soon as ``/live``
-    answers (a node may serve while some shards are unusable).
+    answers (a node may serve while some shards are unusable). ``tls`` (a
+    :class:`gateway.pki.Pki`) makes the node serve TLS with its server certificate.
     """
     if init:
         init_shards_once(topology_path)
@@ -276,7 +284,17 @@ def start_node(
         ]
         if webhook_url is not None:
             args += ["--webhook-url", webhook_url]
-        node = NodeProcess(args, chosen, node_id, config, nofile=nofile, env=env)
+        if tls is not None:
+            args += ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)]
+        node = NodeProcess(
+            args,
+            chosen,
+            node_id,
+            config,
+            nofile=nofile,
+            env=env,
+            tls_ca=tls.ca_cert if tls is not None else None,
+        )
         try:
             node.wait_healthy(timeout, path="/health" if ready else "/live")
         except RuntimeError:
@@ -485,8 +503,11 @@ class AuthServer(_Background):
 class WsClient:
     """A raw protocol-7 client: connects, reads the handshake, signs with the official library."""
 
-    def __init__(self, url: str, *, open_timeout: float = 10) -> None:
-        self.ws: ClientConnection = connect(url, open_timeout=open_timeout, max_size=None)
+    def __init__(self, url: str, *, open_timeout: float = 10, ssl_ca: Path | None = None) -> None:
+        context = ssl.create_default_context(cafile=str(ssl_ca)) if ssl_ca else None
+        self.ws: ClientConnection = connect(
+            url, open_timeout=open_timeout, max_size=None, ssl=context
+        )
         # Entering marks it as managed (websockets >= 17.1 warns on a bare connect() otherwise);
         # close() below is its exit.
         self.ws.__enter__()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -45,16 +46,22 @@ pytestmark = [
 class JsClient:
     """One pusher-js client in a Node subprocess."""
 
-    def __init__(self, port: int, auth: AuthServer, user_id: str) -> None:
+    def __init__(
+        self, port: int, auth: AuthServer, user_id: str, *, tls_ca: Path | None = None
+    ) -> None:
         self.user_id = user_id
         self.seen: list[dict[str, Any]] = []
         self.stderr: list[str] = []
+        env = None
+        if tls_ca is not None:
+            env = {**os.environ, "PG_TLS": "1", "NODE_EXTRA_CA_CERTS": str(tls_ca)}
         self.proc = subprocess.Popen(
             ["node", str(JS_DIR / "client.mjs"), str(port), auth.url, user_id],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
         self._threads = [
             threading.Thread(target=self._read_stdout, daemon=True),

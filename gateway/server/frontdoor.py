@@ -41,6 +41,7 @@ import http
 import itertools
 import json
 import logging
+import ssl
 import struct
 import typing
 from collections import deque
@@ -1185,6 +1186,7 @@ async def start_frontdoor(
     backlog: int = 2048,
     admission: Admission | None = None,
     work_budget: int = 1_000_000,
+    ssl_context: ssl.SSLContext | None = None,
     header_timeout: float = 10.0,
     body_timeout: float = 30.0,
     max_pending_bytes: int = 64 * 1_048_576,
@@ -1206,6 +1208,7 @@ async def start_frontdoor(
         admission: Connection caps, per-address limits and handshake rates (default: none).
         work_budget: Client messages handled per event-loop iteration (see
             :class:`~gateway.server.admission.WorkBudget`).
+        ssl_context: Serve TLS (``wss://``, ``https://``) with this context.
         header_timeout: Seconds to receive a request head (408 after), from its first byte or
             from the connection's start.
         body_timeout: Seconds to receive a request body after its head (408 after).
@@ -1229,7 +1232,13 @@ async def start_frontdoor(
     )
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: _HttpConnection(door), host, port, backlog=backlog, reuse_address=True
+        lambda: _HttpConnection(door),
+        host,
+        port,
+        backlog=backlog,
+        reuse_address=True,
+        ssl=ssl_context,
+        ssl_handshake_timeout=10.0 if ssl_context is not None else None,
     )
     door._server = server
     with contextlib.suppress(IndexError):

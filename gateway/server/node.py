@@ -8,8 +8,9 @@ import gc
 import logging
 import secrets
 import signal
+import ssl
 
-from gateway.config import NodeConfig
+from gateway.config import ConfigError, NodeConfig
 from gateway.fdlimit import client_connection_cap, nofile_limit, raise_nofile, release_free_memory
 from gateway.logs import fields
 from gateway.metrics import Metrics
@@ -178,6 +179,7 @@ class GatewayNode:
             max_body=c.max_request_bytes,
             admission=self.admission,
             work_budget=c.client_work_budget,
+            ssl_context=_server_tls(c),
             header_timeout=c.request_header_timeout,
             body_timeout=c.request_body_timeout,
             max_pending_bytes=c.max_pending_request_bytes,
@@ -276,6 +278,18 @@ class GatewayNode:
         await self.shards.close()
 
 
+def _server_tls(config: NodeConfig) -> ssl.SSLContext | None:
+    """The public listener's TLS context, when ``tls_cert`` and ``tls_key`` are set."""
+    if not config.tls_cert or not config.tls_key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls_cert / tls_key: cannot load {config.tls_cert}: {exc}") from exc
+    return context
+
+
 async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
     """Run a node until SIGINT or SIGTERM, then shut it down (bounded in time)."""
     stop = asyncio.Event()
@@ -287,8 +301,11 @@ async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
     try:
         try:
             await node.start()
-        except OSError as exc:  # the one start-up condition a node cannot serve through
+        except OSError as exc:  # start-up conditions a node cannot serve through
             log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
+            raise SystemExit(2) from None
+        except ConfigError as exc:
+            log.error("%s", exc)
             raise SystemExit(2) from None
         # Everything allocated so far (modules, config, shard links) lives as long as the
         # process: keep it out of the cyclic collector, whose full passes otherwise pause the

@@ -1,6 +1,8 @@
 // A pusher-js 8 client driven over stdin, reporting what it observes as JSON lines on stdout.
 //
 // Usage: node client.mjs <ws-port> <auth-base-url> <user-id> [label]
+// With PG_TLS=1 in the environment it connects with forceTLS (trust the CA with
+// NODE_EXTRA_CA_CERTS).
 //
 // Commands (one JSON object per stdin line):
 //   {"op":"subscribe","channel":"presence-x","events":["client-hi"]}  ("events": bound one by
@@ -28,11 +30,13 @@ function emit(type, fields = {}) {
 }
 
 const params = { user_id: userId, user_info: JSON.stringify({ name: `user ${userId}` }) };
+const tls = process.env.PG_TLS === "1";
 const pusher = new Pusher("app-key", {
   cluster: "x",
   wsHost: "127.0.0.1",
   wsPort: Number(port),
-  forceTLS: false,
+  wssPort: Number(port),
+  forceTLS: tls,
   enabledTransports: ["ws"],
   disableStats: true,
   channelAuthorization: { endpoint: `${authBase}/pusher/auth`, transport: "ajax", params },
