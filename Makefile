@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test setup system-deps native lint fmt bench peer clean js
+.PHONY: run test setup system-deps native lint fmt bench peer clean js dist
 
 run: setup
 	$(VENV)/bin/presence-gateway dev
@@ -66,6 +66,11 @@ bench: setup peer
 
 peer:
 	@bash scripts/install-sockudo.sh
+
+# A wheel (with the compiled native module: installs without a Rust toolchain) and an sdist,
+# in dist/.
+dist: setup
+	$(VENV)/bin/maturin build --release --sdist --out dist
 
 clean:
 	rm -rf $(VENV) target .pytest_cache .mypy_cache .ruff_cache

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway import __version__
 from gateway.config import ConfigError, NodeConfig, load_config, parse_app
 from gateway.shards.topology import TopologyConfig, TopologyError, load_topology
 
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Pusher-compatible WebSocket gateway with verified, sharded presence state.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"presence-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="local topology + shards init + one gateway node")
