@@ -13,9 +13,15 @@ PYTEST_ARGS ?=
 run: setup
 	$(VENV)/bin/presence-gateway dev
 
+# The secured slice: pusher-js conformance, the incident replays and kill -9 healing again,
+# against topologies with TLS only and ACL users (cluster up --secure).
+SECURE_SLICE := tests/test_conformance_pusherjs.py tests/test_incident.py \
+	tests/test_chaos.py::test_incident_replay_under_load tests/test_chaos.py::test_kill_node
+
 test: setup lint js
 	cargo test --workspace --quiet
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+	PG_SECURE=1 $(VENV)/bin/pytest $(SECURE_SLICE) $(PYTEST_ARGS)
 
 setup: system-deps $(STAMP) native
 

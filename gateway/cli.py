@@ -79,7 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     cluster = sub.add_parser("cluster", help="local Redis topology (masters, replicas, Sentinels)")
     csub = cluster.add_subparsers(dest="action", required=True)
     for action in ("up", "down", "status"):
-        _cluster_args(csub.add_parser(action, help=f"{action} the local topology"))
+        p = csub.add_parser(action, help=f"{action} the local topology")
+        _cluster_args(p)
+        if action == "up":
+            p.add_argument(
+                "--secure",
+                action="store_true",
+                help="TLS only and ACL users on every server and Sentinel (certificates and "
+                "passwords in DIR/tls and DIR/secrets)",
+            )
 
     shards = sub.add_parser("shards", help="shard administration")
     ssub = shards.add_subparsers(dest="action", required=True)
@@ -138,14 +146,17 @@ def _node_config(args: argparse.Namespace, topology: str | None) -> NodeConfig:
 
 
 def _local_cluster(args: argparse.Namespace) -> object:
-    from gateway.localcluster import LocalCluster
+    from gateway.localcluster import TOPOLOGY_FILE, LocalCluster
 
+    if getattr(args, "action", "up") != "up" and (Path(args.dir) / TOPOLOGY_FILE).exists():
+        return LocalCluster.from_dir(Path(args.dir))  # as it was started (secure or not)
     return LocalCluster(
         Path(args.dir),
         shards=args.shards,
         replicas=args.replicas,
         sentinels=args.sentinels,
         base_port=args.base_port,
+        secure=getattr(args, "secure", False),
     )
 
 

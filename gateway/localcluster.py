@@ -26,6 +26,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -39,6 +40,9 @@ from typing import Any, Literal
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from gateway.pki import make_pki
+from gateway.shards.security import PLAIN, Access, Secret, TlsConfig
 
 __all__ = [
     "LOOPBACK_LOAD_ENV",
@@ -177,7 +181,9 @@ def _proc_cmdline(pid: int) -> str:
         return ""
 
 
-def _connect(host: str, port: int, timeout: float = _CONNECT_TIMEOUT) -> redis.Redis:
+def _connect(
+    host: str, port: int, timeout: float = _CONNECT_TIMEOUT, access: Access = PLAIN
+) -> redis.Redis:
     # No retries: a dead or paused server must show up as an error at once while polling.
     return redis.Redis(
         host=host,
@@ -186,7 +192,26 @@ def _connect(host: str, port: int, timeout: float = _CONNECT_TIMEOUT) -> redis.R
         socket_connect_timeout=timeout,
         decode_responses=True,
         retry=Retry(NoBackoff(), 0),
+        **access.redis_kwargs(),  # type: ignore[arg-type]
     )
+
+
+#: The least-privilege ACL rules of the user a gateway node needs on the shard servers: the
+#: README gives them as ``ACL SETUSER``, and ``cluster up --secure`` creates the user with them.
+GATEWAY_ACL = (
+    "resetkeys ~{* ~__pg:shard resetchannels &{* -@all +@read +@write +@pubsub +@scripting "
+    "+@connection -@dangerous +info +role +time -function"
+)
+#: What the gateway needs on a Sentinel.
+GATEWAY_SENTINEL_ACL = "-@all +sentinel|get-master-addr-by-name +ping"
+#: What Redis documents for Sentinel's own user on the servers it monitors.
+SENTINEL_ACL = (
+    "allchannels +multi +slaveof +ping +exec +subscribe +config|rewrite +role +publish +info "
+    "+client|setname +client|kill +script|kill"
+)
+#: Replication's user.
+REPLICA_ACL = "+psync +replconf +ping"
+_SECRET_NAMES = ("pg-admin", "gateway", "gateway-sentinel", "replica", "sentinel", "sentinel-peer")
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -246,6 +271,9 @@ class LocalCluster:
         failover_timeout_ms: Sentinel ``failover-timeout`` for every master name.
         redis_server: ``redis-server`` executable (name on ``PATH`` or path).
         redis_sentinel: ``redis-sentinel`` executable (name on ``PATH`` or path).
+        secure: TLS only (plain ports disabled, client certificates required) and ACL users on
+            every server and Sentinel: certificates in ``DIR/tls`` (made with ``openssl``),
+            passwords in ``DIR/secrets``; ``topology.json`` says how to use them.
 
     Raises:
         ValueError: An option is invalid; the message names the option.
@@ -265,6 +293,7 @@ class LocalCluster:
         failover_timeout_ms: int = 5000,
         redis_server: str = "redis-server",
         redis_sentinel: str = "redis-sentinel",
+        secure: bool = False,
     ) -> None:
         if not isinstance(dir, str | os.PathLike):
             raise ValueError(f"dir must be a path, got {dir!r}")
@@ -291,6 +320,7 @@ class LocalCluster:
         self.dir = Path(dir).absolute()
         self.redis_server = redis_server
         self.redis_sentinel = redis_sentinel
+        self.secure = bool(secure)
         self.processes: tuple[ProcessSpec, ...] = tuple(self._plan())
 
     # ------------------------------------------------------------------ construction
@@ -323,6 +353,7 @@ class LocalCluster:
                 "host": host,
                 "cluster_name": data.get("cluster", "local"),
             }
+            options["secure"] = bool(data.get("secure", False))
             settings = data.get("sentinel_settings") or {}
             for key in ("down_after_ms", "failover_timeout_ms"):
                 if key in settings:
@@ -422,7 +453,106 @@ class LocalCluster:
             },
             "processes": [p.to_json() for p in self.processes],
             "dir": str(self.dir),
+            **self._security_json(),
         }
+
+    # ------------------------------------------------------------------ security
+
+    @property
+    def tls_dir(self) -> Path:
+        """Certificates of a secure topology."""
+        return self.dir / "tls"
+
+    @property
+    def secrets_dir(self) -> Path:
+        """Passwords of a secure topology, one file per user (mode 600)."""
+        return self.dir / "secrets"
+
+    def _secret(self, user: str) -> str:
+        return (self.secrets_dir / f"{user}.pass").read_text().strip()
+
+    def _prepare_secure(self) -> None:
+        """Make the certificates and passwords once (kept across restarts of the processes)."""
+        if not (self.tls_dir / "ca.crt").exists():
+            make_pki(self.tls_dir, hosts=(self.host, "localhost"))
+        self.secrets_dir.mkdir(parents=True, exist_ok=True)
+        self.secrets_dir.chmod(0o700)
+        for user in _SECRET_NAMES:
+            path = self.secrets_dir / f"{user}.pass"
+            if not path.exists():
+                path.write_text(secrets.token_hex(16) + "\n")
+                path.chmod(0o600)
+
+    def _tls_json(self) -> dict[str, str]:
+        return {"ca": "tls/ca.crt", "cert": "tls/client.crt", "key": "tls/client.key"}
+
+    def _security_json(self) -> dict[str, Any]:
+        if not self.secure:
+            return {}
+        tls = self._tls_json()
+        return {
+            "secure": True,
+            "redis": {"username": "gateway", "password_file": "secrets/gateway.pass", "tls": tls},
+            "redis_admin": {"username": "pg-admin", "password_file": "secrets/pg-admin.pass"},
+            "sentinel": {
+                "username": "gateway-sentinel",
+                "password_file": "secrets/gateway-sentinel.pass",
+                "tls": tls,
+            },
+        }
+
+    def admin_access(self) -> Access:
+        """How this launcher (and tests) reach every process: the admin user, over TLS."""
+        if not self.secure:
+            return PLAIN
+        return Access(
+            username="pg-admin",
+            password=Secret(self._secret("pg-admin")),
+            tls=TlsConfig(
+                ca_file=str(self.tls_dir / "ca.crt"),
+                cert_file=str(self.tls_dir / "client.crt"),
+                key_file=str(self.tls_dir / "client.key"),
+            ),
+        )
+
+    def _secure_conf(self, spec: ProcessSpec) -> list[str]:
+        tls = self.tls_dir
+        lines = [
+            "port 0",
+            f"tls-port {spec.port}",
+            f'tls-cert-file "{tls / "server.crt"}"',
+            f'tls-key-file "{tls / "server.key"}"',
+            f'tls-ca-cert-file "{tls / "ca.crt"}"',
+            "tls-auth-clients yes",
+            "tls-replication yes",
+            "user default off",
+        ]
+        admin = self._secret("pg-admin")
+        if spec.role == "sentinel":
+            lines += [
+                f"user pg-admin on >{admin} allchannels +@all",
+                f"user gateway-sentinel on >{self._secret('gateway-sentinel')} "
+                f"{GATEWAY_SENTINEL_ACL}",
+                f"user sentinel-peer on >{self._secret('sentinel-peer')} allchannels +@all",
+                "sentinel sentinel-user sentinel-peer",
+                f"sentinel sentinel-pass {self._secret('sentinel-peer')}",
+            ]
+        else:
+            lines += [
+                f"user pg-admin on >{admin} ~* &* +@all",
+                f"user gateway on >{self._secret('gateway')} {GATEWAY_ACL}",
+                f"user replica on >{self._secret('replica')} {REPLICA_ACL}",
+                f"user sentinel on >{self._secret('sentinel')} {SENTINEL_ACL}",
+                "masteruser replica",
+                f"masterauth {self._secret('replica')}",
+            ]
+        return lines
+
+    def _sentinel_auth(self, name: str) -> list[str]:
+        """``SENTINEL SET`` arguments that let Sentinel log in to the servers of ``name``."""
+        if not self.secure:
+            return []
+        return ["auth-user", "sentinel", "auth-pass", self._secret("sentinel")]
 
     # ------------------------------------------------------------------ process identity
 
@@ -449,7 +579,7 @@ class LocalCluster:
         return self.pid(self.process(addr)) is not None
 
     def _client(self, spec: ProcessSpec, timeout: float = _CONNECT_TIMEOUT) -> redis.Redis:
-        return _connect(spec.host, spec.port, timeout)
+        return _connect(spec.host, spec.port, timeout, self.admin_access())
 
     def client(self, addr: str) -> redis.Redis:
         """Return a new synchronous redis-py client (``decode_responses=True``) for ``addr``.
@@ -485,6 +615,8 @@ class LocalCluster:
                 (the processes started by this call are stopped again).
         """
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.secure:
+            self._prepare_secure()
         planned = self.topology()
         alive = {p.addr for p in self.processes if self.pid(p) is not None}
         existing = self._read_topology()
@@ -598,7 +730,7 @@ class LocalCluster:
     def _write_conf(self, spec: ProcessSpec) -> None:
         lines = [
             f"bind {spec.host}",
-            f"port {spec.port}",
+            *(self._secure_conf(spec) if self.secure else [f"port {spec.port}"]),
             "daemonize yes",
             f'pidfile "{spec.pidfile}"',
             f'logfile "{spec.logfile}"',
@@ -614,6 +746,11 @@ class LocalCluster:
                     f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
                     f"sentinel parallel-syncs {name} 1",
                 ]
+                if self.secure:
+                    lines += [
+                        f"sentinel auth-user {name} sentinel",
+                        f"sentinel auth-pass {name} {self._secret('sentinel')}",
+                    ]
         else:
             lines += [
                 'save ""',
@@ -956,6 +1093,7 @@ class LocalCluster:
                         self.failover_timeout_ms,
                         "parallel-syncs",
                         1,
+                        *self._sentinel_auth(name),
                     )
             except redis.RedisError as exc:
                 raise ClusterError(f"{sentinel.addr}: repointing {name} failed: {exc}") from exc
@@ -1027,7 +1165,7 @@ class LocalCluster:
             assert new is not None
             host, port = _split_addr(new)
             try:
-                with _connect(host, port) as c:
+                with _connect(host, port, access=self.admin_access()) as c:
                     role = c.execute_command("ROLE")[0]
             except redis.RedisError as exc:
                 return [f"{new}: {exc}"]

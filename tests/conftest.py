@@ -48,7 +48,7 @@ from typing import Any
 
 import pytest
 from nodes import WebhookReceiver
-from support import StoreFactory
+from support import SECURE, StoreFactory, register
 
 from gateway.localcluster import LocalCluster, PortInUseError, find_free_port_range
 from gateway.shards.admin import init_shards
@@ -74,6 +74,7 @@ def start_local_cluster(directory: Path, *, retries: int = 5, **options: Any) ->
     """
     if shutil.which("redis-server") is None or shutil.which("redis-sentinel") is None:
         pytest.skip("redis-server / redis-sentinel not installed")
+    options.setdefault("secure", SECURE)
     probe = LocalCluster(directory, **options)
     count = len(probe.processes)
     for attempt in range(retries):
@@ -85,6 +86,7 @@ def start_local_cluster(directory: Path, *, retries: int = 5, **options: Any) ->
             if attempt == retries - 1:
                 raise
             continue
+        register(local)
         return local
     raise AssertionError("unreachable")
 

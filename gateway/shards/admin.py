@@ -12,6 +12,7 @@ from typing import Any, cast
 import redis
 
 from gateway._native import SlotTable, key_slot
+from gateway.shards.security import Access
 from gateway.shards.topology import Address, TopologyConfig
 
 __all__ = [
@@ -133,6 +134,7 @@ def resolve_master_sync(topology: TopologyConfig, index: int, *, timeout: float 
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             decode_responses=True,
+            **topology.sentinel.redis_kwargs(),  # type: ignore[arg-type]
         )
         try:
             reply = _cmd(client, "SENTINEL", "get-master-addr-by-name", spec.name)
@@ -152,13 +154,14 @@ def _cmd(client: redis.Redis, *args: str | int) -> Any:
     return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
-def _connect(addr: Address) -> redis.Redis:
+def _connect(addr: Address, access: Access) -> redis.Redis:
     return redis.Redis(
         host=addr.host,
         port=addr.port,
         socket_timeout=5,
         socket_connect_timeout=5,
         decode_responses=True,
+        **access.redis_kwargs(),  # type: ignore[arg-type]
     )
 
 
@@ -184,7 +187,7 @@ def init_shards(
     try:
         for i, spec in enumerate(topology.shards):
             addr = resolve_master_sync(topology, i)
-            client = _connect(addr)
+            client = _connect(addr, topology.admin)
             clients.append(client)
             try:
                 role = _cmd(client, "ROLE")

@@ -8,13 +8,19 @@ from typing import Any, cast
 
 from gateway._native import ReplyError, ReplyReader, RespError, pack_command
 from gateway.fdlimit import is_emfile, note_emfile
+from gateway.shards.security import PLAIN, Access, SecurityError
 from gateway.shards.topology import Address
 
-__all__ = ["ConnectionLost", "ShardConnection", "open_connection"]
+__all__ = ["AuthenticationError", "ConnectionLost", "ShardConnection", "open_connection"]
 
 
 class ConnectionLost(ConnectionError):
     """The connection to a shard server closed or broke while requests were pending."""
+
+
+class AuthenticationError(ConnectionLost):
+    """The server refused the configured user and password (the message names the user, the
+    server and Redis's reason, never the password)."""
 
 
 class _Protocol(asyncio.Protocol):
@@ -194,19 +200,47 @@ class ShardConnection:
         await self._protocol.closed
 
 
-async def open_connection(address: Address, *, timeout: float = 2.0) -> ShardConnection:
-    """Connect to a Redis server.
+async def open_connection(
+    address: Address, *, timeout: float = 2.0, access: Access = PLAIN
+) -> ShardConnection:
+    """Connect to a Redis server (or a Sentinel): TCP or TLS, then ``AUTH`` when configured.
 
     Raises:
-        ConnectionLost: The server is unreachable within ``timeout`` seconds.
+        AuthenticationError: The server refused the user and password.
+        ConnectionLost: The server is unreachable within ``timeout`` seconds, or the TLS
+            handshake failed (the message says why, e.g. the certificate's name).
     """
     loop = asyncio.get_running_loop()
     try:
+        context = access.ssl_context()
+    except SecurityError as exc:
+        raise ConnectionLost(f"{address}: {exc}") from None
+    try:
         _, protocol = await asyncio.wait_for(
-            loop.create_connection(_Protocol, address.host, address.port), timeout
+            loop.create_connection(
+                _Protocol,
+                address.host,
+                address.port,
+                ssl=context,
+                server_hostname=access.tls.hostname(address.host) if access.tls else None,
+            ),
+            timeout,
         )
     except (OSError, TimeoutError) as exc:
         if is_emfile(exc):
             note_emfile(f"connecting to {address}")
         raise ConnectionLost(f"{address}: cannot connect: {exc!r}") from exc
-    return ShardConnection(address, protocol)
+    conn = ShardConnection(address, protocol)
+    auth = access.auth_args()
+    if auth is not None:
+        try:
+            await conn.command(*auth, timeout=timeout)
+        except ReplyError as exc:
+            conn.close()
+            raise AuthenticationError(
+                f"{address}: authentication as user {access.user!r} refused: {exc}"
+            ) from None
+        except (ConnectionLost, TimeoutError) as exc:
+            conn.close()
+            raise ConnectionLost(f"{address}: no answer to AUTH: {exc!r}") from None
+    return conn

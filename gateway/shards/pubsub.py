@@ -18,10 +18,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from gateway._native import ReplyReader, RespError, pack_command
+from gateway._native import ReplyError, ReplyReader, RespError, pack_command
 from gateway.fdlimit import is_emfile, note_emfile
 from gateway.logs import fields
 from gateway.metrics import Metrics
+from gateway.shards.security import SecurityError
 from gateway.shards.shardset import ShardLink, ShardSet
 from gateway.shards.topology import Address
 
@@ -46,6 +47,7 @@ class _SubProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.acks: collections.deque[asyncio.Future[None]] = collections.deque()
         self.pongs: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.replies: collections.deque[asyncio.Future[object]] = collections.deque()
         loop = asyncio.get_running_loop()
         self.lost: asyncio.Future[None] = loop.create_future()
         self.lost_reason = ""
@@ -75,6 +77,10 @@ class _SubProtocol(asyncio.Protocol):
                     fut.set_result(None)
                 continue
             if not isinstance(reply, list) or not reply:
+                if self.replies:  # the answer to AUTH, sent before subscribe mode
+                    fut2 = self.replies.popleft()
+                    if not fut2.done():
+                        fut2.set_result(reply)
                 continue
             kind = reply[0]
             if kind == b"message" and len(reply) == 3:
@@ -103,7 +109,7 @@ class _SubProtocol(asyncio.Protocol):
         if not self.lost_reason:
             self.lost_reason = f"connection error: {exc!r}" if exc else "closed by the server"
         error = ConnectionError(f"pubsub connection lost: {self.lost_reason}")
-        for queue in (self.acks, self.pongs):
+        for queue in (self.acks, self.pongs, self.replies):
             while queue:
                 fut = queue.popleft()
                 if not fut.done():
@@ -319,13 +325,33 @@ class PubSub:
 
     async def _connect(self, state: _Shard, addr: Address) -> _SubProtocol:
         loop = asyncio.get_running_loop()
+        access = self.shards.access
+        try:
+            context = access.ssl_context()
+        except SecurityError as exc:
+            raise ConnectionError(str(exc)) from None
         _, proto = await asyncio.wait_for(
             loop.create_connection(
-                lambda: _SubProtocol(state.index, self.on_message), addr.host, addr.port
+                lambda: _SubProtocol(state.index, self.on_message),
+                addr.host,
+                addr.port,
+                ssl=context,
+                server_hostname=access.tls.hostname(addr.host) if access.tls else None,
             ),
             self.shards.connect_timeout,
         )
         try:
+            auth = access.auth_args()
+            if auth is not None:
+                answer: asyncio.Future[object] = loop.create_future()
+                proto.replies.append(answer)
+                assert proto.transport is not None
+                proto.transport.write(pack_command(auth))
+                reply = await asyncio.wait_for(answer, self.shards.connect_timeout)
+                if isinstance(reply, ReplyError):
+                    raise ConnectionError(
+                        f"authentication as user {access.user!r} refused: {reply}"
+                    )
             wanted = sorted(state.wanted)
             for start in range(0, len(wanted), _CHUNK):
                 chunk = wanted[start : start + _CHUNK]

@@ -15,6 +15,7 @@ from gateway.logs import fields
 from gateway.metrics import Metrics
 from gateway.shards.admin import IDENTITY_KEY, ShardIdentity, library_version
 from gateway.shards.connection import ConnectionLost, ShardConnection, open_connection
+from gateway.shards.security import PLAIN, Access
 from gateway.shards.topology import Address, ShardSpec, TopologyConfig
 
 __all__ = [
@@ -40,7 +41,7 @@ class SentinelUnreachable(ConnectionError):
 
 
 async def discover_master(
-    sentinels: tuple[Address, ...], name: str, *, timeout: float = 1.0
+    sentinels: tuple[Address, ...], name: str, *, timeout: float = 1.0, access: Access = PLAIN
 ) -> Address | None:
     """Ask every Sentinel for master ``name``; return the address most of them report.
 
@@ -54,7 +55,7 @@ async def discover_master(
 
     async def ask(sentinel: Address) -> Address | None:
         try:
-            conn = await open_connection(sentinel, timeout=timeout)
+            conn = await open_connection(sentinel, timeout=timeout, access=access)
         except ConnectionLost as exc:
             errors.append(str(exc))
             return None
@@ -147,8 +148,11 @@ class ShardSet:
         recheck_interval: float = 1.0,
         connect_timeout: float = 2.0,
         verify_identity: bool = True,
+        admin: bool = False,
     ) -> None:
         self.topology = topology
+        #: How the shard servers are reached: the node's user, or the admin user.
+        self.access = topology.admin if admin else topology.redis
         self.metrics = metrics or Metrics()
         self.recheck_interval = recheck_interval
         self.connect_timeout = connect_timeout
@@ -275,7 +279,10 @@ class ShardSet:
         )
         try:
             found = await discover_master(
-                self.topology.sentinels, link.spec.name, timeout=self.connect_timeout
+                self.topology.sentinels,
+                link.spec.name,
+                timeout=self.connect_timeout,
+                access=self.topology.sentinel,
             )
         except SentinelUnreachable as exc:
             if current is None:
@@ -328,7 +335,7 @@ class ShardSet:
             link.conn = conn = None
         if conn is None:
             try:
-                conn = await open_connection(addr, timeout=self.connect_timeout)
+                conn = await open_connection(addr, timeout=self.connect_timeout, access=self.access)
             except ConnectionLost as exc:
                 self._down(link, str(exc))
                 return
@@ -336,6 +343,13 @@ class ShardSet:
             identity, run_id, replid = await self._verify(link, conn)
         except (IdentityMismatch, ReplyError) as exc:
             conn.close()
+            if isinstance(exc, ReplyError) and exc.code == "NOPERM":
+                self._down(
+                    link,
+                    f"{addr}: user {self.access.user!r} lacks a permission the gateway needs "
+                    f"({exc}); give it the ACL rules of the README",
+                )
+                return
             self._down(link, f"{addr}: {exc}")
             self.metrics.inc("pg_identity_rejections_total", shard=link.spec.name)
             return
@@ -384,6 +398,8 @@ class ShardSet:
         try:
             version = await conn.command("FCALL_RO", "pg_version", 0, timeout=self.connect_timeout)
         except ReplyError as exc:
+            if exc.code == "NOPERM":
+                raise
             raise IdentityMismatch(
                 f"the function library is not loaded ({exc}); run presence-gateway shards init"
             ) from exc

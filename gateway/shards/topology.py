@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from gateway.shards.security import PLAIN, Access, Secret, TlsConfig
 
 __all__ = [
     "Address",
@@ -77,20 +81,50 @@ class TopologyConfig:
         cluster: Deployment name, stored in every shard identity.
         shards: The shards in slot-table order (shard ``i`` owns the ``i``-th even slot range).
         sentinels: Sentinel addresses; empty means static masters.
+        redis: How nodes reach the shard servers (``"redis"`` in the file).
+        redis_admin: How ``shards init`` and ``audit`` reach them (``"redis_admin"``; its TLS
+            defaults to ``redis``'s); None: as ``redis``.
+        sentinel: How everything reaches the Sentinels (``"sentinel"``).
     """
 
     cluster: str
     shards: tuple[ShardSpec, ...]
     sentinels: tuple[Address, ...] = field(default=())
+    redis: Access = PLAIN
+    redis_admin: Access | None = None
+    sentinel: Access = PLAIN
 
     @property
     def uses_sentinel(self) -> bool:
         """Whether masters are discovered through Sentinel."""
         return bool(self.sentinels)
 
+    @property
+    def admin(self) -> Access:
+        """The access of administrative commands (``shards init``, ``audit``)."""
+        if self.redis_admin is None:
+            return self.redis
+        if self.redis_admin.tls is None:
+            return replace(self.redis_admin, tls=self.redis.tls)
+        return self.redis_admin
+
     @classmethod
-    def from_dict(cls, data: Any, *, source: str = "topology") -> TopologyConfig:
+    def from_dict(
+        cls,
+        data: Any,
+        *,
+        source: str = "topology",
+        base: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> TopologyConfig:
         """Build and validate a topology from the ``topology.json`` structure.
+
+        Args:
+            data: The parsed JSON.
+            source: Name used in error messages.
+            base: Directory that relative file paths (passwords, certificates) start from.
+            env: Environment for ``password_env`` and the ``GATEWAY_REDIS_PASSWORD``,
+                ``GATEWAY_REDIS_ADMIN_PASSWORD``, ``GATEWAY_SENTINEL_PASSWORD`` overrides.
 
         Raises:
             TopologyError: A field is missing or malformed; the message names it.
@@ -134,7 +168,102 @@ class TopologyConfig:
         )
         if not sentinels and any(s.master is None for s in shards):
             raise TopologyError(f"{source}: without 'sentinels' every shard needs a 'master'")
-        return cls(cluster=cluster, shards=tuple(shards), sentinels=sentinels)
+        env = os.environ if env is None else env
+        base = base or Path(".")
+        redis = _access(data.get("redis"), f"{source}: redis", base, env, "GATEWAY_REDIS_PASSWORD")
+        admin = None
+        if data.get("redis_admin") is not None:
+            admin = _access(
+                data["redis_admin"],
+                f"{source}: redis_admin",
+                base,
+                env,
+                "GATEWAY_REDIS_ADMIN_PASSWORD",
+            )
+        sentinel = _access(
+            data.get("sentinel"), f"{source}: sentinel", base, env, "GATEWAY_SENTINEL_PASSWORD"
+        )
+        return cls(
+            cluster=cluster,
+            shards=tuple(shards),
+            sentinels=sentinels,
+            redis=redis,
+            redis_admin=admin,
+            sentinel=sentinel,
+        )
+
+
+_ACCESS_KEYS = {"username", "password_file", "password_env", "tls"}
+_TLS_KEYS = {"ca", "cert", "key", "server_name", "check_hostname"}
+
+
+def _path(value: Any, where: str, base: Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise TopologyError(f"{where}: must be a file path")
+    path = Path(value) if Path(value).is_absolute() else base / value
+    if not path.is_file():
+        raise TopologyError(f"{where}: no such file: {path}")
+    return str(path)
+
+
+def _access(raw: Any, where: str, base: Path, env: Mapping[str, str], override: str) -> Access:
+    """Parse one ``redis`` / ``redis_admin`` / ``sentinel`` section (None: plain access)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TopologyError(f"{where}: expected an object")
+    unknown = set(raw) - _ACCESS_KEYS
+    if unknown:
+        raise TopologyError(f"{where}: unknown setting(s) {sorted(unknown)}")
+    username = raw.get("username")
+    if username is not None and (not isinstance(username, str) or not username):
+        raise TopologyError(f"{where}.username: must be a non-empty string")
+    password: Secret | None = None
+    if "password_file" in raw and "password_env" in raw:
+        raise TopologyError(f"{where}: give password_file or password_env, not both")
+    if "password_file" in raw:
+        path = _path(raw["password_file"], f"{where}.password_file", base)
+        try:
+            text = Path(path).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise TopologyError(
+                f"{where}.password_file: cannot read {path}: {exc.strerror}"
+            ) from exc
+        password = Secret(text)
+    elif "password_env" in raw:
+        name = raw["password_env"]
+        if not isinstance(name, str) or name not in env:
+            raise TopologyError(f"{where}.password_env: environment variable {name!r} is not set")
+        password = Secret(env[name])
+    if override in env:
+        password = Secret(env[override])
+    if password is not None and not password.value:
+        raise TopologyError(f"{where}: the password is empty")
+    tls = None
+    if raw.get("tls") is not None:
+        t = raw["tls"]
+        if not isinstance(t, dict):
+            raise TopologyError(f"{where}.tls: expected an object")
+        bad = set(t) - _TLS_KEYS
+        if bad:
+            raise TopologyError(f"{where}.tls: unknown setting(s) {sorted(bad)}")
+        if bool(t.get("cert")) != bool(t.get("key")):
+            raise TopologyError(f"{where}.tls: give cert and key together (mutual TLS)")
+        check = t.get("check_hostname", True)
+        if not isinstance(check, bool):
+            raise TopologyError(f"{where}.tls.check_hostname: must be true or false")
+        server_name = t.get("server_name")
+        if server_name is not None and not isinstance(server_name, str):
+            raise TopologyError(f"{where}.tls.server_name: must be a string")
+        tls = TlsConfig(
+            ca_file=_path(t["ca"], f"{where}.tls.ca", base) if t.get("ca") else None,
+            cert_file=_path(t["cert"], f"{where}.tls.cert", base) if t.get("cert") else None,
+            key_file=_path(t["key"], f"{where}.tls.key", base) if t.get("key") else None,
+            server_name=server_name,
+            check_hostname=check,
+            where=f"{where}.tls",
+        )
+    return Access(username=username, password=password, tls=tls)
 
 
 def load_topology(path: str | Path) -> TopologyConfig:
@@ -150,4 +279,4 @@ def load_topology(path: str | Path) -> TopologyConfig:
         raise TopologyError(f"{p}: cannot read topology file: {exc.strerror}") from exc
     except json.JSONDecodeError as exc:
         raise TopologyError(f"{p}: not valid JSON: {exc}") from exc
-    return TopologyConfig.from_dict(data, source=str(p))
+    return TopologyConfig.from_dict(data, source=str(p), base=p.parent)

@@ -197,7 +197,7 @@ async def run_audit(
     Raises:
         TimeoutError: A shard is not reachable and verified within 10 s.
     """
-    shards = ShardSet(topology)
+    shards = ShardSet(topology, admin=True)
     writer = BatchWriter(shards, write_timeout=10.0)
     await shards.start()
     try:

@@ -27,9 +27,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway._native import ReplyError, ReplyReader, build_batches
+from gateway._native import ReplyError, ReplyReader, build_batches, pack_command
 from gateway.logs import fields
 from gateway.metrics import Metrics
+from gateway.shards.security import Access, SecurityError
 from gateway.shards.shardset import ShardLink, ShardSet
 from gateway.shards.topology import Address
 from gateway.store.presence import PresenceStore
@@ -269,8 +270,7 @@ class LeaseKeeper:
         try:
             if state.sock is None or state.addr != addr:
                 self._disconnect(state)
-                state.sock = socket.create_connection((addr.host, addr.port), timeout=s.timeout)
-                state.sock.settimeout(s.timeout)
+                state.sock = _connect(addr, self.shards.access, s.timeout)
                 state.addr = addr
             replies = _round_trip(state.sock, batch.payload, batch.n_commands)
         except (OSError, ValueError) as exc:
@@ -321,6 +321,34 @@ class LeaseKeeper:
             with contextlib.suppress(OSError):
                 state.sock.close()
             state.sock = None
+
+
+def _connect(addr: Address, access: Access, timeout: float) -> socket.socket:
+    """A blocking connection to ``addr``: TCP or TLS, then ``AUTH`` when configured.
+
+    Raises:
+        OSError: Unreachable, TLS failed, or the credentials were refused (the message names
+            the user, never the password).
+    """
+    try:
+        context = access.ssl_context()
+    except SecurityError as exc:
+        raise OSError(str(exc)) from None
+    sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
+    try:
+        if context is not None:
+            assert access.tls is not None
+            sock = context.wrap_socket(sock, server_hostname=access.tls.hostname(addr.host))
+        sock.settimeout(timeout)
+        auth = access.auth_args()
+        if auth is not None:
+            (reply,) = _round_trip(sock, pack_command(auth), 1)
+            if isinstance(reply, ReplyError):
+                raise OSError(f"authentication as user {access.user!r} refused: {reply}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _round_trip(sock: socket.socket, payload: bytes, n: int) -> list[object]:
