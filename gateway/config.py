@@ -149,6 +149,12 @@ class NodeConfig:
         tls_cert: PEM certificate (chain) of the public listener; with ``tls_key``, the port
             speaks TLS (``wss://`` and ``https://``).
         tls_key: PEM private key of ``tls_cert``.
+        drain_delay: Seconds a draining node (SIGTERM) keeps accepting connections after
+            ``/ready`` turned 503, so that load balancers notice first.
+        drain_window: Seconds over which a draining node closes its sockets (4200, pusher-js
+            reconnects at once), evenly, not in one burst.
+        drain_handover: Seconds a draining node keeps its presence members after its last
+            socket closed, so that users who reconnect elsewhere are not announced as gone.
         admin_port: A second listener for ``/metrics``, ``/health``, ``/live`` and ``/ready``
             only (0 = none); when set, the public port no longer serves ``/metrics``.
         admin_host: Bind address of the admin listener (default: ``host``).
@@ -191,6 +197,9 @@ class NodeConfig:
     housekeeping_interval: float = 60.0
     tls_cert: str | None = None
     tls_key: str | None = None
+    drain_delay: float = 5.0
+    drain_window: float = 10.0
+    drain_handover: float = 5.0
     admin_port: int = 0
     admin_host: str | None = None
     log_level: str = "info"
@@ -263,6 +272,9 @@ class NodeConfig:
         integer("client_work_budget", 10)
         seconds("shed_lag", 0.05)
         seconds("housekeeping_interval", 1.0)
+        seconds("drain_delay", zero=True)
+        seconds("drain_window", zero=True)
+        seconds("drain_handover", zero=True)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key: give both (or neither)")
         if type(self.admin_port) is not int or not 0 <= self.admin_port < 65536:

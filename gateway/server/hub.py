@@ -94,6 +94,10 @@ class Hub:
         self._count_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keys: dict[bytes, ChannelId] = {}
+        #: While draining, presence members whose last local socket closed are kept in the
+        #: store (handed over): see :meth:`finish_handover`.
+        self.handing_over = False
+        self._handed: set[tuple[str, str, str]] = set()
         self.limits = Limits(
             activity_timeout=config.activity_timeout,
             subscribes_per_second=config.subscribes_per_second,
@@ -310,7 +314,10 @@ class Hub:
         if action.member is not None:
             pres_key = (app.id, channel, action.member.user_id)
             if pres_key in self.presence and self._drop_presence(pres_key) == 0:
-                self._track(self._store_call(self.store.leave(app.id, channel, pres_key[2])))
+                if self.handing_over:
+                    self._handed.add(pres_key)
+                else:
+                    self._track(self._store_call(self.store.leave(app.id, channel, pres_key[2])))
         if not members:
             del self.members[cid]
             self._release(cid)
@@ -543,6 +550,24 @@ class Hub:
             actions = client.session.tick(now)
             if actions:
                 self._apply(client, actions)
+
+    async def finish_handover(self) -> int:
+        """Leave for the members kept while draining; returns how many.
+
+        A member whose user reconnected to another node meanwhile is held there too: its leave
+        here announces nothing. Others leave normally (``member_removed`` once, its webhook
+        after the hold).
+        """
+        handed, self._handed = self._handed, set()
+        self.handing_over = False
+        leaves = [
+            self._store_call(self.store.leave(app_id, channel, user))
+            for app_id, channel, user in handed
+            if (app_id, channel, user) not in self.presence
+        ]
+        if leaves:
+            await asyncio.gather(*leaves)
+        return len(leaves)
 
     async def drain(self) -> None:
         """Leave every channel (graceful shutdown): other nodes see the leaves at once."""

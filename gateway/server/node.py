@@ -9,6 +9,7 @@ import logging
 import secrets
 import signal
 import ssl
+import time
 
 from gateway.config import ConfigError, NodeConfig
 from gateway.fdlimit import client_connection_cap, nofile_limit, raise_nofile, release_free_memory
@@ -110,6 +111,8 @@ class GatewayNode:
         )
         self._door: FrontDoor | None = None
         self._admin: FrontDoor | None = None
+        #: Set when SIGTERM started the drain (readiness is off from then on).
+        self.draining = False
         self._loops: list[asyncio.Task[None]] = []
 
     def _on_message(self, shard: int, key: bytes, data: bytes) -> None:
@@ -125,6 +128,7 @@ class GatewayNode:
         reported by the API next to these.
         """
         return [
+            *(["draining: this node is shutting down"] if self.draining else []),
             *self.pubsub.problems(),
             *self.healer.lease_problems(),
             *self.guard.problems(),
@@ -255,6 +259,46 @@ class GatewayNode:
         for item in await self.store.claim_due():
             self.hub.due_webhook(item.app_id, item.name, item.channel, item.user_id)
 
+    async def drain(self) -> None:
+        """Leave gracefully (SIGTERM), without presence flaps; then :meth:`close`.
+
+        ``/ready`` turns 503 at once; new connections are still accepted for ``drain_delay``
+        seconds (load balancers notice the probe), then refused; the sockets are closed with
+        4200 (pusher-js reconnects at once, through the balancer to another node) evenly over
+        ``drain_window`` seconds; presence members are handed over: kept in the store until
+        ``drain_handover`` seconds after the last socket closed, so a user who reconnected
+        elsewhere meanwhile causes no ``member_removed`` / ``member_added`` and no webhook.
+        """
+        c = self.config
+        started = time.monotonic()
+        self.draining = True
+        log.info(
+            "draining: not ready; closing sockets over %g s after %g s, handing presence over",
+            c.drain_window,
+            c.drain_delay,
+        )
+        await asyncio.sleep(c.drain_delay)
+        door = self._door
+        if door is None:
+            return
+        door.close()  # no new connections
+        await self.healer.stop_checks()  # our own leaves must not be re-asserted or reaped
+        self.hub.handing_over = True
+        sockets = list(door._ws)
+        slices = max(1, int(c.drain_window * 10))
+        for i in range(slices):
+            for conn in sockets[i::slices]:
+                conn.close(4200, "server shutting down; reconnect")
+            await asyncio.sleep(c.drain_window / slices)
+        await asyncio.sleep(c.drain_handover)
+        left = await self.hub.finish_handover()
+        log.info(
+            "drained %d sockets in %.1f s; %d presence members left the store after the handover",
+            len(sockets),
+            time.monotonic() - started,
+            left,
+        )
+
     async def close(self) -> None:
         """Close sockets with 4200 (reconnect now), leave every channel, disconnect."""
         for task in self._loops:
@@ -293,9 +337,16 @@ def _server_tls(config: NodeConfig) -> ssl.SSLContext | None:
 async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
     """Run a node until SIGINT or SIGTERM, then shut it down (bounded in time)."""
     stop = asyncio.Event()
+    drain = False
+
+    def on_signal(graceful: bool) -> None:
+        nonlocal drain
+        drain = drain or graceful
+        stop.set()
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGINT, on_signal, False)
+    loop.add_signal_handler(signal.SIGTERM, on_signal, True)
     raise_nofile()
     node = GatewayNode(config, topology)
     try:
@@ -312,7 +363,15 @@ async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
         # loop for ~10 ms (measured) and grow with the heap.
         gc.freeze()
         await stop.wait()
-        log.info("gateway node %s: stopping", config.node_id)
+        log.info(
+            "gateway node %s: %s", config.node_id, "draining (SIGTERM)" if drain else "stopping"
+        )
+        if drain:
+            limit = config.drain_delay + config.drain_window + config.drain_handover + 15
+            try:
+                await asyncio.wait_for(node.drain(), limit)
+            except TimeoutError:
+                log.error("gateway node %s: draining took longer than %g s", config.node_id, limit)
     finally:
         try:
             await asyncio.wait_for(node.close(), 15)

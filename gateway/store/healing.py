@@ -152,6 +152,7 @@ class Healer:
         self._seen_up = [False] * n
         self._resyncing: list[asyncio.Task[None] | None] = [None] * n
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
         shards.on_link_up(self._link_up)
         shards.on_master_change(self._master_changed)
         m = metrics
@@ -172,6 +173,18 @@ class Healer:
                 every(s.anti_entropy_interval, self._check_all, name="anti-entropy")
             ),
         ]
+
+    async def stop_checks(self) -> None:
+        """Stop reaping, anti-entropy and re-assertion; the lease threads go on (draining)."""
+        tasks = [*self._tasks, *(t for t in self._resyncing if t is not None)]
+        self._tasks = []
+        self._resyncing = [None] * len(self._resyncing)
+        self._stopped = True
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     async def close(self) -> None:
         """Stop the loops and the lease threads."""
@@ -231,6 +244,8 @@ class Healer:
 
     def resync(self, shard: int, reason: str) -> None:
         """Re-assert this node's absolute state on ``shard`` (coalesced while one runs)."""
+        if self._stopped:
+            return
         running = self._resyncing[shard]
         if running is not None and not running.done():
             return
