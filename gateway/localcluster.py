@@ -771,6 +771,8 @@ class LocalCluster:
                 master = self.masters()[spec.shard]
                 lines.append(f"replicaof {master.host} {master.port}")
         spec.conf.write_text("\n".join(lines) + "\n")
+        if self.secure:
+            spec.conf.chmod(0o600)  # it holds passwords
 
     def _spawn(self, spec: ProcessSpec) -> None:
         exe_name = self.redis_sentinel if spec.role == "sentinel" else self.redis_server

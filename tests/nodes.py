@@ -296,7 +296,7 @@ def start_node(
             tls_ca=tls.ca_cert if tls is not None else None,
         )
         try:
-            node.wait_healthy(timeout, path="/health" if ready else "/live")
+            node.wait_healthy(timeout, path="/ready" if ready else "/live")
         except RuntimeError:
             node.kill()
             if attempt == attempts - 1 or "in use" not in node.output:

@@ -97,16 +97,23 @@ class Api:
         self.clock = clock
         metrics.describe("pg_api_requests_total", "HTTP API requests, by endpoint and status")
 
-    def operational(self, request: HttpRequest, *, metrics: bool = True) -> HttpResponse | None:
-        """``/live``, ``/ready``, ``/health`` and (with ``metrics``) ``/metrics``; else None."""
+    def operational(self, request: HttpRequest, *, admin: bool = True) -> HttpResponse | None:
+        """``/live``, ``/ready``, ``/health``, ``/metrics``; else None.
+
+        Without ``admin`` (the public port of a node that has an admin listener) only
+        ``/live`` and a bare ``/ready`` (status, no details) are served.
+        """
         if request.method not in ("GET", "HEAD"):
             return None
-        if request.path in ("/health", "/ready"):
+        if request.path == "/ready" and not admin:
+            health = self.health()
+            return _json(health.status, {"ready": health.status == 200})
+        if request.path in ("/health", "/ready") and admin:
             return self.health()
         if request.path == "/live":
             # Answered by the event loop itself: an answer is the proof that it runs.
             return _json(200, {"status": "alive", "node": self.config.node_id})
-        if request.path == "/metrics" and metrics:
+        if request.path == "/metrics" and admin:
             return HttpResponse(
                 200, self.metrics.render().encode(), content_type="text/plain; version=0.0.4"
             )
@@ -114,8 +121,8 @@ class Api:
 
     async def http_request(self, request: HttpRequest) -> HttpResponse:
         """Route one request; never raises."""
-        # With an admin listener, /metrics is served there only.
-        answer = self.operational(request, metrics=not self.config.admin_port)
+        # With an admin listener, /metrics and the detailed /health are served there only.
+        answer = self.operational(request, admin=not self.config.admin_port)
         if answer is not None:
             return answer
         found = http_api.route(request.method, request.path)

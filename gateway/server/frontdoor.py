@@ -885,6 +885,8 @@ class _HttpConnection(asyncio.Protocol):
             if refusal is not None:
                 return 503, refusal
             self._forwarded_ip = client
+        if self._door.shutting_down:
+            return 503, "this node is shutting down; reconnect"
         refusal = admission.shed(client)
         if refusal is not None:
             return 503, refusal
@@ -1096,6 +1098,13 @@ class FrontDoor:
         """The WebSocket connections whose handshake completed and that are still open."""
         return [conn for conn in self._ws if conn._open]
 
+    def stop_accepting(self) -> None:
+        """Draining: refuse new connections and WebSocket upgrades, end keep-alive; the
+        connections open go on (and their timeouts keep being enforced)."""
+        self.shutting_down = True
+        if self._server is not None:
+            self._server.close()
+
     def close(self) -> None:
         """Stop accepting connections; existing ones are left alone."""
         if self._server is not None:
@@ -1238,7 +1247,7 @@ async def start_frontdoor(
         backlog=backlog,
         reuse_address=True,
         ssl=ssl_context,
-        ssl_handshake_timeout=10.0 if ssl_context is not None else None,
+        ssl_handshake_timeout=5.0 if ssl_context is not None else None,
     )
     door._server = server
     with contextlib.suppress(IndexError):

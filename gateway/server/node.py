@@ -10,6 +10,7 @@ import secrets
 import signal
 import ssl
 import time
+from collections.abc import Awaitable
 
 from gateway.config import ConfigError, NodeConfig
 from gateway.fdlimit import client_connection_cap, nofile_limit, raise_nofile, release_free_memory
@@ -162,37 +163,52 @@ class GatewayNode:
         except TimeoutError:
             for link in self.shards.links:
                 if not link.usable:
+                    reason = link.last_error
+                    if reason == "not connected yet":
+                        reason = "no answer yet (still trying; the reason follows when known)"
                     log.error(
                         "shard %s: not usable at start: %s; serving the other shards, its "
                         "channels get subscription errors until it is fixed (no restart needed)",
                         link.spec.name,
-                        link.last_error,
-                        extra=fields(shard=link.spec.name, reason=link.last_error),
+                        reason,
+                        extra=fields(shard=link.spec.name, reason=reason),
                     )
+        self.shards.reported = True
         self.writer.start()
         self.pubsub.start()
         self.healer.start()
         self.guard.start()
         c = self.config
-        self._door = await start_frontdoor(
-            c.host,
-            c.port,
-            ws=self.hub,
-            http=self.api,
-            max_ws_message=c.max_message_bytes,
-            max_body=c.max_request_bytes,
-            admission=self.admission,
-            work_budget=c.client_work_budget,
-            ssl_context=_server_tls(c),
-            header_timeout=c.request_header_timeout,
-            body_timeout=c.request_body_timeout,
-            max_pending_bytes=c.max_pending_request_bytes,
-            send_timeout=c.response_send_timeout,
+        self._door = await _listen(
+            f"{c.host}:{c.port}",
+            start_frontdoor(
+                c.host,
+                c.port,
+                ws=self.hub,
+                http=self.api,
+                max_ws_message=c.max_message_bytes,
+                max_body=c.max_request_bytes,
+                admission=self.admission,
+                work_budget=c.client_work_budget,
+                ssl_context=_server_tls(c),
+                header_timeout=c.request_header_timeout,
+                body_timeout=c.request_body_timeout,
+                max_pending_bytes=c.max_pending_request_bytes,
+                send_timeout=c.response_send_timeout,
+            ),
         )
         if c.admin_port:
             admin = AdminApi(self.api)
-            self._admin = await start_frontdoor(
-                c.admin_host or c.host, c.admin_port, ws=admin, http=admin, max_body=1024
+            self._admin = await _listen(
+                f"admin listener {c.admin_host or c.host}:{c.admin_port}",
+                start_frontdoor(
+                    c.admin_host or c.host,
+                    c.admin_port,
+                    ws=admin,
+                    http=admin,
+                    max_body=1024,
+                    admission=Admission(AdmissionSettings(max_connections=256), self.metrics),
+                ),
             )
             log.info(
                 "admin listener (metrics and probes) on %s:%d", c.admin_host or c.host, c.admin_port
@@ -281,20 +297,27 @@ class GatewayNode:
         door = self._door
         if door is None:
             return
-        door.close()  # no new connections
+        door.stop_accepting()  # no new connections, no new upgrades
         await self.healer.stop_checks()  # our own leaves must not be re-asserted or reaped
         self.hub.handing_over = True
-        sockets = list(door._ws)
+        closed = 0
         slices = max(1, int(c.drain_window * 10))
         for i in range(slices):
-            for conn in sockets[i::slices]:
+            # What is still open now (a request under way may have upgraded meanwhile),
+            # spread over the slices left.
+            open_now = [conn for conn in door._ws if conn.is_open]
+            for conn in open_now[: -(-len(open_now) // (slices - i))]:
                 conn.close(4200, "server shutting down; reconnect")
+                closed += 1
             await asyncio.sleep(c.drain_window / slices)
+        for conn in [conn for conn in door._ws if conn.is_open]:
+            conn.close(4200, "server shutting down; reconnect")
+            closed += 1
         await asyncio.sleep(c.drain_handover)
         left = await self.hub.finish_handover()
         log.info(
             "drained %d sockets in %.1f s; %d presence members left the store after the handover",
-            len(sockets),
+            closed,
             time.monotonic() - started,
             left,
         )
@@ -312,6 +335,8 @@ class GatewayNode:
             await self._door.shutdown(4200, "server shutting down")
         if self._admin is not None:
             await self._admin.shutdown(4200, "server shutting down", timeout=1.0)
+        if self.hub.handing_over:  # a drain cut short: its members leave now
+            await self.hub.finish_handover()
         await self.hub.drain()
         # Held webhooks of our own leaves may already be due: send what we can claim.
         with contextlib.suppress(Exception):
@@ -320,6 +345,14 @@ class GatewayNode:
         await self.writer.close()
         await self.pubsub.close()
         await self.shards.close()
+
+
+async def _listen(what: str, opening: Awaitable[FrontDoor]) -> FrontDoor:
+    """Await a listener, naming it when its address cannot be bound."""
+    try:
+        return await opening
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what}: {exc.strerror or exc}") from None
 
 
 def _server_tls(config: NodeConfig) -> ssl.SSLContext | None:
@@ -338,9 +371,15 @@ async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
     """Run a node until SIGINT or SIGTERM, then shut it down (bounded in time)."""
     stop = asyncio.Event()
     drain = False
+    drain_task: asyncio.Task[None] | None = None
 
     def on_signal(graceful: bool) -> None:
         nonlocal drain
+        if drain_task is not None and not drain_task.done():
+            # A second signal during the drain: the operator wants out now.
+            log.warning("gateway node %s: second signal, cutting the drain short", config.node_id)
+            drain_task.cancel()
+            return
         drain = drain or graceful
         stop.set()
 
@@ -353,7 +392,7 @@ async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
         try:
             await node.start()
         except OSError as exc:  # start-up conditions a node cannot serve through
-            log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
+            log.error("cannot listen: %s", exc.strerror or exc)
             raise SystemExit(2) from None
         except ConfigError as exc:
             log.error("%s", exc)
@@ -367,11 +406,18 @@ async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
             "gateway node %s: %s", config.node_id, "draining (SIGTERM)" if drain else "stopping"
         )
         if drain:
-            limit = config.drain_delay + config.drain_window + config.drain_handover + 15
-            try:
-                await asyncio.wait_for(node.drain(), limit)
-            except TimeoutError:
+            limit = config.drain_delay + config.drain_window + config.drain_handover + 5
+            drain_task = asyncio.create_task(node.drain())
+            done, _ = await asyncio.wait({drain_task}, timeout=limit)
+            if not done:
                 log.error("gateway node %s: draining took longer than %g s", config.node_id, limit)
+                drain_task.cancel()
+            try:
+                await drain_task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # this task itself is being cancelled, not only the drain
     finally:
         try:
             await asyncio.wait_for(node.close(), 15)

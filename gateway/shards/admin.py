@@ -127,6 +127,7 @@ def resolve_master_sync(topology: TopologyConfig, index: int, *, timeout: float 
         assert spec.master is not None  # validated by TopologyConfig
         return spec.master
     votes: Counter[Address] = Counter()
+    errors: list[str] = []
     for sentinel in topology.sentinels:
         client = redis.Redis(
             host=sentinel.host,
@@ -138,14 +139,16 @@ def resolve_master_sync(topology: TopologyConfig, index: int, *, timeout: float 
         )
         try:
             reply = _cmd(client, "SENTINEL", "get-master-addr-by-name", spec.name)
-        except redis.RedisError:
+        except redis.RedisError as exc:
+            errors.append(f"{sentinel}: {exc}")
             continue
         finally:
             client.close()
         if reply:
             votes[Address(str(reply[0]), int(reply[1]))] += 1
     if not votes:
-        raise ShardInitError(f"{spec.name}: no Sentinel knows a master for this name")
+        why = f" ({'; '.join(errors)})" if errors else ""
+        raise ShardInitError(f"{spec.name}: no Sentinel knows a master for this name{why}")
     return votes.most_common(1)[0][0]
 
 
@@ -179,6 +182,13 @@ def init_shards(
         ShardInitError: A master is unreachable, is not a master, appears twice, or holds a
             different identity and ``force`` is false.
     """
+    for label, access in (("redis_admin", topology.admin), ("sentinel", topology.sentinel)):
+        if access.tls is not None and access.tls.server_name:
+            raise ShardInitError(
+                f"{label}.tls.server_name is not supported by shards init (its Redis client "
+                "verifies the name it connects to): list the servers by a name their "
+                "certificates carry"
+            )
     n = len(topology.shards)
     ranges = SlotTable.even_ranges(n)
     clients: list[redis.Redis] = []

@@ -158,6 +158,8 @@ class ShardSet:
         self.connect_timeout = connect_timeout
         self.verify_identity = verify_identity
         self.links = [ShardLink(i, spec) for i, spec in enumerate(topology.shards)]
+        #: Set once the shards unusable at start have been reported (by the node).
+        self.reported = False
         self.library_version = library_version()
         self._ranges = SlotTable.even_ranges(len(self.links))
         self.table = SlotTable(1, [_UNKNOWN_UUID] * len(self.links), self._ranges)
@@ -455,9 +457,8 @@ class ShardSet:
 
     def _down(self, link: ShardLink, reason: str) -> None:
         # Logged when a usable shard goes down, and for a shard never usable yet when its
-        # reason changes (its first reason is in the node's start-up line).
-        first = link.last_error == "not connected yet"
-        if link.usable or (link.generation == 0 and not first and reason != link.last_error):
+        # reason changes once the node has reported the shards it started without.
+        if link.usable or (link.generation == 0 and self.reported and reason != link.last_error):
             log.warning(
                 "shard %s: unavailable: %s",
                 link.spec.name,

@@ -93,6 +93,11 @@ class TopologyConfig:
     redis: Access = PLAIN
     redis_admin: Access | None = None
     sentinel: Access = PLAIN
+    #: The ``redis_admin`` section as written, resolved only when an administrative command
+    #: asks for it (a node never needs the admin password).
+    admin_section: Any = field(default=None, compare=False, repr=False)
+    admin_base: Path = field(default=Path("."), compare=False, repr=False)
+    admin_env: Mapping[str, str] | None = field(default=None, compare=False, repr=False)
 
     @property
     def uses_sentinel(self) -> bool:
@@ -101,12 +106,25 @@ class TopologyConfig:
 
     @property
     def admin(self) -> Access:
-        """The access of administrative commands (``shards init``, ``audit``)."""
-        if self.redis_admin is None:
+        """The access of administrative commands (``shards init``, ``audit``).
+
+        Raises:
+            TopologyError: The ``redis_admin`` section's password cannot be found.
+        """
+        admin = self.redis_admin
+        if admin is None and self.admin_section is not None:
+            admin = _access(
+                self.admin_section,
+                "topology: redis_admin",
+                self.admin_base,
+                os.environ if self.admin_env is None else self.admin_env,
+                "GATEWAY_REDIS_ADMIN_PASSWORD",
+            )
+        if admin is None:
             return self.redis
-        if self.redis_admin.tls is None:
-            return replace(self.redis_admin, tls=self.redis.tls)
-        return self.redis_admin
+        if admin.tls is None:
+            return replace(admin, tls=self.redis.tls)
+        return admin
 
     @classmethod
     def from_dict(
@@ -171,15 +189,9 @@ class TopologyConfig:
         env = os.environ if env is None else env
         base = base or Path(".")
         redis = _access(data.get("redis"), f"{source}: redis", base, env, "GATEWAY_REDIS_PASSWORD")
-        admin = None
-        if data.get("redis_admin") is not None:
-            admin = _access(
-                data["redis_admin"],
-                f"{source}: redis_admin",
-                base,
-                env,
-                "GATEWAY_REDIS_ADMIN_PASSWORD",
-            )
+        admin_section = data.get("redis_admin")
+        if admin_section is not None and not isinstance(admin_section, dict):
+            raise TopologyError(f"{source}: redis_admin: expected an object")
         sentinel = _access(
             data.get("sentinel"), f"{source}: sentinel", base, env, "GATEWAY_SENTINEL_PASSWORD"
         )
@@ -188,8 +200,10 @@ class TopologyConfig:
             shards=tuple(shards),
             sentinels=sentinels,
             redis=redis,
-            redis_admin=admin,
             sentinel=sentinel,
+            admin_section=admin_section,
+            admin_base=base,
+            admin_env=env,
         )
 
 
@@ -221,7 +235,9 @@ def _access(raw: Any, where: str, base: Path, env: Mapping[str, str], override: 
     password: Secret | None = None
     if "password_file" in raw and "password_env" in raw:
         raise TopologyError(f"{where}: give password_file or password_env, not both")
-    if "password_file" in raw:
+    if override in env:
+        password = Secret(env[override])  # the environment wins, and needs nothing else
+    elif "password_file" in raw:
         path = _path(raw["password_file"], f"{where}.password_file", base)
         try:
             text = Path(path).read_text().rstrip("\r\n")
@@ -235,10 +251,12 @@ def _access(raw: Any, where: str, base: Path, env: Mapping[str, str], override: 
         if not isinstance(name, str) or name not in env:
             raise TopologyError(f"{where}.password_env: environment variable {name!r} is not set")
         password = Secret(env[name])
-    if override in env:
-        password = Secret(env[override])
     if password is not None and not password.value:
         raise TopologyError(f"{where}: the password is empty")
+    if username is not None and password is None:
+        raise TopologyError(
+            f"{where}: a username needs a password (password_file, password_env or {override})"
+        )
     tls = None
     if raw.get("tls") is not None:
         t = raw["tls"]
