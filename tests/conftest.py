@@ -26,9 +26,9 @@ Fixtures for test authors:
     test module starts.
 
 ``store_factory`` (function scope)
-    ``await store_factory(owner, lease_ms=None, topology=None)`` -> a
-    :class:`~gateway.store.presence.PresenceStore` with its own shard links (on the shared
-    ``cluster`` unless ``topology`` names another ``topology.json``); with ``lease_ms`` it
+    ``await store_factory(owner, lease_ms=None, topology=None)`` -> a Redis store
+    (:class:`~gateway.store.presence_redis.RedisPresenceStore`) with its own shard links (on the
+    shared ``cluster`` unless ``topology`` names another ``topology.json``); with ``lease_ms`` it
     leases every shard at once with no grace rule (gap 0, grace 0), so the lease expires
     exactly ``lease_ms`` later unless refreshed. Everything is closed after the test.
 
@@ -55,7 +55,7 @@ from gateway.shards.admin import init_shards
 from gateway.shards.shardset import ShardSet
 from gateway.shards.topology import load_topology
 from gateway.shards.writer import BatchWriter
-from gateway.store.presence import PresenceStore
+from gateway.store.presence_redis import RedisPresenceStore
 
 __all__ = ["find_free_port_range", "start_local_cluster"]
 
@@ -156,7 +156,7 @@ async def store_factory(cluster: LocalCluster) -> AsyncIterator[StoreFactory]:
         lease_ms: int | None = None,
         hold_ms: int = 200,
         topology: Path | str | None = None,
-    ) -> PresenceStore:
+    ) -> RedisPresenceStore:
         path = str(topology or cluster.topology_path)
         topo = load_topology(path)
         if path not in initialised:
@@ -168,7 +168,9 @@ async def store_factory(cluster: LocalCluster) -> AsyncIterator[StoreFactory]:
         await shards.wait_ready(10)
         writer.start()
         opened.append((shards, writer))
-        store = PresenceStore(shards, writer, owner=owner, hold_ms=hold_ms, entry_ttl_ms=60_000)
+        store = RedisPresenceStore(
+            shards, writer, owner=owner, hold_ms=hold_ms, entry_ttl_ms=60_000
+        )
         if lease_ms is not None:
             for shard in range(len(shards.links)):
                 await store.lease(shard, lease_ms, first=True, gap_ms=0, grace_ms=0)

@@ -14,7 +14,7 @@ import redis
 
 from gateway.localcluster import LocalCluster
 from gateway.shards.security import PLAIN, Access
-from gateway.store.presence import PresenceStore
+from gateway.store.presence_redis import RedisPresenceStore
 
 #: Whether the topology fixtures start secure topologies (``PG_SECURE=1``).
 SECURE = os.environ.get("PG_SECURE") == "1"
@@ -22,7 +22,7 @@ _ACCESS: dict[str, Access] = {}
 
 #: ``await factory(owner, lease_ms=None, hold_ms=200, topology=None)``: the ``store_factory``
 #: fixture of ``conftest.py``.
-StoreFactory = Callable[..., Awaitable[PresenceStore]]
+StoreFactory = Callable[..., Awaitable[RedisPresenceStore]]
 
 
 def register(cluster: LocalCluster) -> None:

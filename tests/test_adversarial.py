@@ -42,7 +42,7 @@ from nodes import (
 from support import raw_client
 
 from gateway.localcluster import LOOPBACK_LOAD_ENV, LocalCluster
-from gateway.store.presence import channel_key
+from gateway.shards.contract import channel_key
 
 pytestmark = [pytest.mark.timeout(300)]
 

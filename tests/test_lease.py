@@ -14,9 +14,10 @@ from support import StoreFactory, raw_client
 
 from gateway.localcluster import LocalCluster
 from gateway.metrics import Metrics
+from gateway.shards.contract import channel_key
 from gateway.shards.pubsub import PubSub
 from gateway.store.lease import LeaseKeeper, LeaseSettings
-from gateway.store.presence import PresenceStore, channel_key
+from gateway.store.presence_redis import RedisPresenceStore
 
 
 def _uid() -> str:
@@ -51,7 +52,7 @@ class Sampler:
 
 @contextlib.asynccontextmanager
 async def running_keeper(
-    store: PresenceStore, settings: LeaseSettings, shard: int
+    store: RedisPresenceStore, settings: LeaseSettings, shard: int
 ) -> AsyncIterator[tuple[LeaseKeeper, list[int]]]:
     """A started keeper whose event-loop heartbeat beats every 50 ms; yields it and the
     shards it reported as lapsed. Returns once its first lease on ``shard`` is accepted."""
@@ -190,7 +191,7 @@ async def test_owners_that_could_not_refresh_get_the_grace_after_the_shard_is_ba
 
 
 async def _gap_scenario(
-    a: PresenceStore, b: PresenceStore, old: PresenceStore, cluster: LocalCluster
+    a: RedisPresenceStore, b: RedisPresenceStore, old: RedisPresenceStore, cluster: LocalCluster
 ) -> None:
     ch = f"presence-gap-{_uid()}"
     shard = a.shard_of("1", ch)
@@ -215,7 +216,7 @@ async def _gap_scenario(
     assert b_entries() == 1
     assert await a.roster("1", ch) == {"ua": None, "ub": None, "u-old": None}
     # The restarted node's new incarnation ends the old one's lease on purpose: never excused.
-    restarted = PresenceStore(
+    restarted = RedisPresenceStore(
         old.shards, old.writer, owner=old.owner.decode().split("@")[0] + "@new", hold_ms=100
     )
     await restarted.lease(shard, 500, first=True, **lease)
@@ -237,7 +238,7 @@ async def _gap_scenario(
     master.close()
 
 
-async def _reap(store: PresenceStore, shard: int, *, grace_ms: int) -> None:
+async def _reap(store: RedisPresenceStore, shard: int, *, grace_ms: int) -> None:
     """One reaper pass (waiting for another test's reap lock to lapse)."""
     for _ in range(100):
         reply = await store.reap(shard, "lease-test", lock_ms=500, limit=100, grace_ms=grace_ms)

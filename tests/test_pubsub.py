@@ -15,7 +15,7 @@ from support import raw_client
 
 from gateway._native import key_slot
 from gateway.localcluster import LocalCluster
-from gateway.store.presence import channel_key
+from gateway.shards.contract import channel_key
 
 
 def _refuse_new_connections_and_kill_pubsub(r: redis.Redis) -> None:

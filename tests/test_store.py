@@ -1,76 +1,153 @@
-"""Presence store against real shards: global transitions, counts, held webhooks, Pub/Sub."""
+"""The state store's behaviour, run against both implementations: real shards and the twin.
+
+Every test here runs twice: on the Redis store (real ``redis-server`` shards, verified writes
+through the function library) and on the in-memory twin the hub's tests use. Global
+transitions, counts, held webhooks, leases, the reaper, re-assertion and digests must come out
+the same, so the twin cannot drift from the real thing.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import pytest
+from polling import settle
+from support import raw_client
 
 from gateway.localcluster import LocalCluster
+from gateway.shards import contract
 from gateway.shards.admin import init_shards
+from gateway.shards.contract import channel_key
 from gateway.shards.pubsub import PubSub
 from gateway.shards.shardset import ShardSet
 from gateway.shards.topology import load_topology
 from gateway.shards.writer import BatchWriter
-from gateway.store import wire
-from gateway.store.presence import PresenceStore, channel_key
+from gateway.store.healing import digest
+from gateway.store.presence import LocalChannel, PresenceStore, Subscriptions
+from gateway.store.presence_memory import MemoryShards
+from gateway.store.presence_redis import RedisPresenceStore
+
+HOLD_MS = 300
 
 
 @dataclass
 class Node:
-    """One simulated gateway node: its own links, writer, Pub/Sub and owner string."""
+    """One simulated gateway node: its store view, its Pub/Sub and what it heard."""
 
-    shards: ShardSet
-    writer: BatchWriter
     store: PresenceStore
-    pubsub: PubSub
-    messages: list[tuple[bytes, bytes]] = field(default_factory=list)
+    pubsub: Subscriptions
+    heard: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
-async def _node(cluster: LocalCluster, owner: str) -> Node:
-    shards = ShardSet(load_topology(cluster.topology_path), recheck_interval=0.2)
-    writer = BatchWriter(shards)
-    store = PresenceStore(shards, writer, owner=owner, hold_ms=300)
-    box: list[tuple[bytes, bytes]] = []
-    pubsub = PubSub(shards, lambda _shard, ch, data: box.append((ch, data)))
-    await shards.start()
-    await shards.wait_ready(10)
-    writer.start()
-    for shard in range(len(shards.links)):  # reads count only owners with a live lease
-        await store.lease(shard, 60_000, first=True, gap_ms=0, grace_ms=0)
-    return Node(shards, writer, store, pubsub, box)
+class Backend(Protocol):
+    """What the tests need of a deployment besides the stores themselves."""
+
+    async def node(self, owner: str, *, lease_ms: int = 60_000) -> Node:
+        """A node with a lease on every shard."""
+        ...
+
+    async def elapse(self, ms: int) -> None:
+        """Let ``ms`` milliseconds of shard time pass (holds and leases run out)."""
+        ...
+
+    def lose_presence(self, app_id: str, channel: str) -> None:
+        """Delete a channel's presence entries behind the gateway's back (a lost write)."""
+        ...
 
 
-@pytest.fixture
-async def nodes(cluster: LocalCluster) -> AsyncIterator[tuple[Node, Node]]:
+class RedisBackend:
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.topology = load_topology(cluster.topology_path)
+        self.opened: list[tuple[ShardSet, BatchWriter, PubSub]] = []
+
+    async def node(self, owner: str, *, lease_ms: int = 60_000) -> Node:
+        shards = ShardSet(self.topology, recheck_interval=0.2)
+        writer = BatchWriter(shards)
+        store = RedisPresenceStore(shards, writer, owner=owner, hold_ms=HOLD_MS)
+        node = Node(store, PubSub(shards, lambda _s, k, d: node.heard.append((k, d))))
+        assert isinstance(node.pubsub, PubSub)
+        self.opened.append((shards, writer, node.pubsub))
+        await shards.start()
+        await shards.wait_ready(10)
+        writer.start()
+        for shard in range(len(shards.links)):  # reads count only owners with a live lease
+            await store.lease(shard, lease_ms, first=True, gap_ms=0, grace_ms=0)
+        return node
+
+    async def elapse(self, ms: int) -> None:
+        await asyncio.sleep(ms / 1000)
+
+    def lose_presence(self, app_id: str, channel: str) -> None:
+        key = channel_key(app_id, channel)
+        shard = self.topology_shard(key)
+        raw_client(self.cluster.masters()[shard].addr).delete(key + b":p")
+
+    def topology_shard(self, key: bytes) -> int:
+        shards, _, _ = self.opened[0]
+        return shards.table.shard_for_key(key)
+
+    async def close(self) -> None:
+        for shards, writer, pubsub in self.opened:
+            await pubsub.close()
+            await writer.close()
+            await shards.close()
+
+
+class MemoryBackend:
+    def __init__(self) -> None:
+        self.now = 1_000_000
+        self.shards = MemoryShards(2, clock=lambda: self.now)
+
+    async def node(self, owner: str, *, lease_ms: int = 60_000) -> Node:
+        store = self.shards.store(owner, hold_ms=HOLD_MS)
+        node = Node(store, self.shards.subscriptions(lambda _s, k, d: node.heard.append((k, d))))
+        for shard in range(len(self.shards.shards)):
+            await store.lease(shard, lease_ms, first=True, gap_ms=0, grace_ms=0)
+        return node
+
+    async def elapse(self, ms: int) -> None:
+        self.now += ms
+        await asyncio.sleep(0)
+
+    def lose_presence(self, app_id: str, channel: str) -> None:
+        key = channel_key(app_id, channel)
+        state = self.shards.shards[self.shards.shard_for_key(key)]
+        state.channels[key].members.clear()
+
+
+@pytest.fixture(params=["redis", "memory"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "memory":
+        yield MemoryBackend()
+        return
+    cluster: LocalCluster = request.getfixturevalue("cluster")
     init_shards(load_topology(cluster.topology_path))
-    a = await _node(cluster, f"node-a@{uuid.uuid4().hex[:8]}")
-    b = await _node(cluster, f"node-b@{uuid.uuid4().hex[:8]}")
-    yield a, b
-    for n in (a, b):
-        await n.pubsub.close()
-        await n.writer.close()
-        await n.shards.close()
+    redis_backend = RedisBackend(cluster)
+    yield redis_backend
+    await redis_backend.close()
 
 
-def _channel(stem: str) -> str:
-    return f"presence-{stem}-{uuid.uuid4().hex[:8]}"
+def _uid() -> str:
+    return uuid.uuid4().hex[:8]
 
 
-async def _settle(cond: object, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if callable(cond) and cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached")
+def _node_name(stem: str) -> str:
+    return f"{stem}@{_uid()}"
 
 
-async def test_first_and_last_connection_across_nodes(nodes: tuple[Node, Node]) -> None:
-    a, b = nodes
-    ch = _channel("room")
+def _heard(node: Node, channel: str) -> Callable[[], list[bytes]]:
+    key = channel_key("1", channel)
+    return lambda: [data for k, data in node.heard if k == key]
+
+
+async def test_first_and_last_connection_across_nodes(backend: Backend) -> None:
+    a, b = await backend.node(_node_name("a")), await backend.node(_node_name("b"))
+    ch = f"presence-room-{_uid()}"
     shard = a.store.shard_of("1", ch)
     for n in (a, b):
         await n.pubsub.subscribe(shard, channel_key("1", ch))
@@ -83,23 +160,25 @@ async def test_first_and_last_connection_across_nodes(nodes: tuple[Node, Node]) 
     other = await b.store.join("1", ch, "u2", None, "2.3")
     assert other.added and other.roster == {"u1": '{"name":"Ann"}', "u2": None}
     # Both nodes heard exactly the two member_added transitions, in order.
-    await _settle(lambda: len(a.messages) == 2 and len(b.messages) == 2)
-    assert [m[1][:1] for m in a.messages] == [b"M", b"M"]
-    assert a.messages[0][1] == wire.encode_member_added("u1", '{"name":"Ann"}', "1.1")
-    assert wire.decode(a.messages[0][1]) == wire.MemberAdded("1.1", "u1", '{"name":"Ann"}')
-
+    await settle(lambda: len(_heard(a, ch)()) == 2 and len(_heard(b, ch)()) == 2)
+    assert _heard(a, ch)() == [
+        contract.encode_member_added("u1", '{"name":"Ann"}', "1.1"),
+        contract.encode_member_added("u2", None, "2.3"),
+    ]
     assert (await a.store.counts("1", ch)).user_count == 2
+    assert sorted(await a.store.user_ids("1", ch)) == ["u1", "u2"]
     assert not await a.store.leave("1", ch, "u1")  # node b still holds u1
     assert await b.store.leave("1", ch, "u1")
     assert not await b.store.leave("1", ch, "u1")  # idempotent
-    await _settle(lambda: any(m[1] == b"Ru1" for m in b.messages))
+    await settle(lambda: b"Ru1" in _heard(b, ch)())
+    assert _heard(a, ch)().count(b"Ru1") <= 1
     assert await a.store.roster("1", ch) == {"u2": None}
 
 
-async def test_member_limit(nodes: tuple[Node, Node]) -> None:
-    a, _ = nodes
-    a.store.max_members = b"3"
-    ch = _channel("full")
+async def test_member_limit(backend: Backend) -> None:
+    a = await backend.node(_node_name("a"))
+    a.store.max_members = 3
+    ch = f"presence-full-{_uid()}"
     for i in range(3):
         assert (await a.store.join("1", ch, f"u{i}", None, "1.1")).roster is not None
     refused = await a.store.join("1", ch, "u9", None, "1.1")
@@ -108,9 +187,11 @@ async def test_member_limit(nodes: tuple[Node, Node]) -> None:
     assert (await a.store.join("1", ch, "u1", None, "1.2")).roster is not None
 
 
-async def test_occupied_vacated_and_held_webhooks(nodes: tuple[Node, Node]) -> None:
-    a, b = nodes
-    ch = f"room-{uuid.uuid4().hex[:8]}"
+async def test_occupied_vacated_and_held_webhooks(backend: Backend) -> None:
+    a, b = await backend.node(_node_name("a")), await backend.node(_node_name("b"))
+    ch = f"room-{_uid()}"
+    shard = a.store.shard_of("1", ch)
+    await a.pubsub.subscribe(shard, channel_key("1", ch))
     r1 = await a.store.set_subscribers("1", ch, 2, publish_count=True)
     assert (r1.before, r1.after, r1.occupied_webhook) == (0, 2, True)
     r2 = await b.store.set_subscribers("1", ch, 1, publish_count=True)
@@ -118,21 +199,22 @@ async def test_occupied_vacated_and_held_webhooks(nodes: tuple[Node, Node]) -> N
     assert (await b.store.counts("1", ch)).subscription_count == 3
     listed = await b.store.channels("1", "room-")
     assert listed[ch].subscription_count == 3
+    await settle(lambda: _heard(a, ch)() == [b"C2", b"C3"], what="both counts published")
     await a.store.set_subscribers("1", ch, 0, publish_count=True)
     r3 = await b.store.set_subscribers("1", ch, 0, publish_count=True)
     assert r3.after == 0
     assert ch not in await a.store.channels("1", "room-")
     # The vacated webhook is held, then claimed by exactly one node.
-    assert not [c for c in await a.store.claim_due() if c.channel == ch]  # still held
-    await asyncio.sleep(0.4)
+    assert not [d for d in await a.store.claim_due() if d.channel == ch]  # still held
+    await backend.elapse(HOLD_MS + 100)
     claims = await a.store.claim_due() + await b.store.claim_due()
-    vacated = [c for c in claims if c.channel == ch]
-    assert [(c.name, c.app_id) for c in vacated] == [("channel_vacated", "1")]
+    vacated = [d for d in claims if d.channel == ch]
+    assert [(d.name, d.app_id) for d in vacated] == [("channel_vacated", "1")]
 
 
-async def test_quick_return_cancels_held_webhooks(nodes: tuple[Node, Node]) -> None:
-    a, b = nodes
-    ch = _channel("flap")
+async def test_quick_return_cancels_held_webhooks(backend: Backend) -> None:
+    a, b = await backend.node(_node_name("a")), await backend.node(_node_name("b"))
+    ch = f"presence-flap-{_uid()}"
     await a.store.set_subscribers("1", ch, 1, publish_count=False)
     assert (await a.store.join("1", ch, "u1", None, "1.1")).webhook
     assert await a.store.leave("1", ch, "u1")
@@ -142,20 +224,90 @@ async def test_quick_return_cancels_held_webhooks(nodes: tuple[Node, Node]) -> N
     assert back.added and not back.webhook
     occ = await b.store.set_subscribers("1", ch, 1, publish_count=False)
     assert occ.after == 1 and not occ.occupied_webhook
-    await asyncio.sleep(0.4)
-    claims = [c for c in await a.store.claim_due() + await b.store.claim_due() if c.channel == ch]
+    await backend.elapse(HOLD_MS + 100)
+    claims = [d for d in await a.store.claim_due() + await b.store.claim_due() if d.channel == ch]
     assert claims == []
 
 
-async def test_cache_and_publish(nodes: tuple[Node, Node]) -> None:
-    a, b = nodes
-    ch = f"cache-{uuid.uuid4().hex[:8]}"
+async def test_cache_and_publish(backend: Backend) -> None:
+    a, b = await backend.node(_node_name("a")), await backend.node(_node_name("b"))
+    ch = f"cache-{_uid()}"
     assert await a.store.cache_get("1", ch) == (None, -2)
     await a.store.cache_set("1", ch, '{"event":"e","channel":"x","data":"1"}', 60_000)
     frame, ttl = await b.store.cache_get("1", ch)
     assert frame == '{"event":"e","channel":"x","data":"1"}' and 0 < ttl <= 60_000
     shard = b.store.shard_of("1", ch)
     await b.pubsub.subscribe(shard, channel_key("1", ch))
-    await a.store.publish("1", ch, b"E\0hello")
-    await _settle(lambda: (channel_key("1", ch), b"E\0hello") in b.messages)
+    await a.store.publish("1", ch, contract.encode_event("hello"))
+    await settle(lambda: _heard(b, ch)() == [b"E\0hello"])
     b.pubsub.unsubscribe(shard, channel_key("1", ch))
+
+
+async def test_dead_owner_invisible_at_once_then_reaped(backend: Backend) -> None:
+    a = await backend.node(_node_name("a"))
+    b = await backend.node(_node_name("b"), lease_ms=600)
+    ch = f"presence-reap-{_uid()}"
+    shard = a.store.shard_of("1", ch)
+    await a.pubsub.subscribe(shard, channel_key("1", ch))
+    await a.store.join("1", ch, "alive", None, "1.1")
+    await b.store.join("1", ch, "ghost", None, "2.1")
+    await a.store.set_subscribers("1", ch, 1, publish_count=False)
+    await b.store.set_subscribers("1", ch, 1, publish_count=False)
+    assert set(await a.store.roster("1", ch)) == {"alive", "ghost"}
+    await backend.elapse(700)  # b stopped refreshing: its lease is over
+    assert set(await a.store.roster("1", ch)) == {"alive"}
+    counts = await a.store.counts("1", ch)
+    assert (counts.user_count, counts.subscription_count) == (1, 1)
+
+    # Another test's node may hold the shard's reap lock for a few seconds.
+    async def reaped() -> list[int] | None:
+        reply = await a.store.reap(shard, "reaper-test", lock_ms=2000, limit=100, grace_ms=0)
+        return reply if reply[0] != -1 else None
+
+    reply = await settle(reaped, what="the reap lock")
+    assert reply[0] >= 1 and reply[2] >= 2  # b's presence entry and its count
+    await settle(lambda: b"Rghost" in _heard(a, ch)())  # the leave the dead node never sent
+    await backend.elapse(HOLD_MS + 100)
+    due = [d for d in await a.store.claim_due() if d.channel == ch]
+    assert [(d.name, d.user_id) for d in due] == [("member_removed", "ghost")]
+    assert ("1", ch) not in await b.store.owned(shard)  # nothing of b is left on the shard
+    assert ("1", ch) in await a.store.owned(shard)
+
+
+async def test_new_incarnation_makes_the_old_one_dead(backend: Backend) -> None:
+    node = f"node-r{_uid()}"
+    old = await backend.node(f"{node}@one")
+    ch = f"presence-restart-{_uid()}"
+    await old.store.join("1", ch, "u1", None, "1.1")
+    assert await old.store.roster("1", ch) == {"u1": None}
+    new = await backend.node(f"{node}@two")
+    assert await new.store.roster("1", ch) == {}  # at once, before any reaping
+    states = {
+        owner: state for owner, _, state in await new.store.leases(new.store.shard_of("1", ch))
+    }
+    assert states[f"{node}@one"] == "dead" and states[f"{node}@two"] == "live"
+
+
+async def test_sync_reasserts_absolute_state_and_digest_agrees(backend: Backend) -> None:
+    a = await backend.node(_node_name("s"))
+    ch = f"presence-sync-{_uid()}"
+    shard = a.store.shard_of("1", ch)
+    local = LocalChannel(3, {"u1": '{"n":1}', "u2": None}, False)
+    [due] = await a.store.sync_many([("1", ch, local)])
+    assert not isinstance(due, BaseException)
+    assert sorted(due, key=str) == sorted(
+        [("channel_occupied", None), ("member_added", "u1"), ("member_added", "u2")], key=str
+    )
+    counts = await a.store.counts("1", ch)
+    assert (counts.user_count, counts.subscription_count) == (2, 3)
+    mine = {("1", ch): local}  # this owner has entries in this one channel only
+    assert await a.store.check(shard) == digest(mine)
+    # Lose the presence entries (as a failover losing writes would): the digest differs,
+    # and re-asserting the same absolute state restores them.
+    backend.lose_presence("1", ch)
+    assert await a.store.check(shard) != digest(mine)
+    await a.store.sync_many([("1", ch, local)])
+    assert await a.store.check(shard) == digest(mine)
+    # A user the node no longer holds is removed (member_removed), absolutely.
+    await a.store.sync_many([("1", ch, LocalChannel(1, {"u1": '{"n":1}'}, False))])
+    assert await a.store.roster("1", ch) == {"u1": '{"n":1}'}

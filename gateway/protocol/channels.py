@@ -13,6 +13,7 @@ __all__ = [
     "channel_error",
     "classify",
     "server_to_user_channel",
+    "server_to_user_id",
     "user_id_error",
 ]
 
@@ -162,3 +163,10 @@ def user_id_error(user_id: str, *, max_length: int = 200) -> str | None:
 def server_to_user_channel(user_id: str) -> str:
     """The name of the channel that delivers server-to-user messages to ``user_id``."""
     return SERVER_TO_USER_PREFIX + user_id
+
+
+def server_to_user_id(channel: str) -> str | None:
+    """The user id of a ``#server-to-user-{user_id}`` channel; None for any other channel."""
+    if channel.startswith(SERVER_TO_USER_PREFIX):
+        return channel[len(SERVER_TO_USER_PREFIX) :]
+    return None

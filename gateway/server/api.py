@@ -17,13 +17,13 @@ from gateway.config import AppConfig, NodeConfig
 from gateway.metrics import Metrics
 from gateway.protocol import http_api, messages
 from gateway.protocol.auth import parse_query, verify_api_params
-from gateway.protocol.channels import classify
+from gateway.protocol.channels import classify, server_to_user_channel
 from gateway.protocol.errors import ApiError
 from gateway.server.frontdoor import HttpRequest, HttpResponse, WsConnection
 from gateway.server.hub import CACHE_TTL_MS, Hub
+from gateway.shards import contract
 from gateway.shards.shardset import ShardSet
-from gateway.shards.writer import WriteFailed
-from gateway.store import wire
+from gateway.shards.writer import BatchWriter, WriteFailed
 from gateway.store.healing import Healer
 from gateway.store.presence import PresenceStore
 
@@ -80,6 +80,7 @@ class Api:
         config: NodeConfig,
         store: PresenceStore,
         shards: ShardSet,
+        writer: BatchWriter,
         hub: Hub,
         metrics: Metrics,
         healer: Healer | None = None,
@@ -92,6 +93,7 @@ class Api:
         self.config = config
         self.store = store
         self.shards = shards
+        self.writer = writer
         self.hub = hub
         self.metrics = metrics
         self.clock = clock
@@ -164,7 +166,7 @@ class Api:
         """
         shards = self.shards.status()
         problems = [f"{s['shard']}: {s['error']}" for s in shards if not s["usable"]]
-        oldest = self.hub.store.writer.oldest_held_age()
+        oldest = self.writer.oldest_held_age()
         if oldest > 2.0:
             problems.append(f"writes waiting for a shard for {oldest:.1f} s")
         if self.readiness is not None:
@@ -255,14 +257,18 @@ class Api:
             user = http_api.parse_terminate_request(found.user_id)
             if isinstance(user, ApiError):
                 return _error(user)
-            await self.store.publish(app.id, f"#server-to-user-{user}", wire.encode_terminate())
+            await self.store.publish(
+                app.id, server_to_user_channel(user), contract.encode_terminate()
+            )
             return _json(200, {})
         return _json(404, {"error": "not found"})
 
     async def _trigger(self, app: AppConfig, trigger: http_api.TriggerRequest) -> None:
         for channel in trigger.channels:
             frame = messages.channel_event(trigger.name, channel, trigger.data)
-            await self.store.publish(app.id, channel, wire.encode_event(frame, trigger.socket_id))
+            await self.store.publish(
+                app.id, channel, contract.encode_event(frame, trigger.socket_id)
+            )
             if classify(channel).cache:
                 await self.store.cache_set(app.id, channel, frame, CACHE_TTL_MS)
         self.metrics.inc("pg_events_published_total", len(trigger.channels), app=app.id)

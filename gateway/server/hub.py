@@ -14,25 +14,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, assert_never
 
 from gateway.config import AppConfig, NodeConfig
 from gateway.metrics import Metrics
 from gateway.protocol import messages
-from gateway.protocol.channels import classify
+from gateway.protocol.channels import classify, server_to_user_channel, server_to_user_id
 from gateway.protocol.limits import Limits
-from gateway.protocol.session import Close, Join, Leave, Publish, Send, Session, SignIn
+from gateway.protocol.session import Action, Close, Join, Leave, Publish, Send, Session, SignIn
 from gateway.server.frontdoor import WsConnection, broadcast_frame, encode_text_frame
-from gateway.server.webhooks import WebhookSender
-from gateway.shards.pubsub import PubSub
+from gateway.shards import contract
+from gateway.shards.contract import channel_key
 from gateway.shards.writer import WriteFailed
-from gateway.store import wire
-from gateway.store.healing import LocalChannel, LocalState
-from gateway.store.presence import PresenceStore, channel_key
+from gateway.store.presence import Due, LocalChannel, LocalState, PresenceStore, Subscriptions
 
-__all__ = ["Client", "Hub"]
+__all__ = ["Client", "Hub", "LocalMember", "WebhookQueue"]
 
 log = logging.getLogger("gateway.hub")
 
@@ -50,6 +48,31 @@ def new_socket_id() -> str:
     import secrets
 
     return f"{secrets.randbelow(10**10)}.{secrets.randbelow(10**10)}"
+
+
+class WebhookQueue(Protocol):
+    """Where the hub's webhook events go (:class:`~gateway.server.webhooks.WebhookSender`)."""
+
+    def enqueue(self, app: AppConfig, url: str, event: dict[str, Any]) -> None:
+        """Queue one event for ``app``'s webhook ``url``."""
+        ...
+
+
+@dataclass(slots=True)
+class LocalMember:
+    """A presence user this node holds in one channel.
+
+    Attributes:
+        sockets: This node's sockets of the user in the channel (counted from the join).
+        info: The ``user_info`` the node joined the user with (the first socket's).
+    """
+
+    sockets: int
+    info: str | None
+
+
+#: (app id, channel, user id): a presence user in a channel.
+MemberId = tuple[str, str, str]
 
 
 @dataclass(eq=False)
@@ -71,8 +94,8 @@ class Hub:
         self,
         config: NodeConfig,
         store: PresenceStore,
-        pubsub: PubSub,
-        webhooks: WebhookSender,
+        pubsub: Subscriptions,
+        webhooks: WebhookQueue,
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -87,8 +110,7 @@ class Hub:
         self.by_app: dict[str, int] = {}
         # Sockets subscribed or subscribing, per channel: drives the node's count and delivery.
         self.members: dict[ChannelId, set[Client]] = {}
-        self.presence: dict[tuple[str, str, str], int] = {}  # (app, channel, user) -> sockets
-        self.presence_info: dict[tuple[str, str, str], str | None] = {}  # -> user_info
+        self.presence: dict[MemberId, LocalMember] = {}
         self.users: dict[tuple[str, str], set[Client]] = {}  # signed-in sockets
         self._count_dirty: set[ChannelId] = set()
         self._count_task: asyncio.Task[None] | None = None
@@ -97,7 +119,7 @@ class Hub:
         #: While draining, presence members whose last local socket closed are kept in the
         #: store (handed over): see :meth:`finish_handover`.
         self.handing_over = False
-        self._handed: set[tuple[str, str, str]] = set()
+        self._handed: set[MemberId] = set()
         self.limits = Limits(
             activity_timeout=config.activity_timeout,
             subscribes_per_second=config.subscribes_per_second,
@@ -171,25 +193,27 @@ class Hub:
 
     # -- actions -------------------------------------------------------------------------------
 
-    def _apply(self, client: Client, actions: Iterable[object]) -> None:
-        actions = list(actions)
+    def _apply(self, client: Client, actions: Sequence[Action]) -> None:
         for i, action in enumerate(actions):
-            if isinstance(action, Send):
-                client.conn.send_text(action.text)
-            elif isinstance(action, Join):
-                self._join_begin(client, action)
-                self._track(self._join(client, action))
-            elif isinstance(action, Leave):
-                self._leave(client, action)
-            elif isinstance(action, Publish):
-                self._track(self._publish(client, action))
-            elif isinstance(action, SignIn):
-                # signin_success waits until this node listens to the user's channel, so a
-                # server-to-user event or a termination sent right after is not missed.
-                self._track(self._sign_in(client, action.user_id, actions[i + 1 :]))
-                return
-            elif isinstance(action, Close):
-                client.conn.close(action.code, action.reason)
+            match action:
+                case Send():
+                    client.conn.send_text(action.text)
+                case Join():
+                    self._join_begin(client, action)
+                    self._track(self._join(client, action))
+                case Leave():
+                    self._leave(client, action)
+                case Publish():
+                    self._track(self._publish(client, action))
+                case SignIn():
+                    # signin_success waits until this node listens to the user's channel, so
+                    # a server-to-user event or a termination sent right after is not missed.
+                    self._track(self._sign_in(client, action.user_id, actions[i + 1 :]))
+                    return
+                case Close():
+                    client.conn.close(action.code, action.reason)
+                case _:
+                    assert_never(action)
 
     def _track(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -224,16 +248,19 @@ class Hub:
             roster: dict[str, str | None] | None = None
             if member is not None and pres_key is not None:
                 # Counted before the await: a Leave arriving meanwhile undoes it in _leave.
-                local = self.presence.get(pres_key, 0)
-                self.presence[pres_key] = local + 1
-                self.presence_info.setdefault(pres_key, member.user_info)
+                local = self.presence.get(pres_key)
+                if local is None:
+                    self.presence[pres_key] = LocalMember(1, member.user_info)
+                else:
+                    local.sockets += 1
                 counted = True
-                if local == 0:
+                if local is None:
                     result = await self.store.join(
                         app.id, channel, member.user_id, member.user_info, client.session.socket_id
                     )
                     if result.roster is None:
-                        raise _Refused(4100, "Presence channel is full (100 members)")
+                        limit = self.store.max_members
+                        raise _Refused(4100, f"Presence channel is full ({limit} members)")
                     if result.webhook:
                         self._webhook(app, "member_added", channel, user_id=member.user_id)
                     roster = result.roster
@@ -248,7 +275,7 @@ class Hub:
             if isinstance(exc, _Refused):
                 code, message = exc.code, exc.message
             else:
-                shard = self.store.shards.links[self.store.shard_of(app.id, channel)].spec.name
+                shard = self.store.shard_name(self.store.shard_of(app.id, channel))
                 code = 4200
                 message = f"State store unavailable for this channel ({shard}); retry later"
             self._apply(client, client.session.subscribe_failed(channel, code, message))
@@ -286,21 +313,21 @@ class Hub:
         if cid in self.members:
             return  # wanted again
         app_id, channel = cid
-        user = channel.removeprefix("#server-to-user-")
-        if user != channel and (app_id, user) in self.users:
+        user = server_to_user_id(channel)
+        if user is not None and (app_id, user) in self.users:
             return  # a signed-in socket of the user still needs it
         key = channel_key(app_id, channel)
         if self._keys.pop(key, None) is not None:
             self.pubsub.unsubscribe(self.store.shard_of(app_id, channel), key)
 
-    def _drop_presence(self, pres_key: tuple[str, str, str]) -> int:
-        left = self.presence.get(pres_key, 0) - 1
-        if left <= 0:
+    def _drop_presence(self, pres_key: MemberId) -> int:
+        """One socket of the member fewer; returns how many are left (0: forgotten)."""
+        local = self.presence.get(pres_key)
+        if local is None or local.sockets <= 1:
             self.presence.pop(pres_key, None)
-            self.presence_info.pop(pres_key, None)
             return 0
-        self.presence[pres_key] = left
-        return left
+        local.sockets -= 1
+        return local.sockets
 
     def _leave(self, client: Client, action: Leave) -> None:
         app, channel = client.app, action.channel
@@ -332,7 +359,7 @@ class Hub:
     async def _publish(self, client: Client, action: Publish) -> None:
         app = client.app
         frame = messages.channel_event(action.event, action.channel, action.data, action.user_id)
-        payload = wire.encode_event(frame, client.session.socket_id)
+        payload = contract.encode_event(frame, client.session.socket_id)
         try:
             await self.store.publish(app.id, action.channel, payload)
         except (WriteFailed, ConnectionError, TimeoutError) as exc:
@@ -397,10 +424,10 @@ class Hub:
 
     # -- signed-in users -----------------------------------------------------------------------
 
-    async def _sign_in(self, client: Client, user_id: str, then: list[object]) -> None:
+    async def _sign_in(self, client: Client, user_id: str, then: Sequence[Action]) -> None:
         ukey = (client.app.id, user_id)
         self.users.setdefault(ukey, set()).add(client)
-        channel = f"#server-to-user-{user_id}"
+        channel = server_to_user_channel(user_id)
         key = channel_key(client.app.id, channel)
         self._keys[key] = (client.app.id, channel)
         try:
@@ -418,7 +445,7 @@ class Hub:
         sockets.discard(client)
         if not sockets:
             del self.users[ukey]
-            self._forget((client.app.id, f"#server-to-user-{user_id}"))
+            self._forget((client.app.id, server_to_user_channel(user_id)))
 
     # -- delivery of shard messages ------------------------------------------------------------
 
@@ -427,27 +454,32 @@ class Hub:
         cid = self._keys.get(key)
         if cid is None:
             return  # a channel this node no longer holds (released during the grace period)
-        message = wire.decode(data)
+        message = contract.decode_message(data)
         exclude: str | None = None
-        if isinstance(message, wire.EventMessage):
-            exclude = message.exclude
-            text = message.frame
-        elif isinstance(message, wire.MemberAdded):
-            exclude = message.exclude
-            text = messages.member_added(cid[1], message.user_id, message.user_info)
-        elif isinstance(message, wire.MemberRemoved):
-            text = messages.member_removed(cid[1], message.user_id)
-        elif isinstance(message, wire.CountMessage):
-            app = self.config.app_by_id(cid[0])
-            if app is None or not app.subscription_count:
+        match message:
+            case contract.EventMessage():
+                exclude = message.exclude
+                text = message.frame
+            case contract.MemberAdded():
+                exclude = message.exclude
+                text = messages.member_added(cid[1], message.user_id, message.user_info)
+            case contract.MemberRemoved():
+                text = messages.member_removed(cid[1], message.user_id)
+            case contract.CountMessage():
+                app = self.config.app_by_id(cid[0])
+                if app is None or not app.subscription_count:
+                    return
+                text = messages.subscription_count(cid[1], message.count)
+            case contract.Terminate():
+                user = server_to_user_id(cid[1])
+                if user is not None:
+                    self._terminate(cid[0], user)
                 return
-            text = messages.subscription_count(cid[1], message.count)
-        elif isinstance(message, wire.Terminate):
-            self._terminate(cid[0], cid[1].removeprefix("#server-to-user-"))
-            return
-        else:
-            self.metrics.inc("pg_pubsub_malformed_total")
-            return
+            case None:
+                self.metrics.inc("pg_pubsub_malformed_total")
+                return
+            case _:
+                assert_never(message)
         self._deliver(cid, text, exclude)
 
     def _deliver(self, cid: ChannelId, text: str, exclude: str | None) -> None:
@@ -460,8 +492,8 @@ class Hub:
                 waiting.append(text)
             elif cid[1] in client.joined:
                 receivers.append(client.conn)
-        if cid[1].startswith("#server-to-user-"):
-            user = cid[1].removeprefix("#server-to-user-")
+        user = server_to_user_id(cid[1])
+        if user is not None:
             for client in self.users.get((cid[0], user), ()):
                 if client.conn not in receivers and client.session.socket_id != exclude:
                     receivers.append(client.conn)
@@ -492,10 +524,10 @@ class Hub:
             app = self.config.app_by_id(app_id)
             publish = bool(app and app.subscription_count) and not channel.startswith("presence-")
             out[(app_id, channel)] = LocalChannel(len(sockets), {}, publish)
-        for (app_id, channel, user), count in self.presence.items():
-            local = out.get((app_id, channel))
-            if count > 0 and local is not None:
-                local.members[user] = self.presence_info.get((app_id, channel, user))
+        for (app_id, channel, user), local in self.presence.items():
+            state = out.get((app_id, channel))
+            if state is not None:
+                state.members[user] = local.info
         return out
 
     def local_channel(self, app_id: str, channel: str) -> LocalChannel:
@@ -508,12 +540,15 @@ class Hub:
         members: dict[str, str | None] = {}
         for client in sockets:
             member = client.session.presence_member(channel)
-            if member is not None and self.presence.get((app_id, channel, member.user_id), 0) > 0:
-                members[member.user_id] = self.presence_info.get((app_id, channel, member.user_id))
+            if member is not None:
+                local = self.presence.get((app_id, channel, member.user_id))
+                if local is not None:
+                    members[member.user_id] = local.info
         return LocalChannel(len(sockets), members, publish)
 
-    def reasserted(self, app_id: str, channel: str, due: list[tuple[str, str | None]]) -> None:
-        """Send the webhooks a re-assertion's transitions made due."""
+    def send_webhooks(self, app_id: str, channel: str, due: Iterable[Due]) -> None:
+        """Send webhooks the store made due for this node: the transitions of a re-assertion,
+        or held webhooks this node claimed (``(name, user id or None)`` each)."""
         app = self.config.app_by_id(app_id)
         if app is None:
             return
@@ -523,23 +558,12 @@ class Hub:
             else:
                 self._webhook(app, name, channel, user_id=user)
 
-    def due_webhook(self, app_id: str, name: str, channel: str, user_id: str | None) -> None:
-        """Send a held webhook this node claimed on a shard."""
-        app = self.config.app_by_id(app_id)
-        if app is None:
-            return
-        if user_id is None:
-            self._webhook(app, name, channel)
-        else:
-            self._webhook(app, name, channel, user_id=user_id)
-
     def compact(self) -> None:
         """Rebuild the channel tables: a dict keeps the size of its largest past content, so
         after a burst of channels the tables are copied to fit what is left."""
         self.members = dict(self.members)
         self._keys = dict(self._keys)
         self.presence = dict(self.presence)
-        self.presence_info = dict(self.presence_info)
         self.users = dict(self.users)
         self.pubsub.compact()
 

@@ -28,7 +28,7 @@ from gateway.shards.shardset import ShardSet
 from gateway.shards.topology import TopologyConfig
 from gateway.shards.writer import BatchWriter
 from gateway.store.healing import Healer, HealingSettings
-from gateway.store.presence import PresenceStore
+from gateway.store.presence_redis import RedisPresenceStore
 
 __all__ = ["GatewayNode", "run_node"]
 
@@ -56,7 +56,7 @@ class GatewayNode:
         self.writer = BatchWriter(
             self.shards, metrics=self.metrics, write_timeout=config.write_timeout
         )
-        self.store = PresenceStore(
+        self.store = RedisPresenceStore(
             self.shards,
             self.writer,
             owner=self.owner,
@@ -71,7 +71,7 @@ class GatewayNode:
             self.shards,
             self.hub.local_state,
             self.hub.local_channel,
-            self.hub.reasserted,
+            self.hub.send_webhooks,
             self.metrics,
             HealingSettings(
                 lease_ms=config.lease_ms,
@@ -105,6 +105,7 @@ class GatewayNode:
             config,
             self.store,
             self.shards,
+            self.writer,
             self.hub,
             self.metrics,
             self.healer,
@@ -273,7 +274,7 @@ class GatewayNode:
 
     async def _claim_due(self) -> None:
         for item in await self.store.claim_due():
-            self.hub.due_webhook(item.app_id, item.name, item.channel, item.user_id)
+            self.hub.send_webhooks(item.app_id, item.channel, [(item.name, item.user_id)])
 
     async def drain(self) -> None:
         """Leave gracefully (SIGTERM), without presence flaps; then :meth:`close`.

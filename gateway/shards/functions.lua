@@ -160,7 +160,7 @@ local function add_member(key, owner, user, info, exclude)
   if redis.call('HSET', pkey, field, info) == 0 then return false, false end
   add_to_index(key, owner)
   if redis.call('HINCRBY', key .. ':u', user, 1) ~= 1 then return false, false end
-  -- The user id is length-prefixed: it may hold any byte, NUL included (gateway/store/wire.py).
+  -- The user id is length-prefixed: it may hold any byte, NUL included (gateway/shards/contract.py).
   -- 'M', not version 3's 'A': nodes of version 3 ignore kinds they do not know.
   redis.call('PUBLISH', key, 'M' .. exclude .. '\0' .. #user .. ':' .. user .. info)
   return true, redis.call('ZREM', SHARD .. ':due', key .. '\0m\0' .. user) == 0

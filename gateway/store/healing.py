@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,30 +21,19 @@ from dataclasses import dataclass
 from gateway._native import ReplyError
 from gateway.metrics import Metrics
 from gateway.periodic import every
+from gateway.shards import contract
 from gateway.shards.shardset import ShardLink, ShardSet
 from gateway.shards.writer import WriteFailed
 from gateway.store.lease import LeaseKeeper, LeaseSettings
-from gateway.store.presence import PresenceStore, channel_key
+from gateway.store.presence import Due, LocalChannel, LocalState
+from gateway.store.presence_redis import RedisPresenceStore
 
-__all__ = ["Healer", "HealingSettings", "LocalChannel", "digest"]
+__all__ = ["Healer", "HealingSettings", "digest"]
 
 log = logging.getLogger("gateway.healing")
 
 #: Channels re-asserted per batch of writes.
 _RESYNC_CHUNK = 500
-
-
-@dataclass(frozen=True)
-class LocalChannel:
-    """What this node really holds in one channel: its socket count and presence members."""
-
-    count: int
-    members: dict[str, str | None]
-    publish_count: bool
-
-
-#: (app id, channel) -> what the node holds there.
-LocalState = dict[tuple[str, str], LocalChannel]
 
 
 @dataclass(frozen=True)
@@ -77,10 +65,6 @@ class HealingSettings:
     confirm_delay: float = 1.0
 
 
-def _entry_hash(text: bytes) -> int:
-    return int(hashlib.sha1(text).hexdigest()[:8], 16)
-
-
 def digest(app_channels: LocalState) -> tuple[int, int]:
     """The (entries, digest) a shard's ``check`` must return for this node's state.
 
@@ -90,15 +74,13 @@ def digest(app_channels: LocalState) -> tuple[int, int]:
     n = 0
     total = 0
     for (app_id, channel), local in app_channels.items():
-        key = channel_key(app_id, channel)
+        key = contract.channel_key(app_id, channel)
         if local.count > 0:
             n += 1
-            total += _entry_hash(b"s\0" + key + b"\0" + str(local.count).encode())
+            total += contract.entry_hash(contract.count_entry(key, local.count))
         for user, info in local.members.items():
             n += 1
-            total += _entry_hash(
-                b"p\0" + key + b"\0" + user.encode() + b"\0" + (info or "").encode()
-            )
+            total += contract.entry_hash(contract.member_entry(key, user, info))
     return n, total % 4294967296
 
 
@@ -119,11 +101,11 @@ class Healer:
 
     def __init__(
         self,
-        store: PresenceStore,
+        store: RedisPresenceStore,
         shards: ShardSet,
         local_state: Callable[[int], LocalState],
         local_channel: Callable[[str, str], LocalChannel],
-        on_webhooks: Callable[[str, str, list[tuple[str, str | None]]], None],
+        on_webhooks: Callable[[str, str, list[Due]], None],
         metrics: Metrics,
         settings: HealingSettings | None = None,
     ) -> None:
@@ -277,22 +259,15 @@ class Healer:
         for start in range(0, len(targets), _RESYNC_CHUNK):
             chunk = targets[start : start + _RESYNC_CHUNK]
             # Read and submitted in one step: no join or leave can come in between.
-            ops = []
-            for app_id, channel in chunk:
-                st = self.local_channel(app_id, channel)
-                ops.append(
-                    self.store.sync_op(
-                        app_id, channel, st.count, st.members, publish_count=st.publish_count
-                    )
-                )
-            results = await self.store.writer.submit_many(ops)
+            batch = [
+                (app_id, channel, self.local_channel(app_id, channel)) for app_id, channel in chunk
+            ]
+            results = await self.store.sync_many(batch)
             for (app_id, channel), result in zip(chunk, results, strict=True):
                 if isinstance(result, BaseException):
                     failed += 1
-                    continue
-                due = self.store.parse_sync(result)
-                if due:
-                    self.on_webhooks(app_id, channel, due)
+                elif result:
+                    self.on_webhooks(app_id, channel, result)
         log.info(
             "shard %s: re-asserted %d channels (%s)%s",
             name,

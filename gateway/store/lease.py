@@ -33,7 +33,7 @@ from gateway.metrics import Metrics
 from gateway.shards.security import Access, SecurityError
 from gateway.shards.shardset import ShardLink, ShardSet
 from gateway.shards.topology import Address
-from gateway.store.presence import PresenceStore
+from gateway.store.presence_redis import RedisPresenceStore
 
 __all__ = ["LeaseKeeper", "LeaseSettings"]
 
@@ -99,7 +99,7 @@ class LeaseKeeper:
     def __init__(
         self,
         shards: ShardSet,
-        store: PresenceStore,
+        store: RedisPresenceStore,
         settings: LeaseSettings,
         metrics: Metrics,
         on_lapsed: Callable[[int], None],

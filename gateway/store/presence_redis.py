@@ -1,0 +1,274 @@
+"""The state store on sharded Redis: every write a verified op of the shard function library.
+
+Writes go through the batched writer as ops of ``functions.lua`` (built and decoded by
+:mod:`gateway.shards.contract`); the global transitions are decided atomically on the
+channel's shard and published there, so they happen once however many gateway nodes are
+involved. Reads go to the shard's verified master. The Redis layout is described in
+docs/store.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from gateway._native import ReplyError
+from gateway.shards import contract as c
+from gateway.shards.connection import ConnectionLost
+from gateway.shards.shardset import ShardSet
+from gateway.shards.writer import BatchWriter, ShardUnavailableError
+from gateway.store.presence import (
+    ChannelCounts,
+    Due,
+    DueWebhook,
+    JoinResult,
+    LocalChannel,
+    SubsResult,
+)
+
+__all__ = ["RedisPresenceStore"]
+
+
+class RedisPresenceStore:
+    """This node's view of the sharded presence and subscription state (see
+    :class:`~gateway.store.presence.PresenceStore`).
+
+    Args:
+        shards: The verified shard links (reads go to the shard's verified master).
+        writer: The batched writer (all writes).
+        owner: This node's owner string (``node_id@incarnation``); entries it writes carry it.
+        hold_ms: How long ``member_removed`` / ``channel_vacated`` webhooks are held.
+        max_members: Presence members per channel.
+        entry_ttl_ms: Expiry of every entry unless refreshed by the anti-entropy check.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        writer: BatchWriter,
+        *,
+        owner: str,
+        hold_ms: int = 3000,
+        max_members: int = 100,
+        entry_ttl_ms: int = 300_000,
+    ) -> None:
+        self.shards = shards
+        self.writer = writer
+        self.owner = owner.encode()
+        self.hold_ms = hold_ms
+        self.max_members = max_members
+        self.ttl_ms = entry_ttl_ms
+
+    def shard_of(self, app_id: str, channel: str) -> int:
+        """The shard holding ``channel``."""
+        return self.shards.table.shard_for_key(c.channel_key(app_id, channel))
+
+    def shard_name(self, shard: int) -> str:
+        """A shard's name from the topology."""
+        return self.shards.links[shard].spec.name
+
+    def shard_tag(self, shard: int) -> bytes | None:
+        """The hash tag of shard ``shard``'s own keys, once its identity is verified."""
+        identity = self.shards.links[shard].identity
+        return identity.tag.encode() if identity is not None and identity.tag else None
+
+    def _tag(self, shard: int) -> bytes:
+        tag = self.shard_tag(shard)
+        if tag is None:
+            raise ShardUnavailableError(f"shard {shard} not verified yet")
+        return tag
+
+    async def _write(self, op: c.Op) -> object:
+        return await self.writer.write(op[0], op[1], *op[2])
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def join(
+        self, app_id: str, channel: str, user_id: str, user_info: str | None, exclude: str
+    ) -> JoinResult:
+        """See :meth:`PresenceStore.join <gateway.store.presence.PresenceStore.join>`."""
+        op = c.pjoin(
+            c.channel_key(app_id, channel),
+            owner=self.owner,
+            user=user_id,
+            info=user_info,
+            exclude=exclude,
+            max_members=self.max_members,
+            hold_ms=self.hold_ms,
+            ttl_ms=self.ttl_ms,
+        )
+        return c.decode_pjoin(await self._write(op))
+
+    async def leave(self, app_id: str, channel: str, user_id: str) -> bool:
+        """See :meth:`PresenceStore.leave <gateway.store.presence.PresenceStore.leave>`."""
+        op = c.pleave(
+            c.channel_key(app_id, channel), owner=self.owner, user=user_id, hold_ms=self.hold_ms
+        )
+        return c.decode_pleave(await self._write(op))
+
+    async def set_subscribers(
+        self, app_id: str, channel: str, count: int, *, publish_count: bool
+    ) -> SubsResult:
+        """See :meth:`PresenceStore.set_subscribers`."""
+        op = c.subs(
+            c.channel_key(app_id, channel),
+            owner=self.owner,
+            count=count,
+            hold_ms=self.hold_ms,
+            publish=publish_count,
+            ttl_ms=self.ttl_ms,
+        )
+        return c.decode_subs(await self._write(op))
+
+    def sync_op(self, app_id: str, channel: str, local: LocalChannel) -> c.Op:
+        """The ``sync`` write that makes this node's entries in ``channel`` exactly ``local``."""
+        return c.sync(
+            c.channel_key(app_id, channel),
+            owner=self.owner,
+            count=local.count,
+            members=local.members,
+            hold_ms=self.hold_ms,
+            publish=local.publish_count,
+            ttl_ms=self.ttl_ms,
+        )
+
+    async def sync_many(
+        self, channels: Sequence[tuple[str, str, LocalChannel]]
+    ) -> list[list[Due] | BaseException]:
+        """See :meth:`PresenceStore.sync_many`: one batch, submitted in one step."""
+        ops = [self.sync_op(app_id, channel, local) for app_id, channel, local in channels]
+        results = await self.writer.submit_many(ops)
+        return [r if isinstance(r, BaseException) else c.decode_sync(r) for r in results]
+
+    async def sync(self, app_id: str, channel: str, local: LocalChannel) -> list[Due]:
+        """Re-assert one channel (see :meth:`sync_many`)."""
+        return c.decode_sync(await self._write(self.sync_op(app_id, channel, local)))
+
+    def lease_op(
+        self, shard: int, lease_ms: int, *, first: bool, gap_ms: int, grace_ms: int
+    ) -> c.Op:
+        """The write that refreshes this node's lease on ``shard`` (see :meth:`lease`).
+
+        Raises:
+            ShardUnavailableError: The shard's identity is not verified yet.
+        """
+        return c.lease(
+            self._tag(shard),
+            owner=self.owner,
+            lease_ms=lease_ms,
+            first=first,
+            gap_ms=gap_ms,
+            grace_ms=grace_ms,
+        )
+
+    async def lease(
+        self, shard: int, lease_ms: int, *, first: bool, gap_ms: int, grace_ms: int
+    ) -> int:
+        """Refresh this node's lease on ``shard``; returns the deadline (Redis time, ms).
+
+        Args:
+            shard: The shard.
+            lease_ms: How long the lease lasts from now (Redis clock).
+            first: This incarnation's first lease, which makes earlier incarnations of the
+                same node id dead at once.
+            gap_ms: A period longer than this without any node's refresh counts as one in
+                which the shard was unreachable: owners whose lease expired in it get the
+                grace to refresh before they count as gone.
+            grace_ms: The reap grace (recorded on the shard for its reads).
+        """
+        op = self.lease_op(shard, lease_ms, first=first, gap_ms=gap_ms, grace_ms=grace_ms)
+        return c.decode_lease(await self._write(op))
+
+    async def check(self, shard: int) -> tuple[int, int]:
+        """See :meth:`PresenceStore.check`."""
+        op = c.check(self._tag(shard), owner=self.owner, ttl_ms=self.ttl_ms)
+        return c.decode_check(await self._write(op))
+
+    async def reap(
+        self, shard: int, token: str, *, lock_ms: int, limit: int, grace_ms: int
+    ) -> list[int]:
+        """See :meth:`PresenceStore.reap` (the rule is in ``functions.lua``, ``alive`` and
+        ``reap``)."""
+        tag = self.shard_tag(shard)
+        if tag is None:
+            return [-1]
+        op = c.reap(
+            tag, token=token, lock_ms=lock_ms, limit=limit, hold_ms=self.hold_ms, grace_ms=grace_ms
+        )
+        return c.decode_reap(await self._write(op))
+
+    async def publish(self, app_id: str, channel: str, payload: bytes) -> None:
+        """See :meth:`PresenceStore.publish`."""
+        await self._write(c.publish(c.channel_key(app_id, channel), payload))
+
+    async def cache_set(self, app_id: str, channel: str, frame: str, ttl_ms: int) -> None:
+        """See :meth:`PresenceStore.cache_set`."""
+        await self._write(c.cache(c.channel_key(app_id, channel), frame=frame, ttl_ms=ttl_ms))
+
+    async def claim_due(self, limit: int = 100) -> list[DueWebhook]:
+        """See :meth:`PresenceStore.claim_due`."""
+        out: list[DueWebhook] = []
+        for link in self.shards.links:
+            if not link.usable or link.identity is None or not link.identity.tag:
+                continue
+            try:
+                items = await self._write(c.claim(link.identity.tag.encode(), limit=limit))
+            except (ShardUnavailableError, ReplyError):
+                continue
+            out += c.decode_claim(items)
+        return out
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def _read(self, shard: int, read: c.Read) -> object:
+        link = self.shards.links[shard]
+        conn = link.conn
+        if not link.usable or conn is None:
+            raise ShardUnavailableError(f"{link.spec.name} unavailable: {link.last_error}")
+        try:
+            return await conn.command(*read)
+        except (ConnectionLost, TimeoutError) as exc:
+            raise ShardUnavailableError(f"{link.spec.name}: {exc}") from exc
+
+    async def _read_channel(
+        self, app_id: str, channel: str, read: Callable[[bytes], c.Read]
+    ) -> object:
+        key = c.channel_key(app_id, channel)
+        return await self._read(self.shards.table.shard_for_key(key), read(key))
+
+    async def leases(self, shard: int) -> list[tuple[str, int, str]]:
+        """See :meth:`PresenceStore.leases`."""
+        return c.decode_leases(await self._read(shard, c.read_leases(self._tag(shard))))
+
+    async def owned(self, shard: int) -> list[tuple[str, str]]:
+        """See :meth:`PresenceStore.owned`."""
+        return c.decode_owned(await self._read(shard, c.read_owned(self._tag(shard), self.owner)))
+
+    async def roster(self, app_id: str, channel: str) -> dict[str, str | None]:
+        """See :meth:`PresenceStore.roster`."""
+        return c.decode_roster(await self._read_channel(app_id, channel, c.read_roster))
+
+    async def user_ids(self, app_id: str, channel: str) -> list[str]:
+        """See :meth:`PresenceStore.user_ids`."""
+        return c.decode_user_ids(await self._read_channel(app_id, channel, c.read_roster))
+
+    async def counts(self, app_id: str, channel: str) -> ChannelCounts:
+        """See :meth:`PresenceStore.counts`."""
+        return c.decode_info(await self._read_channel(app_id, channel, c.read_info))
+
+    async def channels(self, app_id: str, prefix: str = "") -> dict[str, ChannelCounts]:
+        """See :meth:`PresenceStore.channels`.
+
+        Raises:
+            ShardUnavailableError: A shard could not be read (the answer would be partial).
+        """
+        out: dict[str, ChannelCounts] = {}
+        for link in self.shards.links:
+            if link.identity is None or not link.identity.tag:
+                raise ShardUnavailableError(f"{link.spec.name} unavailable: {link.last_error}")
+            read = c.read_channels(link.identity.tag.encode(), app_id, prefix)
+            out.update(c.decode_channels(await self._read(link.index, read)))
+        return out
+
+    async def cache_get(self, app_id: str, channel: str) -> tuple[str | None, int]:
+        """See :meth:`PresenceStore.cache_get`."""
+        return c.decode_cache(await self._read_channel(app_id, channel, c.read_cache))
