@@ -16,7 +16,8 @@ Choices worth knowing:
   anything the parser rejects gets 400; every error response closes the connection.
 * WebSocket extensions (permessage-deflate) are never negotiated, so a server frame is the same
   bytes for every receiver: :func:`encode_text_frame` once, then
-  :meth:`WsConnection.send_frame_bytes` per receiver, is how fan-out stays cheap.
+  :func:`broadcast_frame` (or :meth:`WsConnection.send_frame_bytes`) per receiver, is how
+  fan-out stays cheap.
 * A socket whose transport write buffer grows past ``ws_high_water`` is a slow consumer and is
   closed with 4100 ("over capacity": pusher-js retries after 1 s).
 * Bounded resources: a request head must arrive within ``header_timeout`` of its first byte
@@ -181,6 +182,79 @@ class HttpHandler(typing.Protocol):
         ...
 
 
+class WsDoor(typing.Protocol):
+    """What a WebSocket connection needs from the front door that accepted it.
+
+    Attributes:
+        ws_handler: The application's callbacks.
+        work: The budget of client work per event-loop iteration.
+        writes: Writes the frames connections queued, once per loop iteration.
+        max_ws_message: Largest accepted message in bytes (else close 1009).
+        ws_high_water: Write-buffer size in bytes above which a socket is closed with 4100.
+        ws_close_timeout: Seconds to wait for the client's side of a closing handshake.
+    """
+
+    ws_handler: WsHandler
+    work: WorkBudget
+    writes: WriteCoalescer
+    max_ws_message: int
+    ws_high_water: int
+    ws_close_timeout: float
+
+    def note_slow_consumer(self) -> None:
+        """A connection is being closed with 4100 for exceeding ``ws_high_water``."""
+
+    def release_client(self, ip: str | None, forwarded: str | None) -> None:
+        """Stop counting a closed TCP connection under its addresses."""
+
+    def websocket_lost(self, conn: WsConnection) -> None:
+        """``conn``'s TCP connection is gone: stop tracking it."""
+
+
+class HttpDoor(WsDoor, typing.Protocol):
+    """What an HTTP connection needs from the front door that accepted it.
+
+    It is a :class:`WsDoor` too: the WebSocket an upgrade makes belongs to the same front
+    door.
+
+    Attributes:
+        http_handler: The application's handler.
+        admission: Connection caps, per-address limits and handshake rates.
+        max_body: Largest accepted request body in bytes (else 413).
+        header_timeout: Seconds to receive a request head (408 after).
+        body_timeout: Seconds to receive a request body after its head (408 after).
+        send_timeout: Seconds a connection may leave responses unread before it is closed.
+        shutting_down: True while draining: no upgrades, no keep-alive.
+    """
+
+    http_handler: HttpHandler
+    admission: Admission
+    max_body: int
+    header_timeout: float
+    body_timeout: float
+    send_timeout: float
+    shutting_down: bool
+
+    def hold_body_bytes(self, n: int) -> bool:
+        """Count ``n`` more bytes of unfinished request bodies; False once over the limit."""
+        ...
+
+    def release_body_bytes(self, n: int) -> None:
+        """Stop counting ``n`` bytes of request bodies (answered, dropped or gone)."""
+
+    def note_pending_overflow(self) -> None:
+        """A request is refused because unfinished requests hold too many bytes."""
+
+    def http_opened(self, conn: HttpConnection) -> None:
+        """``conn`` was admitted: track it until :meth:`http_lost` or :meth:`upgraded`."""
+
+    def http_lost(self, conn: HttpConnection) -> None:
+        """``conn``'s TCP connection is gone: stop tracking it."""
+
+    def upgraded(self, old: HttpConnection, new: WsConnection) -> None:
+        """``old``'s TCP connection now belongs to the WebSocket ``new``: track that instead."""
+
+
 # ---------------------------------------------------------------------------------------------
 # WebSocket side
 
@@ -195,7 +269,13 @@ def encode_text_frame(text: str) -> bytes:
 
     The result is the same bytes websockets' ``ServerProtocol.send_text`` produces when no
     extension is negotiated (the front door never negotiates one), so it can be written to any
-    number of connections with :meth:`WsConnection.send_frame_bytes`.
+    number of connections with :func:`broadcast_frame` or :meth:`WsConnection.queue_frame`.
+
+    Args:
+        text: The message.
+
+    Returns:
+        The whole frame, header included.
     """
     data = text.encode()
     n = len(data)
@@ -209,15 +289,46 @@ def encode_text_frame(text: str) -> bytes:
 def broadcast_frame(conns: Iterable[WsConnection], frame: bytes) -> int:
     """Write an already-encoded frame to every open connection in ``conns``.
 
+    Args:
+        conns: The receivers; closed ones are skipped.
+        frame: A whole server frame, e.g. from :func:`encode_text_frame`.
+
     Returns:
         How many connections were open (and so received the frame).
     """
     sent = 0
     for conn in conns:
-        if conn._open:
-            conn._queue(frame)
+        if conn.queue_frame(frame):
             sent += 1
     return sent
+
+
+class WriteCoalescer:
+    """The connections that queued frames in this event-loop iteration.
+
+    Each is written once, with one ``write``, when the iteration ends, however many frames it
+    got; one coalescer serves every connection of a front door.
+    """
+
+    __slots__ = ("_dirty",)
+
+    def __init__(self) -> None:
+        self._dirty: list[WsConnection] = []
+
+    def add(self, conn: WsConnection) -> None:
+        """Write ``conn``'s queued frames at the end of this iteration (call once per batch)."""
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self._write)
+        self._dirty.append(conn)
+
+    def _write(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            if not conn._transport.is_closing():
+                conn._write_pending()
+            else:
+                conn._pending = []
+                conn._pending_bytes = 0
 
 
 class WsConnection(asyncio.Protocol):
@@ -225,7 +336,17 @@ class WsConnection(asyncio.Protocol):
 
     This object is also the transport's :class:`asyncio.Protocol` once the connection is
     upgraded; the ``connection_*``, ``data_received``, ``eof_received`` and ``*_writing``
-    methods are for the event loop, not for applications.
+    methods are for the event loop, and :meth:`handshake` for the HTTP connection that hands
+    over, not for applications.
+
+    Args:
+        door: The front door that accepted the TCP connection.
+        transport: The TCP (or TLS) transport, taken over from the HTTP connection.
+        path: Raw path of the handshake request target.
+        query: Raw query string of the handshake request target.
+        remote: Peer ``(host, port)`` if known.
+        ticket: The ``(address, forwarded address)`` this TCP connection is counted under;
+            released when it closes.
 
     Attributes:
         id: Unique per connection in this process.
@@ -248,6 +369,7 @@ class WsConnection(asyncio.Protocol):
         "_stash",
         "_ticket",
         "_transport",
+        "_writes",
         "id",
         "path",
         "query",
@@ -256,17 +378,19 @@ class WsConnection(asyncio.Protocol):
 
     def __init__(
         self,
-        door: FrontDoor,
+        door: WsDoor,
         transport: asyncio.Transport,
         path: str,
         query: str,
         remote: tuple[str, int] | None,
+        ticket: tuple[str | None, str | None],
     ) -> None:
         self.id = next(_ids)
         self.path = path
         self.query = query
         self.remote = remote
         self._door = door
+        self._writes = door.writes
         self._transport = transport
         # Frames queued during this event-loop iteration; written with one call at its end.
         self._pending: list[bytes] = []
@@ -280,8 +404,7 @@ class WsConnection(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         # Frames received but not handled yet: the work budget ran out (reading is paused).
         self._stash: list[Event] = []
-        # The (address, forwarded address) this TCP connection is counted under.
-        self._ticket: tuple[str | None, str | None] | None = None
+        self._ticket: tuple[str | None, str | None] | None = ticket
 
     def __repr__(self) -> str:
         return f"<WsConnection {self.id} {self.path!r} open={self._open}>"
@@ -299,26 +422,46 @@ class WsConnection(asyncio.Protocol):
         return self._transport.get_write_buffer_size()
 
     def send_text(self, text: str) -> None:
-        """Queue a text frame; a no-op once the connection is no longer open."""
+        """Queue a text frame; a no-op once the connection is no longer open.
+
+        Args:
+            text: The message.
+        """
         if self._open:
-            self._queue(encode_text_frame(text))
+            self.queue_frame(encode_text_frame(text))
 
     def send_frame_bytes(self, frame: bytes) -> None:
         """Queue an already-serialized server frame (see :func:`encode_text_frame`).
 
         A no-op once the connection is no longer open.
-        """
-        if self._open:
-            self._queue(frame)
 
-    def _queue(self, frame: bytes) -> None:
+        Args:
+            frame: A whole server frame.
+        """
+        self.queue_frame(frame)
+
+    def queue_frame(self, frame: bytes) -> bool:
+        """Queue an already-serialized server frame if the connection is open.
+
+        This is the fan-out hot path (once per delivery per socket), so the open check and the
+        queueing are one call.
+
+        Args:
+            frame: A whole server frame (see :func:`encode_text_frame`).
+
+        Returns:
+            Whether the connection was open, and so will send the frame.
+        """
+        if not self._open:
+            return False
         if not self._pending:
-            self._door._mark_dirty(self)
+            self._writes.add(self)
         self._pending.append(frame)
         self._pending_bytes += len(frame)
         if self._pending_bytes > _COALESCE_LIMIT:
             # Large bursts go to the transport now, where the slow-consumer check applies.
             self._write_pending()
+        return True
 
     def _write_pending(self) -> None:
         pending = self._pending
@@ -341,6 +484,10 @@ class WsConnection(asyncio.Protocol):
 
         If the client does not finish the handshake within the front door's close timeout,
         the TCP connection is aborted. A no-op if the connection is not open.
+
+        Args:
+            code: The close code.
+            reason: The close reason; cut to the 123 bytes a close frame has room for.
         """
         if not self._open:
             return
@@ -353,6 +500,12 @@ class WsConnection(asyncio.Protocol):
             self._proto.fail(1011, "internal error")
         self._open = False
         self._flush()
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once, without (or without finishing) a closing handshake."""
+        self._close_timer = None
+        self._open = False
+        self._transport.abort()
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -378,7 +531,7 @@ class WsConnection(asyncio.Protocol):
         # Called by the transport, synchronously inside write(), when its buffer passes
         # ws_high_water: this client does not read as fast as we send.
         if self._open and self._transport.get_write_buffer_size() > self._door.ws_high_water:
-            self._door.slow_consumers_closed += 1
+            self._door.note_slow_consumer()
             log.info("closing slow consumer %d (%d bytes buffered)", self.id, self.buffered)
             self.close(4100, "over capacity")
 
@@ -392,9 +545,9 @@ class WsConnection(asyncio.Protocol):
             self._close_timer.cancel()
             self._close_timer = None
         if self._ticket is not None:
-            self._door._release(*self._ticket)
+            self._door.release_client(*self._ticket)
             self._ticket = None
-        self._door._forget(self)
+        self._door.websocket_lost(self)
         if self._opened and not self._notified:
             self._notified = True
             received = self._proto.close_rcvd
@@ -404,10 +557,17 @@ class WsConnection(asyncio.Protocol):
             except Exception:
                 log.exception("ws_closed handler failed for connection %d", self.id)
 
-    # -- internals ---------------------------------------------------------------------------
+    # -- the hand-over -----------------------------------------------------------------------
 
-    def _start(self, raw_request: bytes) -> None:
-        """Run the opening handshake on the request bytes (plus any bytes that followed)."""
+    def handshake(self, raw_request: bytes) -> None:
+        """Run the opening handshake on the request bytes (plus any bytes that followed).
+
+        Called once, by the HTTP connection, right after this object became the transport's
+        protocol.
+
+        Args:
+            raw_request: The upgrade request's head and whatever the client sent after it.
+        """
         proto = self._proto
         proto.receive_data(raw_request)
         events = proto.events_received()
@@ -431,6 +591,8 @@ class WsConnection(asyncio.Protocol):
         if len(events) > 1:
             self._dispatch(events[1:])
             self._flush()
+
+    # -- internals ---------------------------------------------------------------------------
 
     def _dispatch(self, events: list[Event], *, resumed: bool = False) -> None:
         work = self._door.work
@@ -507,12 +669,7 @@ class WsConnection(asyncio.Protocol):
                 transport.close()
         if self._close_timer is None and self._proto.close_expected():
             loop = asyncio.get_running_loop()
-            self._close_timer = loop.call_later(self._door.ws_close_timeout, self._abort)
-
-    def _abort(self) -> None:
-        self._close_timer = None
-        self._open = False
-        self._transport.abort()
+            self._close_timer = loop.call_later(self._door.ws_close_timeout, self.abort)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,10 +742,20 @@ def split_target(target: str) -> tuple[str, str]:
     return path.partition("#")[0], query.partition("#")[0]
 
 
-class _HttpConnection(asyncio.Protocol):
-    """A connection before (or without) a WebSocket upgrade."""
+class HttpConnection(asyncio.Protocol):
+    """A TCP connection before (or without) a WebSocket upgrade.
 
-    def __init__(self, door: FrontDoor) -> None:
+    The ``connection_*``, ``data_received``, ``eof_received``, ``*_writing`` and ``on_*``
+    methods are for the event loop and the parser; the others for the front door.
+
+    Args:
+        door: The front door that accepted the connection.
+
+    Attributes:
+        last_active: Event-loop time of the last bytes read or response written.
+    """
+
+    def __init__(self, door: HttpDoor) -> None:
         self._door = door
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -623,9 +790,47 @@ class _HttpConnection(asyncio.Protocol):
         self._head_size = 0
         self._body = bytearray()
 
+    # -- for the front door ------------------------------------------------------------------
+
     @property
     def idle(self) -> bool:
+        """True when no request is being received, waiting or answered."""
         return self._task is None and not self._queue and not self._in_head
+
+    def timed_out(self, now: float) -> bool:
+        """Answer 408 if the request being received is late.
+
+        Args:
+            now: The event loop's time.
+
+        Returns:
+            Whether the request was late (and is being answered with 408).
+        """
+        if self._deadline is None or now < self._deadline or self._stopped or self._closed:
+            return False
+        self._deadline = None
+        self._stopped = True
+        self._in_head = False
+        self._release_bytes(len(self._body))
+        self._body = bytearray()
+        self._queue.append(_Pending(None, False, 408, "request not received in time"))
+        self._pump()
+        return True
+
+    def close(self) -> None:
+        """Close the TCP connection (after what is buffered is written)."""
+        if self._transport is not None and not self._closed:
+            self._transport.close()
+
+    def close_if_idle(self) -> None:
+        """Close the connection unless a request (or an upgrade) is under way."""
+        if self.idle and self._upgrade is None:
+            self.close()
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once, buffered responses and all."""
+        if self._transport is not None:
+            self._transport.abort()
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -648,7 +853,7 @@ class _HttpConnection(asyncio.Protocol):
         self._admitted = True
         self._counted_ip = ip if door.admission.counts(ip) else None
         self._deadline = self._loop.time() + door.header_timeout
-        door._http.add(self)
+        door.http_opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -659,8 +864,8 @@ class _HttpConnection(asyncio.Protocol):
         self._release_bytes(self._held)
         if self._admitted:
             self._admitted = False
-            self._door._release(self._counted_ip, self._forwarded_ip)
-        self._door._forget(self)
+            self._door.release_client(self._counted_ip, self._forwarded_ip)
+        self._door.http_lost(self)
 
     def pause_writing(self) -> None:
         # The client does not read our responses: answer nothing more until it does.
@@ -676,20 +881,7 @@ class _HttpConnection(asyncio.Protocol):
         n = min(n, self._held)  # never more than this connection holds
         if n > 0:
             self._held -= n
-            self._door.pending_bytes -= n
-
-    def timed_out(self, now: float) -> bool:
-        """Answer 408 if the request being received is late; True if it was."""
-        if self._deadline is None or now < self._deadline or self._stopped or self._closed:
-            return False
-        self._deadline = None
-        self._stopped = True
-        self._in_head = False
-        self._release_bytes(len(self._body))
-        self._body = bytearray()
-        self._queue.append(_Pending(None, False, 408, "request not received in time"))
-        self._pump()
-        return True
+            self._door.release_body_bytes(n)
 
     def data_received(self, data: bytes) -> None:
         if self._upgrade is not None:
@@ -697,10 +889,8 @@ class _HttpConnection(asyncio.Protocol):
             # being answered, or the work budget is spent): reading was paused, so this is at
             # most what one read brought; anything beyond a message and a head is refused.
             self._upgrade += data
-            if len(self._upgrade) > self._door.max_ws_message + MAX_HEAD_BYTES and (
-                self._transport is not None
-            ):
-                self._transport.abort()
+            if len(self._upgrade) > self._door.max_ws_message + MAX_HEAD_BYTES:
+                self.abort()
             return
         if self._stopped:
             return
@@ -791,10 +981,10 @@ class _HttpConnection(asyncio.Protocol):
         self._body += body
         door = self._door
         self._held += len(body)
-        door.pending_bytes += len(body)
+        within = door.hold_body_bytes(len(body))
         if len(self._body) > door.max_body:
             self._fail_parse(413)
-        if door.pending_bytes > door.max_pending_bytes:
+        if not within:
             door.note_pending_overflow()
             self._fail_parse(503, "server busy: too many unfinished requests; retry later")
 
@@ -907,8 +1097,7 @@ class _HttpConnection(asyncio.Protocol):
                 self._remote,
                 self._door.send_timeout,
             )
-            if self._transport is not None:
-                self._transport.abort()
+            self.abort()
 
     async def _serve(self) -> None:
         keep_alive = True
@@ -966,10 +1155,6 @@ class _HttpConnection(asyncio.Protocol):
         self.last_active = self._loop.time()
         self._transport.write(_serialize(response, keep_alive=keep_alive, head=head))
 
-    def _close(self) -> None:
-        if self._transport is not None and not self._closed:
-            self._transport.close()
-
     def _linger(self) -> None:
         # Closing while the client still sends would make the kernel answer with a reset that
         # can destroy our last response before the client reads it; so send FIN, keep reading
@@ -987,32 +1172,27 @@ class _HttpConnection(asyncio.Protocol):
         else:
             transport.close()
 
-    def close_if_idle(self) -> None:
-        if self.idle and self._upgrade is None:
-            self._close()
-
     def _hand_over(self) -> None:
         transport = self._transport
         assert transport is not None and self._upgrade is not None
         raw = bytes(self._upgrade)
         self._upgrade = None
-        self._door._http.discard(self)
         if not self._reading:
             self._reading = True
             transport.resume_reading()
         path, query = self._upgrade_target
-        conn = WsConnection(self._door, transport, path, query, self._remote)
         # The TCP connection stays counted: the WebSocket releases it when it closes. Body
         # bytes of the upgrade request (a body without "Connection: Upgrade" is parsed) are
         # released here: this object's connection_lost will never run.
-        conn._ticket = (self._counted_ip, self._forwarded_ip)
+        ticket = (self._counted_ip, self._forwarded_ip)
+        conn = WsConnection(self._door, transport, path, query, self._remote, ticket)
         self._release_bytes(self._held)
         self._body = bytearray()
         self._admitted = False
         self._deadline = None
-        self._door._ws.add(conn)
+        self._door.upgraded(self, conn)
         transport.set_protocol(conn)
-        conn._start(raw)
+        conn.handshake(raw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1021,6 +1201,10 @@ class _HttpConnection(asyncio.Protocol):
 
 class FrontDoor:
     """A listening front door; made by :func:`start_frontdoor`.
+
+    It is the :class:`HttpDoor` (and so the :class:`WsDoor`) of every connection it accepts:
+    the settings they read and the methods under "for the connections" are theirs, not
+    applications'.
 
     Attributes:
         port: The bound port.
@@ -1066,27 +1250,12 @@ class FrontDoor:
         self.shutting_down = False
         self.slow_consumers_closed = 0
         self.port = 0
+        self.writes = WriteCoalescer()
         self._server: asyncio.Server | None = None
         self._ws: set[WsConnection] = set()
-        self._http: set[_HttpConnection] = set()
+        self._http: set[HttpConnection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._drained: asyncio.Event | None = None
-        self._dirty: list[WsConnection] = []
-
-    def _mark_dirty(self, conn: WsConnection) -> None:
-        # One write per connection per event-loop iteration, however many frames it got.
-        if not self._dirty:
-            asyncio.get_running_loop().call_soon(self._write_dirty)
-        self._dirty.append(conn)
-
-    def _write_dirty(self) -> None:
-        dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            if not conn._transport.is_closing():
-                conn._write_pending()
-            else:
-                conn._pending = []
-                conn._pending_bytes = 0
 
     @property
     def connections(self) -> int:
@@ -1096,7 +1265,7 @@ class FrontDoor:
     @property
     def websockets(self) -> list[WsConnection]:
         """The WebSocket connections whose handshake completed and that are still open."""
-        return [conn for conn in self._ws if conn._open]
+        return [conn for conn in self._ws if conn.is_open]
 
     def stop_accepting(self) -> None:
         """Draining: refuse new connections and WebSocket upgrades, end keep-alive; the
@@ -1135,18 +1304,59 @@ class FrontDoor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), max(0.0, deadline - loop.time()))
         for conn in list(self._ws):
-            conn._abort()
+            conn.abort()
         for http_conn in list(self._http):
-            if http_conn._transport is not None:
-                http_conn._transport.abort()
+            http_conn.abort()
         # Let the aborts reach connection_lost so ws_closed has been called on return.
         for _ in range(3):
             await asyncio.sleep(0)
 
-    def _release(self, ip: str | None, forwarded: str | None) -> None:
+    # -- for the connections (HttpDoor, WsDoor) -----------------------------------------------
+
+    def http_opened(self, conn: HttpConnection) -> None:
+        """Track an admitted HTTP connection until it is lost or upgraded."""
+        self._http.add(conn)
+
+    def upgraded(self, old: HttpConnection, new: WsConnection) -> None:
+        """Track the WebSocket ``new`` instead of ``old``, whose TCP connection it took over."""
+        self._http.discard(old)
+        self._ws.add(new)
+
+    def http_lost(self, conn: HttpConnection) -> None:
+        """Stop tracking an HTTP connection whose TCP connection is gone."""
+        self._http.discard(conn)
+        self._check_drained()
+
+    def websocket_lost(self, conn: WsConnection) -> None:
+        """Stop tracking a WebSocket whose TCP connection is gone."""
+        self._ws.discard(conn)
+        self._check_drained()
+
+    def release_client(self, ip: str | None, forwarded: str | None) -> None:
+        """Stop counting a closed TCP connection under its address (and forwarded address)."""
         self.admission.release(ip)
         if forwarded is not None:
             self.admission.release(forwarded, total=False)
+
+    def note_slow_consumer(self) -> None:
+        """Count a WebSocket closed with 4100 for exceeding ``ws_high_water``."""
+        self.slow_consumers_closed += 1
+
+    def hold_body_bytes(self, n: int) -> bool:
+        """Count ``n`` more bytes of unfinished request bodies.
+
+        Args:
+            n: Bytes just received.
+
+        Returns:
+            False once all unfinished requests hold more than ``max_pending_bytes``.
+        """
+        self.pending_bytes += n
+        return self.pending_bytes <= self.max_pending_bytes
+
+    def release_body_bytes(self, n: int) -> None:
+        """Stop counting ``n`` bytes of request bodies (answered, dropped or gone)."""
+        self.pending_bytes -= n
 
     def note_pending_overflow(self) -> None:
         """A request was refused because unfinished requests hold too many bytes."""
@@ -1160,11 +1370,9 @@ class FrontDoor:
                 self.max_pending_bytes,
             )
 
-    def _forget(self, conn: WsConnection | _HttpConnection) -> None:
-        if isinstance(conn, WsConnection):
-            self._ws.discard(conn)
-        else:
-            self._http.discard(conn)
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_drained(self) -> None:
         if self._drained is not None and not self.connections:
             self._drained.set()
 
@@ -1176,7 +1384,7 @@ class FrontDoor:
             if conn.timed_out(now):
                 self.timeouts += 1
             elif conn.last_active < limit and conn.idle:
-                conn._close()
+                conn.close()
         self.admission.sweep()
         self._sweeper = loop.call_later(min(1.0, self.http_idle_timeout / 4), self._sweep)
 
@@ -1241,7 +1449,7 @@ async def start_frontdoor(
     )
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: _HttpConnection(door),
+        lambda: HttpConnection(door),
         host,
         port,
         backlog=backlog,
