@@ -23,9 +23,9 @@ from gateway.server.frontdoor import (
     WsConnection,
     broadcast_frame,
     encode_text_frame,
-    split_target,
     start_frontdoor,
 )
+from gateway.server.httpconn import split_target
 
 
 class App:

@@ -1,62 +1,41 @@
-"""The one-port front door: HTTP/1.1 requests and WebSocket upgrades on one listening socket.
+"""The front door's listener: one port for HTTP/1.1 and WebSockets, and its open connections.
 
-Each TCP connection is one :class:`asyncio.Protocol` (no task per connection). Requests are
-parsed by ``httptools``; a ``GET`` with ``Upgrade: websocket`` is handed to websockets' sans-I/O
-:class:`~websockets.server.ServerProtocol`, which does the handshake, framing, masking checks,
-automatic pongs and the closing handshake, while this module moves bytes and owns the timers.
-Any other request goes to the application's :class:`HttpHandler`, one at a time per connection
-(keep-alive and pipelining, answered in order).
+Each TCP connection is one :class:`asyncio.Protocol` (no task per connection): an
+:class:`~gateway.server.httpconn.HttpConnection` that answers requests through the
+application's :class:`~gateway.server.httpconn.HttpHandler` and hands a WebSocket upgrade to a
+:class:`~gateway.server.websocket.WsConnection`, which reports to the application's
+:class:`~gateway.server.websocket.WsHandler`. The connections reach this listener only through
+the narrow :class:`~gateway.server.httpconn.HttpDoor` and
+:class:`~gateway.server.websocket.WsDoor` protocols, which :class:`FrontDoor` implements; the
+names applications use are re-exported here.
 
 Choices worth knowing:
 
-* Request bodies may be sent with ``Content-Length`` or ``Transfer-Encoding: chunked`` (llhttp
-  decodes chunks); either way at most ``max_body`` bytes, else 413 and the connection closes.
-  ``Expect: 100-continue`` is answered when the request is next in line.
-* Limits: request target 8 KiB (414), 100 header fields and 64 KiB of header data (431);
-  anything the parser rejects gets 400; every error response closes the connection.
-* WebSocket extensions (permessage-deflate) are never negotiated, so a server frame is the same
-  bytes for every receiver: :func:`encode_text_frame` once, then
-  :meth:`WsConnection.send_frame_bytes` per receiver, is how fan-out stays cheap.
-* A socket whose transport write buffer grows past ``ws_high_water`` is a slow consumer and is
-  closed with 4100 ("over capacity": pusher-js retries after 1 s).
-* Bounded resources: a request head must arrive within ``header_timeout`` of its first byte
-  (or of the connection's start) and its body within ``body_timeout`` after the head (else
-  408); the bodies of all unfinished requests share ``max_pending_bytes`` (503 beyond); a
-  connection whose responses are not read stops being read and answered, and is closed after
-  ``send_timeout``. New connections and WebSocket handshakes go through
-  :class:`~gateway.server.admission.Admission` (caps, per-address limits, rates, shedding),
-  and client work (messages, handshakes, requests) through the per-iteration
-  :class:`~gateway.server.admission.WorkBudget`: a socket with more input than the budget
-  allows is not read until a later iteration.
-* Targets: ``path`` and ``query`` are the raw (undecoded) request target split at ``?``;
-  absolute-form targets (``http://host/p?q``) keep only path and query, and a target without a
-  leading ``/`` gets one (``*`` stays ``*``).
+* A sweep, every second (or a quarter of ``http_idle_timeout`` if shorter), answers late
+  requests with 408, closes keep-alive connections idle for ``http_idle_timeout`` and lets
+  :class:`~gateway.server.admission.Admission` do its upkeep (idle rate buckets, reports).
+* The bodies of all unfinished requests are counted here, against one ``max_pending_bytes``.
+* Draining (:meth:`FrontDoor.stop_accepting`) refuses new connections and WebSocket upgrades
+  and ends keep-alive while open connections go on; :meth:`FrontDoor.shutdown` closes them all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import http
-import itertools
-import json
 import logging
 import ssl
-import struct
-import typing
-from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
-
-import httptools
-from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
-from websockets.protocol import Event, State
-from websockets.server import ServerProtocol
 
 from gateway.metrics import Metrics
 from gateway.server.admission import Admission, AdmissionSettings, WorkBudget
+from gateway.server.httpconn import HttpConnection, HttpHandler, HttpRequest, HttpResponse
+from gateway.server.websocket import (
+    WriteCoalescer,
+    WsConnection,
+    WsHandler,
+    broadcast_frame,
+    encode_text_frame,
+)
 
 __all__ = [
     "FrontDoor",
@@ -72,955 +51,13 @@ __all__ = [
 
 log = logging.getLogger("gateway.server.frontdoor")
 
-MAX_TARGET = 8192
-MAX_HEADERS = 100
-MAX_HEAD_BYTES = 65_536
-#: Requests parsed ahead of the one being answered before reading pauses.
-MAX_PIPELINE = 16
-#: Seconds to keep reading (and discarding) after the last response before closing.
-LINGER = 2.0
-
-_OPEN = State.OPEN
-_TEXT = Opcode.TEXT
-_BINARY = Opcode.BINARY
-_CONT = Opcode.CONT
-_DATA_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
-_ids = itertools.count(1)
-#: Units of the work budget a WebSocket handshake costs (a message costs 1).
-_HANDSHAKE_COST = 4
-_pack_16 = struct.Struct("!BBH").pack
-_pack_64 = struct.Struct("!BBQ").pack
-
-
-class _QuietLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """websockets logs every connection's open and close at INFO; at 10 000 connections that
-    is noise (``pg_connections_opened_total`` counts them): they go to DEBUG."""
-
-    def info(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.debug(msg, *args, **kwargs)
-
-
-_ws_logger = _QuietLogger(logging.getLogger("websockets.server"), {})
-
-
-# ---------------------------------------------------------------------------------------------
-# Public data types and the application's side of the contract
-
-
-@dataclass(slots=True)
-class HttpRequest:
-    """One parsed HTTP request.
-
-    Attributes:
-        method: Upper-case method, e.g. ``"POST"``.
-        path: Raw (not percent-decoded) path part of the request target.
-        query: Raw query string (without ``?``), empty if none.
-        headers: Header fields with lower-cased names; repeated fields joined with ``", "``.
-        body: The whole request body (chunked bodies already decoded).
-        remote: Peer ``(host, port)`` if known.
-    """
-
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]
-    body: bytes
-    remote: tuple[str, int] | None
-
-
-@dataclass(slots=True)
-class HttpResponse:
-    """What an :class:`HttpHandler` answers.
-
-    ``Content-Length`` and ``Connection`` are set by the front door; values in ``headers`` for
-    those names (and ``Transfer-Encoding``) are ignored.
-
-    Attributes:
-        status: Status code (100-599).
-        body: Response body.
-        headers: Extra header fields.
-        content_type: Value of ``Content-Type``.
-    """
-
-    status: int
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-    content_type: str = "application/json"
-
-
-class WsHandler(typing.Protocol):
-    """The application's callbacks for WebSocket connections.
-
-    All calls are synchronous and happen on the event loop; the handler may call
-    :meth:`WsConnection.send_text` or :meth:`WsConnection.close` from inside them. An exception
-    from a callback is logged and closes that connection with 1011.
-    """
-
-    def ws_open(self, conn: WsConnection) -> None:
-        """A handshake completed; ``conn`` is open."""
-
-    def ws_text(self, conn: WsConnection, text: str) -> None:
-        """A complete text message arrived."""
-
-    def ws_binary(self, conn: WsConnection, data: bytes) -> None:
-        """A complete binary message arrived."""
-
-    def ws_closed(self, conn: WsConnection, code: int | None) -> None:
-        """The connection is gone; called exactly once per opened connection.
-
-        ``code`` is the close code the client sent (1005 for a close frame without one), or
-        ``None`` when the TCP connection ended without a close frame from the client.
-        """
-
-
-class HttpHandler(typing.Protocol):
-    """The application's handler for plain HTTP requests."""
-
-    async def http_request(self, request: HttpRequest) -> HttpResponse:
-        """Answer one request; an exception becomes a logged 500."""
-        ...
-
-
-# ---------------------------------------------------------------------------------------------
-# WebSocket side
-
-
-#: Bytes of frames a connection collects before writing them without waiting for the end of
-#: the event-loop iteration.
-_COALESCE_LIMIT = 65_536
-
-
-def encode_text_frame(text: str) -> bytes:
-    """Serialize ``text`` as one unmasked, unfragmented server text frame.
-
-    The result is the same bytes websockets' ``ServerProtocol.send_text`` produces when no
-    extension is negotiated (the front door never negotiates one), so it can be written to any
-    number of connections with :meth:`WsConnection.send_frame_bytes`.
-    """
-    data = text.encode()
-    n = len(data)
-    if n < 126:
-        return bytes((0x81, n)) + data
-    if n < 65_536:
-        return _pack_16(0x81, 126, n) + data
-    return _pack_64(0x81, 127, n) + data
-
-
-def broadcast_frame(conns: Iterable[WsConnection], frame: bytes) -> int:
-    """Write an already-encoded frame to every open connection in ``conns``.
-
-    Returns:
-        How many connections were open (and so received the frame).
-    """
-    sent = 0
-    for conn in conns:
-        if conn._open:
-            conn._queue(frame)
-            sent += 1
-    return sent
-
-
-class WsConnection(asyncio.Protocol):
-    """One WebSocket connection after (or during) its opening handshake.
-
-    This object is also the transport's :class:`asyncio.Protocol` once the connection is
-    upgraded; the ``connection_*``, ``data_received``, ``eof_received`` and ``*_writing``
-    methods are for the event loop, not for applications.
-
-    Attributes:
-        id: Unique per connection in this process.
-        path: Raw path of the handshake request target.
-        query: Raw query string of the handshake request target.
-        remote: Peer ``(host, port)`` if known.
-    """
-
-    __slots__ = (
-        "_close_timer",
-        "_door",
-        "_fragments",
-        "_fragments_text",
-        "_notified",
-        "_open",
-        "_opened",
-        "_pending",
-        "_pending_bytes",
-        "_proto",
-        "_stash",
-        "_ticket",
-        "_transport",
-        "id",
-        "path",
-        "query",
-        "remote",
-    )
-
-    def __init__(
-        self,
-        door: FrontDoor,
-        transport: asyncio.Transport,
-        path: str,
-        query: str,
-        remote: tuple[str, int] | None,
-    ) -> None:
-        self.id = next(_ids)
-        self.path = path
-        self.query = query
-        self.remote = remote
-        self._door = door
-        self._transport = transport
-        # Frames queued during this event-loop iteration; written with one call at its end.
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self._proto = ServerProtocol(max_size=door.max_ws_message, logger=_ws_logger)
-        self._open = False
-        self._opened = False
-        self._notified = False
-        self._fragments: list[bytes] | None = None
-        self._fragments_text = False
-        self._close_timer: asyncio.TimerHandle | None = None
-        # Frames received but not handled yet: the work budget ran out (reading is paused).
-        self._stash: list[Event] = []
-        # The (address, forwarded address) this TCP connection is counted under.
-        self._ticket: tuple[str | None, str | None] | None = None
-
-    def __repr__(self) -> str:
-        return f"<WsConnection {self.id} {self.path!r} open={self._open}>"
-
-    # -- application API ---------------------------------------------------------------------
-
-    @property
-    def is_open(self) -> bool:
-        """True while messages can be sent (handshake done, no close frame sent or received)."""
-        return self._open
-
-    @property
-    def buffered(self) -> int:
-        """Bytes waiting in the transport's write buffer."""
-        return self._transport.get_write_buffer_size()
-
-    def send_text(self, text: str) -> None:
-        """Queue a text frame; a no-op once the connection is no longer open."""
-        if self._open:
-            self._queue(encode_text_frame(text))
-
-    def send_frame_bytes(self, frame: bytes) -> None:
-        """Queue an already-serialized server frame (see :func:`encode_text_frame`).
-
-        A no-op once the connection is no longer open.
-        """
-        if self._open:
-            self._queue(frame)
-
-    def _queue(self, frame: bytes) -> None:
-        if not self._pending:
-            self._door._mark_dirty(self)
-        self._pending.append(frame)
-        self._pending_bytes += len(frame)
-        if self._pending_bytes > _COALESCE_LIMIT:
-            # Large bursts go to the transport now, where the slow-consumer check applies.
-            self._write_pending()
-
-    def _write_pending(self) -> None:
-        pending = self._pending
-        if pending:
-            self._pending = []
-            self._pending_bytes = 0
-            if len(pending) == 1:
-                self._transport.write(pending[0])
-            else:
-                self._transport.write(b"".join(pending))
-
-    def ping(self) -> None:
-        """Send a protocol-level ping (the client's pong is consumed silently)."""
-        if self._open:
-            self._proto.send_ping(b"")
-            self._flush()
-
-    def close(self, code: int = 1000, reason: str = "") -> None:
-        """Start the closing handshake with ``code``; the transport closes after it.
-
-        If the client does not finish the handshake within the front door's close timeout,
-        the TCP connection is aborted. A no-op if the connection is not open.
-        """
-        if not self._open:
-            return
-        reason_bytes = reason.encode()[:123]
-        reason = reason_bytes.decode(errors="ignore")
-        try:
-            self._proto.send_close(code, reason)
-        except Exception:  # an invalid close code from the caller must not leave us half-open
-            log.warning("invalid close code %r for connection %d; using 1011", code, self.id)
-            self._proto.fail(1011, "internal error")
-        self._open = False
-        self._flush()
-
-    # -- asyncio.Protocol --------------------------------------------------------------------
-
-    def data_received(self, data: bytes) -> None:
-        proto = self._proto
-        proto.receive_data(data)
-        events = proto.events_received()
-        self._open = proto.state is _OPEN
-        if events:
-            if self._stash:
-                self._stash.extend(events)
-            else:
-                self._dispatch(events)
-        self._flush()
-
-    def eof_received(self) -> bool | None:
-        self._proto.receive_eof()
-        self._open = False
-        self._flush()
-        return None  # the transport closes itself
-
-    def pause_writing(self) -> None:
-        # Called by the transport, synchronously inside write(), when its buffer passes
-        # ws_high_water: this client does not read as fast as we send.
-        if self._open and self._transport.get_write_buffer_size() > self._door.ws_high_water:
-            self._door.slow_consumers_closed += 1
-            log.info("closing slow consumer %d (%d bytes buffered)", self.id, self.buffered)
-            self.close(4100, "over capacity")
-
-    def resume_writing(self) -> None:
-        pass
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._open = False
-        self._stash = []
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
-        if self._ticket is not None:
-            self._door._release(*self._ticket)
-            self._ticket = None
-        self._door._forget(self)
-        if self._opened and not self._notified:
-            self._notified = True
-            received = self._proto.close_rcvd
-            code = received.code if received is not None else None
-            try:
-                self._door.ws_handler.ws_closed(self, code)
-            except Exception:
-                log.exception("ws_closed handler failed for connection %d", self.id)
-
-    # -- internals ---------------------------------------------------------------------------
-
-    def _start(self, raw_request: bytes) -> None:
-        """Run the opening handshake on the request bytes (plus any bytes that followed)."""
-        proto = self._proto
-        proto.receive_data(raw_request)
-        events = proto.events_received()
-        if not events or not isinstance(events[0], Request):
-            self._flush()  # websockets could not parse it and already sent EOF
-            return
-        response = proto.accept(events[0])
-        proto.send_response(response)
-        self._open = proto.state is _OPEN
-        self._flush()
-        if not self._open:
-            return
-        self._opened = True
-        self._transport.set_write_buffer_limits(high=self._door.ws_high_water)
-        try:
-            self._door.ws_handler.ws_open(self)
-        except Exception:
-            log.exception("ws_open handler failed for connection %d", self.id)
-            self._fail(1011, "internal error")
-            return
-        if len(events) > 1:
-            self._dispatch(events[1:])
-            self._flush()
-
-    def _dispatch(self, events: list[Event], *, resumed: bool = False) -> None:
-        work = self._door.work
-        for i, event in enumerate(events):
-            if not self._open:
-                return
-            if not isinstance(event, Frame):
-                continue
-            opcode = event.opcode
-            if event.fin and opcode in _DATA_OPCODES:
-                # A complete message: client work, paid from the loop iteration's budget.
-                if not work.may_run(resumed=resumed):
-                    self._stash = events[i:]
-                    self._transport.pause_reading()
-                    work.defer(self._resume)
-                    return
-                work.spend()
-            if opcode is _TEXT or opcode is _BINARY:
-                if event.fin:
-                    self._deliver(opcode is _TEXT, bytes(event.data))
-                else:
-                    self._fragments = [bytes(event.data)]
-                    self._fragments_text = opcode is _TEXT
-            elif opcode is _CONT and self._fragments is not None:
-                self._fragments.append(bytes(event.data))
-                if event.fin:
-                    data = b"".join(self._fragments)
-                    self._fragments = None
-                    self._deliver(self._fragments_text, data)
-            # PING (auto-ponged by websockets), PONG and CLOSE need nothing from us.
-
-    def _resume(self) -> None:
-        """Handle the frames that waited for the work budget, then read the socket again."""
-        events, self._stash = self._stash, []
-        if not events or self._transport.is_closing():
-            return
-        self._dispatch(events, resumed=True)
-        if not self._stash and not self._transport.is_closing():
-            self._transport.resume_reading()
-        self._flush()
-
-    def _deliver(self, is_text: bool, data: bytes) -> None:
-        handler = self._door.ws_handler
-        try:
-            if is_text:
-                try:
-                    text = data.decode()
-                except UnicodeDecodeError:
-                    self._fail(1007, "invalid UTF-8")
-                    return
-                handler.ws_text(self, text)
-            else:
-                handler.ws_binary(self, data)
-        except Exception:
-            log.exception("WebSocket handler failed for connection %d", self.id)
-            self._fail(1011, "internal error")
-
-    def _fail(self, code: int, reason: str) -> None:
-        if self._proto.state is _OPEN:
-            self._proto.fail(code, reason)
-        self._open = False
-        self._flush()
-
-    def _flush(self) -> None:
-        transport = self._transport
-        # Queued frames go first: a pong or close frame must never overtake them.
-        self._write_pending()
-        for chunk in self._proto.data_to_send():
-            if chunk:
-                transport.write(chunk)
-            elif transport.can_write_eof():
-                transport.write_eof()
-            else:
-                transport.close()
-        if self._close_timer is None and self._proto.close_expected():
-            loop = asyncio.get_running_loop()
-            self._close_timer = loop.call_later(self._door.ws_close_timeout, self._abort)
-
-    def _abort(self) -> None:
-        self._close_timer = None
-        self._open = False
-        self._transport.abort()
-
-
-# ---------------------------------------------------------------------------------------------
-# HTTP side
-
-
-class _Rejected(Exception):
-    """Raised inside a parser callback to stop parsing with an HTTP error status."""
-
-
-@dataclass(slots=True)
-class _Pending:
-    request: HttpRequest | None  # None: answer ``error`` and close
-    keep_alive: bool
-    error: int = 0
-    message: str | None = None
-
-
-_REASONS = {status.value: status.phrase for status in http.HTTPStatus}
-
-
-def _reason(status: int) -> str:
-    return _REASONS.get(status, "Unknown")
-
-
-def _json_error(status: int, message: str | None = None) -> HttpResponse:
-    text = message if message is not None else _reason(status)
-    headers = {"Retry-After": "5"} if status in (429, 503) else {}
-    return HttpResponse(status, json.dumps({"error": text}).encode(), headers)
-
-
-def _refusal(status: int, message: str) -> bytes:
-    """A whole response for a connection refused before anything was read from it."""
-    return _serialize(_json_error(status, message), keep_alive=False, head=False)
-
-
-_SKIPPED_HEADERS = frozenset({"content-length", "connection", "transfer-encoding"})
-
-
-def _serialize(response: HttpResponse, *, keep_alive: bool, head: bool) -> bytes:
-    body = response.body
-    parts = [
-        f"HTTP/1.1 {response.status} {_reason(response.status)}\r\n"
-        f"Content-Type: {response.content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n"
-    ]
-    for name, value in response.headers.items():
-        if name.lower() in _SKIPPED_HEADERS:
-            continue
-        # A CR or LF from the application must never split the response.
-        parts.append(f"{name}: {value}\r\n".replace("\r", " ").replace("\n", " ")[:-2] + "\r\n")
-    parts.append("\r\n")
-    head_bytes = "".join(parts).encode("latin-1", errors="replace")
-    return head_bytes if head else head_bytes + body
-
-
-def split_target(target: str) -> tuple[str, str]:
-    """Split a request target into raw ``(path, query)``; see the module docstring."""
-    if not target.startswith("/"):
-        scheme, sep, rest = target.partition("://")
-        if sep and scheme.isalpha():
-            cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-            target = rest[cut:]
-            if not target.startswith("/"):
-                target = "/" + target
-        elif target != "*":
-            target = "/" + target
-    path, _, query = target.partition("?")
-    return path.partition("#")[0], query.partition("#")[0]
-
-
-class _HttpConnection(asyncio.Protocol):
-    """A connection before (or without) a WebSocket upgrade."""
-
-    def __init__(self, door: FrontDoor) -> None:
-        self._door = door
-        self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpRequestParser(self)
-        self._remote: tuple[str, int] | None = None
-        self._queue: deque[_Pending] = deque()
-        self._task: asyncio.Task[None] | None = None
-        self._stopped = False  # the parser is done with this connection
-        self._closed = False
-        self._reading = True
-        self._upgrade: bytearray | None = None  # handshake bytes (+ what followed) to hand over
-        self._upgrade_target = ("/", "")
-        self._reject = 0
-        self._reject_message: str | None = None
-        self._linger_timer: asyncio.TimerHandle | None = None
-        self.last_active = self._loop.time()
-        self._head_extra = 0
-        self._begun = 0  # requests begun so far (to tell whether a head began in this read)
-        self._admitted = False
-        self._counted_ip: str | None = None  # the address this connection is counted under
-        self._forwarded_ip: str | None = None  # ... and, behind a trusted proxy, the client's
-        self._deadline: float | None = None  # when the request being received times out
-        self._held = 0  # request body bytes held (counted in the door's pending bytes)
-        self._write_paused: asyncio.Future[None] | None = None
-        self._new_message()
-
-    def _new_message(self) -> None:
-        self._in_head = False
-        self._url = bytearray()
-        self._headers: dict[str, str] = {}
-        self._raw_headers: list[tuple[bytes, bytes]] = []
-        self._head_size = 0
-        self._body = bytearray()
-
-    @property
-    def idle(self) -> bool:
-        return self._task is None and not self._queue and not self._in_head
-
-    # -- asyncio.Protocol --------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TCPTransport does not subclass asyncio.Transport, so no isinstance check.
-        transport = typing.cast(asyncio.Transport, transport)
-        self._transport = transport
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and len(peer) >= 2:
-            self._remote = (str(peer[0]), int(peer[1]))
-        door = self._door
-        ip = self._remote[0] if self._remote is not None else None
-        refusal = door.admission.admit(ip)
-        if refusal is not None:
-            # Written before anything is read, then closed: the client gets a clean 503.
-            self._stopped = self._closed = True
-            transport.write(_refusal(503, refusal))
-            transport.close()
-            return
-        self._admitted = True
-        self._counted_ip = ip if door.admission.counts(ip) else None
-        self._deadline = self._loop.time() + door.header_timeout
-        door._http.add(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        if self._linger_timer is not None:
-            self._linger_timer.cancel()
-        if self._write_paused is not None and not self._write_paused.done():
-            self._write_paused.set_result(None)
-        self._release_bytes(self._held)
-        if self._admitted:
-            self._admitted = False
-            self._door._release(self._counted_ip, self._forwarded_ip)
-        self._door._forget(self)
-
-    def pause_writing(self) -> None:
-        # The client does not read our responses: answer nothing more until it does.
-        if self._write_paused is None:
-            self._write_paused = self._loop.create_future()
-
-    def resume_writing(self) -> None:
-        paused, self._write_paused = self._write_paused, None
-        if paused is not None and not paused.done():
-            paused.set_result(None)
-
-    def _release_bytes(self, n: int) -> None:
-        n = min(n, self._held)  # never more than this connection holds
-        if n > 0:
-            self._held -= n
-            self._door.pending_bytes -= n
-
-    def timed_out(self, now: float) -> bool:
-        """Answer 408 if the request being received is late; True if it was."""
-        if self._deadline is None or now < self._deadline or self._stopped or self._closed:
-            return False
-        self._deadline = None
-        self._stopped = True
-        self._in_head = False
-        self._release_bytes(len(self._body))
-        self._body = bytearray()
-        self._queue.append(_Pending(None, False, 408, "request not received in time"))
-        self._pump()
-        return True
-
-    def data_received(self, data: bytes) -> None:
-        if self._upgrade is not None:
-            # Bytes after an upgrade request whose turn has not come (earlier requests are
-            # being answered, or the work budget is spent): reading was paused, so this is at
-            # most what one read brought; anything beyond a message and a head is refused.
-            self._upgrade += data
-            if len(self._upgrade) > self._door.max_ws_message + MAX_HEAD_BYTES and (
-                self._transport is not None
-            ):
-                self._transport.abort()
-            return
-        if self._stopped:
-            return
-        self.last_active = self._loop.time()
-        continued = self._in_head
-        begun = self._begun
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            if self._upgrade is not None:
-                self._upgrade += data[int(exc.args[0]) :]
-            else:  # an upgrade to something else (h2c, CONNECT): answer it, then close
-                self._stopped = True
-        except httptools.HttpParserError:
-            # The request being received is dropped with its body: free its bytes at once.
-            self._release_bytes(len(self._body))
-            self._body = bytearray()
-            if self._upgrade is None:  # after an upgrade request the rest is not HTTP anyway
-                self._stopped = True
-                self._queue.append(_Pending(None, False, self._reject or 400, self._reject_message))
-        else:
-            if self._in_head:
-                # llhttp has no limit of its own on a head arriving in many small reads, and
-                # httptools reports a header only once it is complete: count the bytes of
-                # reads that continue an unfinished head. A head that began in this read is
-                # not counted for this read (its start is unknown; at most one read more).
-                if continued and self._begun == begun:
-                    self._head_extra += len(data)
-                else:
-                    self._head_extra = 0
-                if self._head_extra > MAX_HEAD_BYTES:
-                    self._stopped = True
-                    self._queue.append(_Pending(None, False, 431))
-        self._pump()
-
-    def eof_received(self) -> bool | None:
-        # Half-closed by the client: finish answering what was received, then close.
-        if self._task is None and not self._queue:
-            return None
-        self._stopped = True
-        self._upgrade = None
-        return True
-
-    # -- httptools callbacks -----------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._new_message()
-        self._in_head = True
-        self._begun += 1
-        self._deadline = self._loop.time() + self._door.header_timeout
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > MAX_TARGET:
-            self._fail_parse(414)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers.append((name, value))
-        self._head_size += len(name) + len(value) + 4
-        if len(self._raw_headers) > MAX_HEADERS or self._head_size > MAX_HEAD_BYTES:
-            self._fail_parse(431)
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        previous = self._headers.get(key)
-        self._headers[key] = text if previous is None else f"{previous}, {text}"
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._head_extra = 0
-        length = self._headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self._door.max_body:
-            self._fail_parse(413)
-        body_expected = (length is not None and length != "0") or (
-            "transfer-encoding" in self._headers
-        )
-        self._deadline = self._loop.time() + self._door.body_timeout if body_expected else None
-        expect = self._headers.get("expect")
-        if (
-            expect is not None
-            and expect.lower() == "100-continue"
-            and self._task is None
-            and not self._queue
-            and self._transport is not None
-        ):
-            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def on_body(self, body: bytes) -> None:
-        self._body += body
-        door = self._door
-        self._held += len(body)
-        door.pending_bytes += len(body)
-        if len(self._body) > door.max_body:
-            self._fail_parse(413)
-        if door.pending_bytes > door.max_pending_bytes:
-            door.note_pending_overflow()
-            self._fail_parse(503, "server busy: too many unfinished requests; retry later")
-
-    def on_message_complete(self) -> None:
-        self._deadline = None
-        if self._stopped:
-            return
-        method = self._parser.get_method().decode("ascii", errors="replace")
-        target = self._url.decode("latin-1")
-        path, query = split_target(target)
-        if method == "GET" and self._headers.get("upgrade", "").lower() == "websocket":
-            if (
-                self._body
-                or "transfer-encoding" in self._headers
-                or (self._headers.get("content-length", "0") != "0")
-            ):
-                self._release_bytes(len(self._body))
-                self._body = bytearray()
-                self._stopped = True
-                self._queue.append(_Pending(None, False, 400, "a WebSocket handshake has no body"))
-                return
-            # Rebuild the head for websockets to parse; bytes after it are appended later.
-            version = self._parser.get_http_version()
-            head = [f"GET {target} HTTP/{version}\r\n".encode("latin-1")]
-            head.extend(name + b": " + value + b"\r\n" for name, value in self._raw_headers)
-            head.append(b"\r\n")
-            self._upgrade = bytearray(b"".join(head))
-            self._upgrade_target = (path, query)
-            self._stopped = True
-            # Nothing more is read until the hand-over: the WebSocket reads it then.
-            if self._reading and self._transport is not None:
-                self._reading = False
-                self._transport.pause_reading()
-            return
-        request = HttpRequest(method, path, query, self._headers, bytes(self._body), self._remote)
-        keep_alive = self._parser.should_keep_alive() and not self._parser.should_upgrade()
-        self._queue.append(_Pending(request, keep_alive))
-        if len(self._queue) >= MAX_PIPELINE and self._reading and self._transport is not None:
-            self._reading = False
-            self._transport.pause_reading()
-
-    def _fail_parse(self, status: int, message: str | None = None) -> typing.NoReturn:
-        self._reject = status
-        self._reject_message = message
-        raise _Rejected(status)
-
-    # -- answering ---------------------------------------------------------------------------
-
-    def _pump(self) -> None:
-        if self._task is not None or self._closed:
-            return
-        if self._queue:
-            self._task = self._loop.create_task(self._serve())
-        elif self._upgrade is not None:
-            self._upgrade_now()
-        elif self._stopped:
-            self._linger()
-
-    def _upgrade_now(self, *, resumed: bool = False) -> None:
-        if self._closed or self._upgrade is None:
-            return
-        door = self._door
-        work = door.work
-        if not work.may_run(resumed=resumed):
-            # Out of budget for this loop iteration: wait for a later one, reading nothing.
-            if self._reading and self._transport is not None:
-                self._reading = False
-                self._transport.pause_reading()
-            work.defer(lambda: self._upgrade_now(resumed=True))
-            return
-        work.spend(_HANDSHAKE_COST)
-        refusal = self._admit_upgrade()
-        if refusal is not None:
-            status, message = refusal
-            self._upgrade = None
-            self._queue.append(_Pending(None, False, status, message))
-            self._pump()
-            return
-        self._hand_over()
-
-    def _admit_upgrade(self) -> tuple[int, str] | None:
-        """Per-address limits of a WebSocket handshake: (status, message) when refused."""
-        admission = self._door.admission
-        peer = self._remote[0] if self._remote is not None else None
-        client = admission.client_address(peer, self._headers.get("x-forwarded-for"))
-        if client != peer and client is not None:
-            refusal = admission.admit_forwarded(client)
-            if refusal is not None:
-                return 503, refusal
-            self._forwarded_ip = client
-        if self._door.shutting_down:
-            return 503, "this node is shutting down; reconnect"
-        refusal = admission.shed(client)
-        if refusal is not None:
-            return 503, refusal
-        refusal = admission.handshake(client)
-        if refusal is not None:
-            return 429, refusal
-        return None
-
-    async def _writable(self) -> None:
-        paused = self._write_paused
-        if paused is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(paused), self._door.send_timeout)
-        except TimeoutError:
-            log.info(
-                "closing HTTP connection from %s: responses unread for %g s",
-                self._remote,
-                self._door.send_timeout,
-            )
-            if self._transport is not None:
-                self._transport.abort()
-
-    async def _serve(self) -> None:
-        keep_alive = True
-        try:
-            while self._queue and not self._closed:
-                item = self._queue.popleft()
-                if (
-                    not self._reading
-                    and len(self._queue) < MAX_PIPELINE // 2
-                    and self._upgrade is None
-                ):
-                    self._reading = True
-                    if self._transport is not None:
-                        self._transport.resume_reading()
-                if item.request is None:
-                    self._send(_json_error(item.error, item.message), keep_alive=False, head=False)
-                    keep_alive = False
-                    break
-                if self._write_paused is not None:
-                    await self._writable()
-                    if self._closed:
-                        break
-                # The request is complete: its body no longer counts as unfinished.
-                self._release_bytes(len(item.request.body))
-                work = self._door.work
-                if work.may_run():
-                    work.spend()
-                else:
-                    await work.turn()  # charged when the turn comes
-                response = await self._answer(item.request)
-                keep_alive = item.keep_alive and not self._door.shutting_down
-                self._send(response, keep_alive=keep_alive, head=item.request.method == "HEAD")
-                if not keep_alive:
-                    break
-        finally:
-            self._task = None
-        if not keep_alive:
-            self._linger()
-        else:
-            self._pump()
-
-    async def _answer(self, request: HttpRequest) -> HttpResponse:
-        try:
-            response = await self._door.http_handler.http_request(request)
-            if not isinstance(response, HttpResponse) or not 100 <= response.status <= 599:
-                raise TypeError(f"handler returned {response!r}, not an HttpResponse")
-            return response
-        except Exception:
-            log.exception("HTTP handler failed on %s %s", request.method, request.path)
-            return _json_error(500, "internal server error")
-
-    def _send(self, response: HttpResponse, *, keep_alive: bool, head: bool) -> None:
-        if self._closed or self._transport is None or self._transport.is_closing():
-            return
-        self.last_active = self._loop.time()
-        self._transport.write(_serialize(response, keep_alive=keep_alive, head=head))
-
-    def _close(self) -> None:
-        if self._transport is not None and not self._closed:
-            self._transport.close()
-
-    def _linger(self) -> None:
-        # Closing while the client still sends would make the kernel answer with a reset that
-        # can destroy our last response before the client reads it; so send FIN, keep reading
-        # (and discarding) until the client closes, for at most LINGER seconds.
-        transport = self._transport
-        if transport is None or self._closed or transport.is_closing():
-            return
-        self._stopped = True
-        if not self._reading:
-            self._reading = True
-            transport.resume_reading()
-        if transport.can_write_eof():
-            transport.write_eof()
-            self._linger_timer = self._loop.call_later(LINGER, transport.close)
-        else:
-            transport.close()
-
-    def close_if_idle(self) -> None:
-        if self.idle and self._upgrade is None:
-            self._close()
-
-    def _hand_over(self) -> None:
-        transport = self._transport
-        assert transport is not None and self._upgrade is not None
-        raw = bytes(self._upgrade)
-        self._upgrade = None
-        self._door._http.discard(self)
-        if not self._reading:
-            self._reading = True
-            transport.resume_reading()
-        path, query = self._upgrade_target
-        conn = WsConnection(self._door, transport, path, query, self._remote)
-        # The TCP connection stays counted: the WebSocket releases it when it closes. Body
-        # bytes of the upgrade request (a body without "Connection: Upgrade" is parsed) are
-        # released here: this object's connection_lost will never run.
-        conn._ticket = (self._counted_ip, self._forwarded_ip)
-        self._release_bytes(self._held)
-        self._body = bytearray()
-        self._admitted = False
-        self._deadline = None
-        self._door._ws.add(conn)
-        transport.set_protocol(conn)
-        conn._start(raw)
-
-
-# ---------------------------------------------------------------------------------------------
-# The listening socket
-
 
 class FrontDoor:
     """A listening front door; made by :func:`start_frontdoor`.
+
+    It is the :class:`~gateway.server.httpconn.HttpDoor` (and so the
+    :class:`~gateway.server.websocket.WsDoor`) of every connection it accepts: the settings
+    they read and the methods under "for the connections" are theirs, not applications'.
 
     Attributes:
         port: The bound port.
@@ -1066,27 +103,12 @@ class FrontDoor:
         self.shutting_down = False
         self.slow_consumers_closed = 0
         self.port = 0
+        self.writes = WriteCoalescer()
         self._server: asyncio.Server | None = None
         self._ws: set[WsConnection] = set()
-        self._http: set[_HttpConnection] = set()
+        self._http: set[HttpConnection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._drained: asyncio.Event | None = None
-        self._dirty: list[WsConnection] = []
-
-    def _mark_dirty(self, conn: WsConnection) -> None:
-        # One write per connection per event-loop iteration, however many frames it got.
-        if not self._dirty:
-            asyncio.get_running_loop().call_soon(self._write_dirty)
-        self._dirty.append(conn)
-
-    def _write_dirty(self) -> None:
-        dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            if not conn._transport.is_closing():
-                conn._write_pending()
-            else:
-                conn._pending = []
-                conn._pending_bytes = 0
 
     @property
     def connections(self) -> int:
@@ -1096,7 +118,7 @@ class FrontDoor:
     @property
     def websockets(self) -> list[WsConnection]:
         """The WebSocket connections whose handshake completed and that are still open."""
-        return [conn for conn in self._ws if conn._open]
+        return [conn for conn in self._ws if conn.is_open]
 
     def stop_accepting(self) -> None:
         """Draining: refuse new connections and WebSocket upgrades, end keep-alive; the
@@ -1135,18 +157,59 @@ class FrontDoor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), max(0.0, deadline - loop.time()))
         for conn in list(self._ws):
-            conn._abort()
+            conn.abort()
         for http_conn in list(self._http):
-            if http_conn._transport is not None:
-                http_conn._transport.abort()
+            http_conn.abort()
         # Let the aborts reach connection_lost so ws_closed has been called on return.
         for _ in range(3):
             await asyncio.sleep(0)
 
-    def _release(self, ip: str | None, forwarded: str | None) -> None:
+    # -- for the connections (HttpDoor, WsDoor) -----------------------------------------------
+
+    def http_opened(self, conn: HttpConnection) -> None:
+        """Track an admitted HTTP connection until it is lost or upgraded."""
+        self._http.add(conn)
+
+    def upgraded(self, old: HttpConnection, new: WsConnection) -> None:
+        """Track the WebSocket ``new`` instead of ``old``, whose TCP connection it took over."""
+        self._http.discard(old)
+        self._ws.add(new)
+
+    def http_lost(self, conn: HttpConnection) -> None:
+        """Stop tracking an HTTP connection whose TCP connection is gone."""
+        self._http.discard(conn)
+        self._check_drained()
+
+    def websocket_lost(self, conn: WsConnection) -> None:
+        """Stop tracking a WebSocket whose TCP connection is gone."""
+        self._ws.discard(conn)
+        self._check_drained()
+
+    def release_client(self, ip: str | None, forwarded: str | None) -> None:
+        """Stop counting a closed TCP connection under its address (and forwarded address)."""
         self.admission.release(ip)
         if forwarded is not None:
             self.admission.release(forwarded, total=False)
+
+    def note_slow_consumer(self) -> None:
+        """Count a WebSocket closed with 4100 for exceeding ``ws_high_water``."""
+        self.slow_consumers_closed += 1
+
+    def hold_body_bytes(self, n: int) -> bool:
+        """Count ``n`` more bytes of unfinished request bodies.
+
+        Args:
+            n: Bytes just received.
+
+        Returns:
+            False once all unfinished requests hold more than ``max_pending_bytes``.
+        """
+        self.pending_bytes += n
+        return self.pending_bytes <= self.max_pending_bytes
+
+    def release_body_bytes(self, n: int) -> None:
+        """Stop counting ``n`` bytes of request bodies (answered, dropped or gone)."""
+        self.pending_bytes -= n
 
     def note_pending_overflow(self) -> None:
         """A request was refused because unfinished requests hold too many bytes."""
@@ -1160,11 +223,9 @@ class FrontDoor:
                 self.max_pending_bytes,
             )
 
-    def _forget(self, conn: WsConnection | _HttpConnection) -> None:
-        if isinstance(conn, WsConnection):
-            self._ws.discard(conn)
-        else:
-            self._http.discard(conn)
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_drained(self) -> None:
         if self._drained is not None and not self.connections:
             self._drained.set()
 
@@ -1176,7 +237,7 @@ class FrontDoor:
             if conn.timed_out(now):
                 self.timeouts += 1
             elif conn.last_active < limit and conn.idle:
-                conn._close()
+                conn.close()
         self.admission.sweep()
         self._sweeper = loop.call_later(min(1.0, self.http_idle_timeout / 4), self._sweep)
 
@@ -1241,7 +302,7 @@ async def start_frontdoor(
     )
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: _HttpConnection(door),
+        lambda: HttpConnection(door),
         host,
         port,
         backlog=backlog,
