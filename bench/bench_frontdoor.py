@@ -34,14 +34,9 @@ from websockets.asyncio.server import ServerConnection, serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.server.frontdoor import (
-    HttpRequest,
-    HttpResponse,
-    WsConnection,
-    broadcast_frame,
-    encode_text_frame,
-    start_frontdoor,
-)
+from gateway.server.frontdoor import start_frontdoor
+from gateway.server.httpconn import HttpRequest, HttpResponse
+from gateway.server.websocket import WsConnection, broadcast_frame, encode_text_frame
 
 BURST = 20
 MAX_BUFFERED = 256 * 1024

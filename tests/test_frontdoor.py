@@ -16,16 +16,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
-from gateway.server.frontdoor import (
-    FrontDoor,
-    HttpRequest,
-    HttpResponse,
-    WsConnection,
-    broadcast_frame,
-    encode_text_frame,
-    start_frontdoor,
-)
-from gateway.server.httpconn import split_target
+from gateway.server.frontdoor import FrontDoor, start_frontdoor
+from gateway.server.httpconn import HttpRequest, HttpResponse, split_target
+from gateway.server.websocket import WsConnection, broadcast_frame, encode_text_frame
 
 
 class App:

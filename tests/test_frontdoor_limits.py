@@ -20,7 +20,8 @@ from websockets.exceptions import InvalidStatus
 
 from gateway.metrics import Metrics
 from gateway.server.admission import Admission, AdmissionSettings
-from gateway.server.frontdoor import FrontDoor, HttpRequest, HttpResponse, start_frontdoor
+from gateway.server.frontdoor import FrontDoor, start_frontdoor
+from gateway.server.httpconn import HttpRequest, HttpResponse
 
 Door = Callable[..., Awaitable[FrontDoor]]
 

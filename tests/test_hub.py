@@ -53,17 +53,18 @@ class FakeSocket:
         self.query = "protocol=7&client=js&version=8.6.0"
         self.frames: list[dict[str, Any]] = []
         self.closed: tuple[int, str] | None = None
-        self._open = True
 
     def send_text(self, text: str) -> None:
         self.frames.append(json.loads(text))
 
-    def _queue(self, frame: bytes) -> None:  # what the front door's broadcast writes to
+    def queue_frame(self, frame: bytes) -> bool:  # what the front door's broadcast calls
+        if self.closed is not None:
+            return False
         self.send_text(_text_of_frame(frame))
+        return True
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         self.closed = (code, reason)
-        self._open = False
 
     @property
     def socket_id(self) -> str:

@@ -19,8 +19,9 @@ from gateway.protocol import http_api, messages
 from gateway.protocol.auth import parse_query, verify_api_params
 from gateway.protocol.channels import classify, server_to_user_channel
 from gateway.protocol.errors import ApiError
-from gateway.server.frontdoor import HttpRequest, HttpResponse, WsConnection
+from gateway.server.httpconn import HttpRequest, HttpResponse
 from gateway.server.hub import CACHE_TTL_MS, Hub
+from gateway.server.websocket import WsConnection
 from gateway.shards import contract
 from gateway.shards.shardset import ShardSet
 from gateway.shards.writer import BatchWriter, WriteFailed

@@ -28,26 +28,14 @@ import ssl
 
 from gateway.metrics import Metrics
 from gateway.server.admission import Admission, AdmissionSettings, WorkBudget
-from gateway.server.httpconn import HttpConnection, HttpHandler, HttpRequest, HttpResponse
+from gateway.server.httpconn import HttpConnection, HttpHandler
 from gateway.server.websocket import (
     WriteCoalescer,
     WsConnection,
     WsHandler,
-    broadcast_frame,
-    encode_text_frame,
 )
 
-__all__ = [
-    "FrontDoor",
-    "HttpHandler",
-    "HttpRequest",
-    "HttpResponse",
-    "WsConnection",
-    "WsHandler",
-    "broadcast_frame",
-    "encode_text_frame",
-    "start_frontdoor",
-]
+__all__ = ["FrontDoor", "start_frontdoor"]
 
 log = logging.getLogger("gateway.server.frontdoor")
 
@@ -114,6 +102,10 @@ class FrontDoor:
     def connections(self) -> int:
         """Open TCP connections (HTTP and WebSocket)."""
         return len(self._ws) + len(self._http)
+
+    def counts(self) -> tuple[int, int]:
+        """Open TCP connections: (upgraded to WebSocket, plain HTTP)."""
+        return len(self._ws), len(self._http)
 
     @property
     def websockets(self) -> list[WsConnection]:

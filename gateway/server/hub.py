@@ -24,7 +24,7 @@ from gateway.protocol import messages
 from gateway.protocol.channels import classify, server_to_user_channel, server_to_user_id
 from gateway.protocol.limits import Limits
 from gateway.protocol.session import Action, Close, Join, Leave, Publish, Send, Session, SignIn
-from gateway.server.frontdoor import WsConnection, broadcast_frame, encode_text_frame
+from gateway.server.websocket import WsConnection, broadcast_frame, encode_text_frame
 from gateway.shards import contract
 from gateway.shards.contract import channel_key
 from gateway.shards.writer import WriteFailed

@@ -216,14 +216,12 @@ class GatewayNode:
             )
         door = self._door
         m = self.metrics
-        m.gauge(
-            "pg_tcp_connections",
-            "Open client TCP connections, by kind",
-            lambda: {
-                (("kind", "websocket"),): float(len(door._ws)),
-                (("kind", "http"),): float(len(door._http)),
-            },
-        )
+
+        def tcp_connections() -> dict[tuple[tuple[str, str], ...], float]:
+            websockets, http = door.counts()
+            return {(("kind", "websocket"),): float(websockets), (("kind", "http"),): float(http)}
+
+        m.gauge("pg_tcp_connections", "Open client TCP connections, by kind", tcp_connections)
         m.gauge(
             "pg_tcp_connections_max",
             "Client connections this node accepts (max_client_connections or the fd limit)",
@@ -306,12 +304,12 @@ class GatewayNode:
         for i in range(slices):
             # What is still open now (a request under way may have upgraded meanwhile),
             # spread over the slices left.
-            open_now = [conn for conn in door._ws if conn.is_open]
+            open_now = door.websockets
             for conn in open_now[: -(-len(open_now) // (slices - i))]:
                 conn.close(4200, "server shutting down; reconnect")
                 closed += 1
             await asyncio.sleep(c.drain_window / slices)
-        for conn in [conn for conn in door._ws if conn.is_open]:
+        for conn in door.websockets:
             conn.close(4200, "server shutting down; reconnect")
             closed += 1
         await asyncio.sleep(c.drain_handover)
