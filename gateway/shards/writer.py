@@ -18,12 +18,14 @@ from gateway._native import (
     NoIdentityError,
     ReadOnlyError,
     ReplyError,
+    RespError,
     RoutingError,
     ShardBatch,
     StaleEpochError,
     WrongShardError,
     build_batches,
 )
+from gateway.logs import fields
 from gateway.metrics import Metrics
 from gateway.shards.connection import ConnectionLost
 from gateway.shards.shardset import ShardLink, ShardSet
@@ -52,6 +54,10 @@ class WriteFailed(RuntimeError):
 
 class ShardUnavailableError(WriteFailed):
     """The write's shard stayed unavailable for longer than the write timeout."""
+
+
+#: Result slot of a write whose reply has not been handled yet (a reply may be ``None``).
+_UNSET = object()
 
 
 @dataclass(eq=False)
@@ -128,7 +134,9 @@ class BatchWriter:
     replica, no identity) or lost with its connection is counted by reason, held, and sent
     again, in order, once its shard is verified again; a write still held after
     ``write_timeout`` seconds fails with :class:`ShardUnavailableError`. Writes are absolute
-    (``HSET`` of a value the gateway owns), so a retry after a lost reply is harmless.
+    (``HSET`` of a value the gateway owns), so a retry after a lost reply is harmless. A reply
+    that cannot be handled (it does not fit its batch) fails that batch's writes with
+    :class:`WriteFailed`: every submitted write ends with a result or an error.
     """
 
     def __init__(
@@ -206,7 +214,7 @@ class BatchWriter:
             fut,
             time.monotonic() + self.write_timeout,
             self._seq,
-            [None] * len(ops),
+            [_UNSET] * len(ops),
             len(ops),
         )
         self._new.append(req)
@@ -296,6 +304,19 @@ class BatchWriter:
         writes: _Writes,
         fut: asyncio.Future[list[object]],
     ) -> None:
+        try:
+            self._settle(batch, generation, writes, fut)
+        except (Exception, asyncio.CancelledError) as exc:
+            # A callback that raises would leave its writes pending for ever: fail them instead.
+            self._lost(batch, writes, exc)
+
+    def _settle(
+        self,
+        batch: ShardBatch,
+        generation: int,
+        writes: _Writes,
+        fut: asyncio.Future[list[object]],
+    ) -> None:
         link = self.shards.links[batch.shard]
         exc = fut.exception()
         if exc is not None:
@@ -338,6 +359,37 @@ class BatchWriter:
                 len(rerouted),
                 reason,
             )
+
+    def _lost(self, batch: ShardBatch, writes: _Writes, exc: BaseException) -> None:
+        """Fail each write of ``batch`` that handling its reply left neither settled nor held."""
+        name = self.shards.links[batch.shard].spec.name
+        held = {(id(w.request), w.position) for w in self._held[batch.shard]}
+        lost = [
+            w
+            for w in map(writes.__getitem__, batch.op_indices)
+            if w.request.results[w.position] is _UNSET and (id(w.request), w.position) not in held
+        ]
+        # A reply that does not fit the batch means the server is not running the function
+        # library this gateway verified; anything else is a bug here. Either way the shard may
+        # have applied the writes, so they fail rather than being sent again.
+        reason = "bad_reply" if isinstance(exc, RespError) else "internal_error"
+        log.error(
+            "shard %s: the reply to %d writes could not be handled (%s: %s); %d failed to their "
+            "callers",
+            name,
+            len(batch.op_indices),
+            type(exc).__name__,
+            exc,
+            len(lost),
+            exc_info=not isinstance(exc, RespError),
+            extra=fields(shard=name, reason=reason, count=len(lost)),
+        )
+        for w in lost:
+            error = WriteFailed(
+                f"{name}: the shard's reply could not be handled ({type(exc).__name__}: {exc}); "
+                "the write may or may not have been applied"
+            )
+            self._fail(w.request, w.position, error, reason)
 
     # -- completion --------------------------------------------------------------------------
 
