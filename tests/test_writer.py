@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from support import raw_client
 
 from gateway._native import BadOpError, key_slot
 from gateway.localcluster import LocalCluster
-from gateway.shards.admin import init_shards
+from gateway.shards.admin import init_shards, library_source
 from gateway.shards.shardset import ShardSet, discover_master
 from gateway.shards.topology import Address, TopologyConfig, load_topology
-from gateway.shards.writer import BatchWriter, ShardUnavailableError
+from gateway.shards.writer import BatchWriter, ShardUnavailableError, WriteFailed
+
+# pg_apply as shipped, except that a call whose first key contains "misfit" answers one result
+# short: a real reply from a real shard that does not fit the batch the gateway sent.
+_REGISTRATION = "redis.register_function('pg_apply', apply)\n"
+_MISFIT_REGISTRATION = """
+redis.register_function('pg_apply', function(keys, argv)
+  local out = apply(keys, argv)
+  if out.err == nil and string.find(keys[1], 'misfit', 1, true) then table.remove(out) end
+  return out
+end)
+"""
 
 
 async def _start(topo: TopologyConfig, **kw: float) -> tuple[ShardSet, BatchWriter]:
@@ -145,5 +157,45 @@ async def test_demoted_master_read_only_is_retried(fresh_cluster: LocalCluster) 
         assert await asyncio.wait_for(pending, 10) == 0
         assert master.hget(key0, "f") == b"2"
     finally:
+        await writer.close()
+        await shards.close()
+
+
+async def test_reply_that_does_not_fit_fails_exactly_its_writes(
+    cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reply the native module cannot map fails that batch's writes; none stays pending."""
+    topo = load_topology(cluster.topology_path)
+    init_shards(topo)
+    source = library_source()
+    assert _REGISTRATION in source
+    master0 = raw_client(cluster.masters()[0].addr)
+    keys = [f"{{w:misfit-{n}}}:pres".encode() for n in range(200)]
+    misfits = [k for k in keys if key_slot(k) < 8192][:3]
+    others = [k for k in keys if key_slot(k) >= 8192][:3]
+    ops = [(b"hset", k, [b"f", b"1", b"60000"]) for k in misfits + others]
+    shards, writer = await _start(topo)
+    try:
+        master0.execute_command(
+            "FUNCTION", "LOAD", "REPLACE", source.replace(_REGISTRATION, _MISFIT_REGISTRATION)
+        )
+        with caplog.at_level(logging.ERROR, logger="gateway.shards.writer"):
+            results = await asyncio.wait_for(writer.submit_many(ops), 10)
+        failed, applied = results[: len(misfits)], results[len(misfits) :]
+        assert all(isinstance(r, WriteFailed) for r in failed), failed
+        assert all("shard-0" in str(r) and "RespError" in str(r) for r in failed), failed
+        # The other shard's batch of the same request is applied as usual.
+        assert applied == [1] * len(others)
+        m = shards.metrics
+        assert m.get("pg_writes_failed_total", reason="bad_reply") == len(misfits)
+        assert writer.held_count() == 0
+        errors = [r for r in caplog.records if r.name == "gateway.shards.writer"]
+        assert len(errors) == 1 and "shard shard-0" in errors[0].getMessage(), errors
+        # The link itself is fine: a reply that fits is handled on the same connection.
+        assert shards.links[0].usable
+        fits = next(k for n in range(200) if key_slot(k := f"{{w:fits-{n}}}".encode()) < 8192)
+        assert await writer.write(b"hset", fits, b"f", b"1", b"60000") in (0, 1)
+    finally:
+        master0.execute_command("FUNCTION", "LOAD", "REPLACE", source)
         await writer.close()
         await shards.close()

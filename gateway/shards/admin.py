@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import secrets
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
 
 import redis
 
-from gateway._native import SlotTable, key_slot
+from gateway.shards.identity import (
+    IDENTITY_KEY,
+    DamagedIdentity,
+    IdentityMismatch,
+    MisplacedIdentity,
+    MissingIdentity,
+    ShardIdentity,
+    check_identity,
+    expected_identities,
+    shard_tag,
+)
 from gateway.shards.security import Access
+from gateway.shards.sentinel import (
+    MASTER_QUERY,
+    SentinelAnswer,
+    SentinelUnreachable,
+    parse_master_reply,
+    vote,
+)
 from gateway.shards.topology import Address, TopologyConfig
 
+# IDENTITY_KEY, ShardIdentity and shard_tag live in gateway.shards.identity; importers of
+# this module keep finding them here.
 __all__ = [
     "IDENTITY_KEY",
     "LIBRARY_NAME",
@@ -27,80 +43,11 @@ __all__ = [
     "shard_tag",
 ]
 
-IDENTITY_KEY = "__pg:shard"
 LIBRARY_NAME = "pg"
 
 
 class ShardInitError(RuntimeError):
     """``shards init`` refused to proceed; the message says which shard and why."""
-
-
-@dataclass(frozen=True)
-class ShardIdentity:
-    """The identity record stored in ``__pg:shard`` on every shard master (and its replicas)."""
-
-    cluster: str
-    name: str
-    index: int
-    shards: int
-    uuid: str
-    epoch: int
-    slots: str
-    tag: str = ""
-
-    @classmethod
-    def from_hash(cls, data: dict[str, str]) -> ShardIdentity:
-        """Decode an identity hash; raises ``ValueError`` naming a missing or bad field."""
-        try:
-            return cls(
-                cluster=data["cluster"],
-                name=data["name"],
-                index=int(data["index"]),
-                shards=int(data["shards"]),
-                uuid=data["uuid"],
-                epoch=int(data["epoch"]),
-                slots=data["slots"],
-                tag=data.get("tag", ""),
-            )
-        except KeyError as exc:
-            raise ValueError(f"shard identity lacks field {exc.args[0]!r}") from exc
-        except ValueError as exc:
-            raise ValueError(f"shard identity has a malformed number: {exc}") from exc
-
-    def to_hash(self) -> dict[str, str]:
-        """Encode as the fields of ``__pg:shard``."""
-        return {
-            "cluster": self.cluster,
-            "name": self.name,
-            "index": str(self.index),
-            "shards": str(self.shards),
-            "uuid": self.uuid,
-            "epoch": str(self.epoch),
-            "slots": self.slots,
-            "tag": self.tag,
-            "lib": library_version(),
-        }
-
-    def same_place(self, other: ShardIdentity) -> bool:
-        """Whether both describe the same slot-table position of the same deployment."""
-        return (self.cluster, self.name, self.index, self.shards, self.slots) == (
-            other.cluster,
-            other.name,
-            other.index,
-            other.shards,
-            other.slots,
-        )
-
-
-def shard_tag(index: int, ranges: Sequence[tuple[int, int]]) -> str:
-    """The hash tag of shard ``index``'s own keys: ``{pgs-<index>-<n>}`` with the least ``n``
-    whose slot falls in the shard's range (so shard-wide keys obey the slot table too)."""
-    first, last = ranges[index]
-    for n in range(1_000_000):
-        tag = f"{{pgs-{index}-{n}}}"
-        if first <= key_slot(tag.encode()) <= last:
-            return tag
-    raise ValueError(f"no hash tag found for slots {first}-{last}")
 
 
 def library_source() -> str:
@@ -117,39 +64,45 @@ def library_version() -> str:
 
 
 def resolve_master_sync(topology: TopologyConfig, index: int, *, timeout: float = 2.0) -> Address:
-    """Find shard ``index``'s master: by Sentinel majority when Sentinels are configured.
+    """Find shard ``index``'s master: by the Sentinel vote (see
+    :func:`gateway.shards.sentinel.vote`) when Sentinels are configured.
 
     Raises:
-        ShardInitError: No Sentinel answered, or the shard has no address.
+        ShardInitError: No Sentinel answered, or none of those that did knows the shard's name.
     """
     spec = topology.shards[index]
     if not topology.uses_sentinel:
         assert spec.master is not None  # validated by TopologyConfig
         return spec.master
-    votes: Counter[Address] = Counter()
-    errors: list[str] = []
-    for sentinel in topology.sentinels:
-        client = redis.Redis(
-            host=sentinel.host,
-            port=sentinel.port,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            decode_responses=True,
-            **topology.sentinel.redis_kwargs(),  # type: ignore[arg-type]
-        )
-        try:
-            reply = _cmd(client, "SENTINEL", "get-master-addr-by-name", spec.name)
-        except redis.RedisError as exc:
-            errors.append(f"{sentinel}: {exc}")
-            continue
-        finally:
-            client.close()
-        if reply:
-            votes[Address(str(reply[0]), int(reply[1]))] += 1
-    if not votes:
-        why = f" ({'; '.join(errors)})" if errors else ""
-        raise ShardInitError(f"{spec.name}: no Sentinel knows a master for this name{why}")
-    return votes.most_common(1)[0][0]
+    answers = [
+        _ask_sentinel(topology, sentinel, spec.name, timeout) for sentinel in topology.sentinels
+    ]
+    try:
+        found = vote(spec.name, answers)
+    except SentinelUnreachable as exc:
+        raise ShardInitError(f"{spec.name}: {exc}") from None
+    if found.master is None:
+        raise ShardInitError(found.unknown)
+    return found.master
+
+
+def _ask_sentinel(
+    topology: TopologyConfig, sentinel: Address, name: str, timeout: float
+) -> SentinelAnswer:
+    client = redis.Redis(
+        host=sentinel.host,
+        port=sentinel.port,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        decode_responses=True,
+        **topology.sentinel.redis_kwargs(),  # type: ignore[arg-type]
+    )
+    try:
+        return SentinelAnswer(sentinel, parse_master_reply(_cmd(client, *MASTER_QUERY, name)))
+    except (redis.RedisError, ValueError) as exc:
+        return SentinelAnswer(sentinel, error=str(exc))
+    finally:
+        client.close()
 
 
 def _cmd(client: redis.Redis, *args: str | int) -> Any:
@@ -189,10 +142,10 @@ def init_shards(
                 "verifies the name it connects to): list the servers by a name their "
                 "certificates carry"
             )
-    n = len(topology.shards)
-    ranges = SlotTable.even_ranges(n)
+    wanted = expected_identities(topology)
     clients: list[redis.Redis] = []
     existing: list[ShardIdentity | None] = []
+    conflicts: list[str] = []
     run_ids: dict[str, str] = {}
     try:
         for i, spec in enumerate(topology.shards):
@@ -205,8 +158,6 @@ def init_shards(
                 raw = cast(dict[str, str], client.hgetall(IDENTITY_KEY))
             except redis.RedisError as exc:
                 raise ShardInitError(f"{spec.name}: cannot talk to master {addr}: {exc}") from exc
-            if role[0] != "master":
-                raise ShardInitError(f"{spec.name}: {addr} is a {role[0]}, not a master")
             run_id = str(info.get("run_id"))
             if run_id in run_ids:
                 raise ShardInitError(
@@ -214,41 +165,27 @@ def init_shards(
                     "every shard needs its own master"
                 )
             run_ids[run_id] = spec.name
+            old: ShardIdentity | None
             try:
-                existing.append(ShardIdentity.from_hash(raw) if raw else None)
-            except ValueError as exc:
+                old = check_identity(str(role[0]), raw, expected=wanted[i])
+            except MissingIdentity:
+                old = None
+            except DamagedIdentity as exc:
                 if not force:
                     raise ShardInitError(
                         f"{spec.name}: {addr} holds a damaged identity ({exc}); use --force"
                     ) from exc
-                existing.append(None)
+                old = None
+            except MisplacedIdentity as exc:
+                old = exc.found
+                conflicts.append(f"{spec.name}: {addr}: {exc} (uuid {old.uuid})")
+            except IdentityMismatch as exc:
+                raise ShardInitError(f"{spec.name}: {addr}: {exc}") from exc
+            existing.append(old)
 
-        wanted = [
-            ShardIdentity(
-                cluster=topology.cluster,
-                name=spec.name,
-                index=i,
-                shards=n,
-                uuid="",
-                epoch=0,
-                slots=f"{ranges[i][0]}-{ranges[i][1]}",
-                tag=shard_tag(i, ranges),
-            )
-            for i, spec in enumerate(topology.shards)
-        ]
-        conflicts = [
-            (i, old)
-            for i, old in enumerate(existing)
-            if old is not None and not old.same_place(wanted[i])
-        ]
         if conflicts and not force:
-            details = "; ".join(
-                f"{topology.shards[i].name} holds {old.cluster}/{old.name} "
-                f"(index {old.index} of {old.shards}, uuid {old.uuid})"
-                for i, old in conflicts
-            )
             raise ShardInitError(
-                f"refusing to overwrite different shard identities: {details}; "
+                f"refusing to overwrite different shard identities: {'; '.join(conflicts)}; "
                 "use --force if this is intended"
             )
         epochs = {old.epoch for old in existing if old is not None}
@@ -273,7 +210,10 @@ def init_shards(
                 _cmd(client, "FUNCTION", "LOAD", "REPLACE", source)
                 pipe = client.pipeline(transaction=True)
                 pipe.delete(IDENTITY_KEY)
-                pipe.hset(IDENTITY_KEY, mapping=identity.to_hash())  # type: ignore[arg-type]
+                pipe.hset(
+                    IDENTITY_KEY,
+                    mapping=identity.to_hash(lib=library_version()),  # type: ignore[arg-type]
+                )
                 pipe.execute()
                 _cmd(client, "WAIT", len(topology.shards[i].replicas), wait_replicas_ms)
             except redis.RedisError as exc:

@@ -6,16 +6,30 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway._native import ReplyError, SlotTable
 from gateway.logs import fields
 from gateway.metrics import Metrics
-from gateway.shards.admin import IDENTITY_KEY, ShardIdentity, library_version
+from gateway.shards.admin import library_version
 from gateway.shards.connection import ConnectionLost, ShardConnection, open_connection
+from gateway.shards.identity import (
+    IDENTITY_KEY,
+    IdentityMismatch,
+    ShardIdentity,
+    check_identity,
+    expected_identities,
+)
 from gateway.shards.security import PLAIN, Access
+from gateway.shards.sentinel import (
+    MASTER_QUERY,
+    SentinelAnswer,
+    SentinelUnreachable,
+    Vote,
+    parse_master_reply,
+    vote,
+)
 from gateway.shards.topology import Address, ShardSpec, TopologyConfig
 
 __all__ = [
@@ -23,6 +37,7 @@ __all__ = [
     "SentinelUnreachable",
     "ShardLink",
     "ShardSet",
+    "ask_sentinels",
     "discover_master",
 ]
 
@@ -32,12 +47,32 @@ log = logging.getLogger("gateway.shards")
 _UNKNOWN_UUID = "unverified"
 
 
-class IdentityMismatch(RuntimeError):
-    """The server found for a shard is not that shard (or not a master)."""
+async def ask_sentinels(
+    sentinels: tuple[Address, ...], name: str, *, timeout: float = 1.0, access: Access = PLAIN
+) -> Vote:
+    """Ask every Sentinel, at once, for master ``name`` and count the answers (see :func:`vote`).
 
+    Sentinels that do not answer in ``timeout`` seconds count as not answering.
 
-class SentinelUnreachable(ConnectionError):
-    """No Sentinel answered (the message lists why, per Sentinel)."""
+    Raises:
+        SentinelUnreachable: No Sentinel answered at all.
+    """
+
+    async def ask(sentinel: Address) -> SentinelAnswer:
+        try:
+            conn = await open_connection(sentinel, timeout=timeout, access=access)
+        except ConnectionLost as exc:
+            # Its message starts with the address, which the vote adds again.
+            return SentinelAnswer(sentinel, error=str(exc).removeprefix(f"{sentinel}: "))
+        try:
+            reply = await conn.command(*MASTER_QUERY, name, timeout=timeout)
+            return SentinelAnswer(sentinel, parse_master_reply(reply))
+        except (ReplyError, ConnectionLost, TimeoutError, ValueError) as exc:
+            return SentinelAnswer(sentinel, error=repr(exc))
+        finally:
+            conn.close()
+
+    return vote(name, await asyncio.gather(*(ask(s) for s in sentinels)))
 
 
 async def discover_master(
@@ -51,32 +86,11 @@ async def discover_master(
     Raises:
         SentinelUnreachable: No Sentinel answered at all.
     """
-    errors: list[str] = []
+    return (await ask_sentinels(sentinels, name, timeout=timeout, access=access)).master
 
-    async def ask(sentinel: Address) -> Address | None:
-        try:
-            conn = await open_connection(sentinel, timeout=timeout, access=access)
-        except ConnectionLost as exc:
-            errors.append(str(exc))
-            return None
-        try:
-            reply = await conn.command("SENTINEL", "get-master-addr-by-name", name, timeout=timeout)
-        except (ReplyError, ConnectionLost, TimeoutError) as exc:
-            errors.append(f"{sentinel}: {exc!r}")
-            return None
-        finally:
-            conn.close()
-        if not isinstance(reply, list) or len(reply) != 2:
-            return None
-        return Address(bytes(reply[0]).decode(), int(bytes(reply[1])))
 
-    answers = await asyncio.gather(*(ask(s) for s in sentinels))
-    if len(errors) == len(sentinels):
-        raise SentinelUnreachable("no Sentinel answered: " + "; ".join(errors))
-    votes = Counter(a for a in answers if a is not None)
-    if not votes:
-        return None
-    return votes.most_common(1)[0][0]
+class _Unresolved(Exception):
+    """No master address for a shard (the message says why)."""
 
 
 def _decode_hash(reply: object) -> dict[str, str]:
@@ -134,8 +148,9 @@ class ShardSet:
     """Keeps one verified connection per shard and the slot table that tags writes.
 
     A link is *usable* only while its server answered ``ROLE`` as master and holds the identity
-    of that shard (same deployment, name, index and shard count; same uuid, or a newer epoch).
-    A supervisor task per shard re-resolves the master through Sentinel every
+    of that shard (same deployment, name, index, shard count and slots; same uuid, or a newer
+    epoch: :func:`~gateway.shards.identity.check_identity`). A supervisor task per shard
+    re-resolves the master through the Sentinel vote every
     ``recheck_interval`` seconds, re-verifies the identity on the open connection, and
     reconnects at once when a write was rejected for routing (:meth:`mark_suspect`).
     """
@@ -158,6 +173,7 @@ class ShardSet:
         self.connect_timeout = connect_timeout
         self.verify_identity = verify_identity
         self.links = [ShardLink(i, spec) for i, spec in enumerate(topology.shards)]
+        self._expected = expected_identities(topology)
         #: Set once the shards unusable at start have been reported (by the node).
         self.reported = False
         self.library_version = library_version()
@@ -270,8 +286,9 @@ class ShardSet:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(link.wake.wait(), self.recheck_interval)
 
-    async def _resolve(self, link: ShardLink) -> Address | None:
+    async def _resolve(self, link: ShardLink) -> Address:
         if not self.topology.uses_sentinel:
+            assert link.spec.master is not None  # validated by TopologyConfig
             return link.spec.master
         conn = link.conn
         current = (
@@ -280,7 +297,7 @@ class ShardSet:
             else None
         )
         try:
-            found = await discover_master(
+            found = await ask_sentinels(
                 self.topology.sentinels,
                 link.spec.name,
                 timeout=self.connect_timeout,
@@ -288,18 +305,14 @@ class ShardSet:
             )
         except SentinelUnreachable as exc:
             if current is None:
-                raise
+                raise _Unresolved(str(exc)) from None
             # The verified master stays verified on its own connection (role and identity are
             # checked again below, and every write is tagged): Sentinels being unreachable is
             # no reason to stop using it.
             self._warn(link, f"{exc}; keeping the verified master {current}")
             return current
-        if found is None and current is not None:
-            self._warn(
-                link,
-                f"no Sentinel knows a master named {link.spec.name!r}; keeping the verified "
-                f"master {current}",
-            )
+        if found.master is None and current is not None:
+            self._warn(link, f"{found.unknown}; keeping the verified master {current}")
             return current
         if link.warning is not None:
             log.info(
@@ -308,7 +321,9 @@ class ShardSet:
                 extra=fields(shard=link.spec.name),
             )
             link.warning = None
-        return found
+        if found.master is None:
+            raise _Unresolved(found.unknown)
+        return found.master
 
     def _warn(self, link: ShardLink, warning: str) -> None:
         if link.warning is None:
@@ -323,11 +338,8 @@ class ShardSet:
     async def _check(self, link: ShardLink) -> None:
         try:
             addr = await self._resolve(link)
-        except SentinelUnreachable as exc:
+        except _Unresolved as exc:
             self._down(link, str(exc))
-            return
-        if addr is None:
-            self._down(link, "no Sentinel knows a master for this shard")
             return
         conn = link.conn
         if conn is not None and (
@@ -395,8 +407,20 @@ class ShardSet:
         raw = await conn.command("HGETALL", IDENTITY_KEY, timeout=self.connect_timeout)
         info = await conn.command("INFO", "server", "replication", timeout=self.connect_timeout)
         kind = role[0].decode() if isinstance(role, list) and role else "unknown"
-        if kind != "master":
-            raise IdentityMismatch(f"server is a {kind}, not a master")
+        if kind == "master":
+            # Before the identity: on a server shards init has not prepared, the missing
+            # library is the first thing to report. A non-master is refused just below.
+            await self._check_library(conn)
+        identity = check_identity(
+            kind,
+            _decode_hash(raw),
+            expected=self._expected[link.index] if self.verify_identity else None,
+            previous=link.identity,
+        )
+        assert isinstance(info, bytes)
+        return identity, _info_field(info, "run_id"), _info_field(info, "master_replid")
+
+    async def _check_library(self, conn: ShardConnection) -> None:
         try:
             version = await conn.command("FCALL_RO", "pg_version", 0, timeout=self.connect_timeout)
         except ReplyError as exc:
@@ -411,30 +435,6 @@ class ShardSet:
                 f"needs version {self.library_version}: run presence-gateway shards init with "
                 "this gateway's package"
             )
-        fields = _decode_hash(raw)
-        if not fields:
-            raise IdentityMismatch("server holds no shard identity (run shards init)")
-        try:
-            identity = ShardIdentity.from_hash(fields)
-        except ValueError as exc:
-            raise IdentityMismatch(str(exc)) from exc
-        expected = (self.topology.cluster, link.spec.name, link.index, len(self.links))
-        found = (identity.cluster, identity.name, identity.index, identity.shards)
-        if self.verify_identity:
-            if found != expected:
-                raise IdentityMismatch(
-                    f"server is {identity.cluster}/{identity.name} (index {identity.index} of "
-                    f"{identity.shards}), expected {expected[0]}/{expected[1]} "
-                    f"(index {expected[2]} of {expected[3]})"
-                )
-            old = link.identity
-            if old is not None and identity.uuid != old.uuid and identity.epoch <= old.epoch:
-                raise IdentityMismatch(
-                    f"server claims {identity.name} with uuid {identity.uuid} at epoch "
-                    f"{identity.epoch}, but this shard is uuid {old.uuid} at epoch {old.epoch}"
-                )
-        assert isinstance(info, bytes)
-        return identity, _info_field(info, "run_id"), _info_field(info, "master_replid")
 
     def _set_identity(self, link: ShardLink, identity: ShardIdentity) -> None:
         if self.verify_identity or link.identity is None:
