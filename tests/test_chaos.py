@@ -44,10 +44,9 @@ from websockets.sync.client import connect
 
 from gateway._native import key_slot
 from gateway.localcluster import LocalCluster
+from gateway.shards.contract import IDENTITY_KEY
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
-
-IDENTITY_KEY = b"__pg:shard"
 
 
 # --------------------------------------------------------------------------- helpers

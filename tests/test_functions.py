@@ -11,12 +11,12 @@ from support import raw_client
 from gateway._native import SlotTable, build_batches, pack_command, write_tag
 from gateway.localcluster import LocalCluster
 from gateway.shards.admin import (
-    IDENTITY_KEY,
     ShardInitError,
     init_shards,
     library_source,
     read_identity,
 )
+from gateway.shards.contract import IDENTITY_KEY
 from gateway.shards.topology import TopologyConfig, load_topology
 
 

@@ -25,7 +25,8 @@ from support import raw_client
 
 from gateway._native import key_slot
 from gateway.localcluster import LocalCluster
-from gateway.shards.admin import IDENTITY_KEY, init_shards
+from gateway.shards.admin import init_shards
+from gateway.shards.contract import IDENTITY_KEY
 from gateway.shards.shardset import ShardSet
 from gateway.shards.topology import load_topology
 from gateway.shards.writer import BatchWriter
@@ -111,7 +112,7 @@ async def _replay(cluster: LocalCluster, *, verify_identity: bool) -> dict[str, 
     foreign_on_0 = [
         k
         for k in c0.scan_iter(count=1000)
-        if k != IDENTITY_KEY.encode() and not ranges[0][0] <= key_slot(k) <= ranges[0][1]
+        if k != IDENTITY_KEY and not ranges[0][0] <= key_slot(k) <= ranges[0][1]
     ]
     lost = 0
     for (key, field), value in expected.items():

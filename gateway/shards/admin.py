@@ -8,8 +8,8 @@ from typing import Any, cast
 
 import redis
 
+from gateway.shards.contract import IDENTITY_KEY
 from gateway.shards.identity import (
-    IDENTITY_KEY,
     DamagedIdentity,
     IdentityMismatch,
     MisplacedIdentity,
@@ -17,7 +17,6 @@ from gateway.shards.identity import (
     ShardIdentity,
     check_identity,
     expected_identities,
-    shard_tag,
 )
 from gateway.shards.security import Access
 from gateway.shards.sentinel import (
@@ -29,18 +28,14 @@ from gateway.shards.sentinel import (
 )
 from gateway.shards.topology import Address, TopologyConfig
 
-# IDENTITY_KEY, ShardIdentity and shard_tag live in gateway.shards.identity; importers of
-# this module keep finding them here.
 __all__ = [
-    "IDENTITY_KEY",
     "LIBRARY_NAME",
-    "ShardIdentity",
     "ShardInitError",
     "init_shards",
     "library_source",
     "library_version",
+    "read_identity",
     "resolve_master_sync",
-    "shard_tag",
 ]
 
 LIBRARY_NAME = "pg"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Sequence
 from typing import Any, cast
 
 from gateway._native import ReplyError, ReplyReader, RespError, pack_command
@@ -190,6 +191,28 @@ class ShardConnection:
         if isinstance(reply, ReplyError):
             raise reply
         return reply
+
+    async def pipeline(
+        self, commands: Sequence[Sequence[bytes | str | int]], *, timeout: float = 5.0
+    ) -> list[Any]:
+        """Send ``commands`` in one write and return their replies, in order.
+
+        An error reply is returned in its place as a ``ReplyError`` instance (not raised), so
+        one failed command does not hide the others' replies. The timeout works as for
+        :meth:`command`.
+
+        Raises:
+            ConnectionLost: The connection broke.
+            TimeoutError: No reply and no progress within ``timeout`` seconds.
+        """
+        if not commands:
+            return []
+        fut = self.send(b"".join(pack_command(c) for c in commands), len(commands))
+        timer = _Timeout(self, fut, timeout)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
 
     def close(self) -> None:
         """Close the connection; pending requests fail with :class:`ConnectionLost`."""

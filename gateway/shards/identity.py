@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway._native import SlotTable, key_slot
+from gateway.shards.contract import IDENTITY_KEY
 from gateway.shards.topology import TopologyConfig
 
 __all__ = [
@@ -19,8 +20,6 @@ __all__ = [
     "expected_identities",
     "shard_tag",
 ]
-
-IDENTITY_KEY = "__pg:shard"
 
 
 class IdentityMismatch(RuntimeError):

@@ -14,6 +14,7 @@ from gateway.logs import fields
 from gateway.metrics import Metrics
 from gateway.shards.admin import library_version
 from gateway.shards.connection import ConnectionLost, ShardConnection, open_connection
+from gateway.shards.contract import read_version
 from gateway.shards.identity import (
     IDENTITY_KEY,
     IdentityMismatch,
@@ -422,7 +423,7 @@ class ShardSet:
 
     async def _check_library(self, conn: ShardConnection) -> None:
         try:
-            version = await conn.command("FCALL_RO", "pg_version", 0, timeout=self.connect_timeout)
+            version = await conn.command(*read_version(), timeout=self.connect_timeout)
         except ReplyError as exc:
             if exc.code == "NOPERM":
                 raise

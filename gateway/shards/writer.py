@@ -13,39 +13,26 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from gateway._native import (
-    BadOpError,
-    BadTagError,
-    NoIdentityError,
-    ReadOnlyError,
     ReplyError,
     RespError,
     RoutingError,
     ShardBatch,
-    StaleEpochError,
-    WrongShardError,
     build_batches,
 )
 from gateway.logs import fields
 from gateway.metrics import Metrics
 from gateway.shards.connection import ConnectionLost
+from gateway.shards.contract import Op, error_reason
 from gateway.shards.shardset import ShardLink, ShardSet
 
-__all__ = ["BatchWriter", "Op", "ShardUnavailableError", "WriteFailed"]
+__all__ = ["BatchWriter", "ShardUnavailableError", "WriteFailed"]
 
 log = logging.getLogger("gateway.shards.writer")
 
-#: One write: (op name, key, args), framed as described in docs/write-path.md.
-Op = tuple[bytes, bytes, Sequence[bytes]]
 
-_REASONS: dict[type[BaseException], str] = {
-    WrongShardError: "wrong_shard",
-    StaleEpochError: "stale_epoch",
-    NoIdentityError: "no_identity",
-    ReadOnlyError: "read_only",
-    BadTagError: "bad_tag",
-    BadOpError: "bad_op",
-    ConnectionLost: "connection_lost",
-}
+def _reason(exc: BaseException) -> str:
+    """The metrics ``reason`` label of a failed batch or a refused write."""
+    return "connection_lost" if isinstance(exc, ConnectionLost) else error_reason(exc)
 
 
 class WriteFailed(RuntimeError):
@@ -320,7 +307,7 @@ class BatchWriter:
         link = self.shards.links[batch.shard]
         exc = fut.exception()
         if exc is not None:
-            reason = _REASONS.get(type(exc), "error")
+            reason = _reason(exc)
             self.metrics.inc("pg_writes_rejected_total", len(batch.op_indices), reason=reason)
             if link.generation == generation:
                 self.shards.mark_suspect(batch.shard, f"{reason}: {exc}")
@@ -335,7 +322,7 @@ class BatchWriter:
                 if isinstance(result, RoutingError):
                     rerouted.append(i)
                     continue
-                reason = _REASONS.get(type(result), result.code.lower())
+                reason = _reason(result)
                 self.metrics.inc("pg_writes_rejected_total", reason=reason)
                 self._fail(requests[i], positions[i], result, reason)
                 continue
@@ -348,7 +335,7 @@ class BatchWriter:
         if rerouted:
             first = results[batch.op_indices.index(rerouted[0])]
             assert isinstance(first, RoutingError)
-            reason = _REASONS.get(type(first), "routing")
+            reason = _reason(first)
             self.metrics.inc("pg_writes_rejected_total", len(rerouted), reason=reason)
             if link.generation == generation:
                 self.shards.mark_suspect(batch.shard, f"{reason}: {first}")

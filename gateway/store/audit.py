@@ -15,17 +15,24 @@ state is rebuilt and expiries set.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
-from gateway._native import key_slot
+from gateway._native import ReplyError, key_slot
+from gateway.shards import contract
 from gateway.shards.connection import ShardConnection
+from gateway.shards.contract import IDENTITY_KEY, Op, decode_lease_states, read_leases
 from gateway.shards.shardset import ShardSet
 from gateway.shards.topology import TopologyConfig
 from gateway.shards.writer import BatchWriter
 
 __all__ = ["ShardReport", "format_report", "run_audit"]
+
+log = logging.getLogger("gateway.audit")
+T = TypeVar("T")
 
 _CLASSES = {b"s": "subscriptions", b"p": "presence", b"u": "presence-users", b"c": "cache",
             b"ct": "rate-limit"}  # fmt: skip
@@ -65,6 +72,16 @@ def _text(value: bytes) -> str:
     return value.decode(errors="backslashreplace")
 
 
+#: Keys (or channels) whose reads go out in one pipeline: bounds the audit's memory per round
+#: trip while keeping round trips few (a shard of 20 000 keys takes about 40).
+_BATCH = 500
+
+
+def _batches(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), _BATCH):
+        yield items[i : i + _BATCH]
+
+
 async def _scan(conn: ShardConnection) -> list[bytes]:
     keys: list[bytes] = []
     cursor = b"0"
@@ -74,6 +91,29 @@ async def _scan(conn: ShardConnection) -> list[bytes]:
         keys.extend(reply[1])
         if cursor == b"0":
             return keys
+
+
+async def _read(
+    conn: ShardConnection, commands: Sequence[Sequence[bytes | str | int]]
+) -> list[Any]:
+    """Replies to ``commands`` sent as one pipeline; an error reply is raised."""
+    replies = await conn.pipeline(commands, timeout=10.0)
+    for reply in replies:
+        if isinstance(reply, ReplyError):
+            raise reply
+    return replies
+
+
+def _classify(key: bytes, tag: bytes, first: int, last: int) -> tuple[str, bool]:
+    """A key's class for the report, and whether it is on the wrong shard."""
+    if key == IDENTITY_KEY:
+        return "identity", False
+    if key.startswith(b"{pgs-"):
+        return "shard", not key.startswith(tag + b":")
+    if key.startswith(b"{") and b"}:" in key:
+        suffix = key.partition(b"}:")[2]
+        return _CLASSES.get(suffix, "other"), not first <= key_slot(key) <= last
+    return "foreign", False
 
 
 async def _audit_shard(
@@ -87,8 +127,7 @@ async def _audit_shard(
     tag = identity.tag.encode()
     # The shard applies its own reap rule (functions.lua): live, late (within the reap grace:
     # left alone) or dead (its entries are reported, and removed by --repair).
-    leases = cast(list[bytes], await conn.command("FCALL_RO", "pg_leases", 1, tag))
-    state = {leases[i]: leases[i + 2].decode() for i in range(0, len(leases), 3)}
+    state = decode_lease_states(await conn.command(*read_leases(tag)))
     report.live_owners = sorted(_text(o) for o, st in state.items() if st == "live")
     report.late_owners = sorted(_text(o) for o, st in state.items() if st == "late")
 
@@ -96,28 +135,23 @@ async def _audit_shard(
     counts: Counter[str] = Counter()
     memory: Counter[str] = Counter()
     channels: set[bytes] = set()
-    for key in keys:
-        if key == b"__pg:shard":
-            kind = "identity"
-        elif key.startswith(b"{pgs-"):
-            kind = "shard"
-            if not key.startswith(tag + b":"):
+    for batch in _batches(keys):
+        replies = await _read(
+            conn, [c for key in batch for c in (("MEMORY", "USAGE", key, "SAMPLES", "0"),
+                                                 ("PTTL", key))]
+        )  # fmt: skip
+        for i, key in enumerate(batch):
+            kind, misplaced = _classify(key, tag, first, last)
+            if misplaced:
                 report.wrong_shard_keys.append(_text(key))
-        elif key.startswith(b"{") and b"}:" in key:
-            base, _, suffix = key.partition(b"}:")
-            kind = _CLASSES.get(suffix, "other")
-            if not first <= key_slot(key) <= last:
-                report.wrong_shard_keys.append(_text(key))
-            else:
-                channels.add(base + b"}")
-        else:
-            kind = "foreign"
-            report.foreign_keys.append(_text(key))
-        counts[kind] += 1
-        usage = await conn.command("MEMORY", "USAGE", key, "SAMPLES", "0")
-        memory[kind] += int(cast(int, usage or 0))
-        if kind not in ("identity", "foreign") and await conn.command("PTTL", key) == -1:
-            report.keys_without_expiry.append(_text(key))
+            elif kind == "foreign":
+                report.foreign_keys.append(_text(key))
+            elif kind not in ("identity", "shard"):
+                channels.add(key.partition(b"}:")[0] + b"}")
+            counts[kind] += 1
+            memory[kind] += int(replies[2 * i] or 0)
+            if kind not in ("identity", "foreign") and replies[2 * i + 1] == -1:
+                report.keys_without_expiry.append(_text(key))
     report.keys = dict(counts)
     report.memory_bytes = dict(memory)
 
@@ -126,63 +160,103 @@ async def _audit_shard(
     dead_owners: dict[bytes, set[bytes]] = defaultdict(set)  # channel -> owners to reap
     unknown_owners: dict[bytes, set[bytes]] = defaultdict(set)  # channel -> owners to purge
     chans = set(cast(list[bytes], await conn.command("SMEMBERS", tag + b":chans")))
-    for base in sorted(channels):
-        subs = cast(list[bytes], await conn.command("HGETALL", base + b":s"))
-        pres = cast(list[bytes], await conn.command("HGETALL", base + b":p"))
-        users = cast(list[bytes], await conn.command("HGETALL", base + b":u"))
-        owners: list[bytes] = [subs[i] for i in range(0, len(subs), 2)]
-        per_user: Counter[bytes] = Counter()
-        for i in range(0, len(pres), 2):
-            owner, _, user = pres[i].partition(b"\0")
-            owners.append(owner)
-            per_user[user] += 1
-        for owner in owners:
-            if owner not in state:
-                unknown[_text(owner)] += 1
-                unknown_owners[base].add(owner)
-            elif state[owner] == "dead":
-                dead[_text(owner)] += 1
-                dead_owners[base].add(owner)
-        stored = {users[i]: int(users[i + 1]) for i in range(0, len(users), 2)}
-        if stored != dict(per_user):
-            report.mismatches.append(f"{_text(base)}: per-user owner counts disagree with entries")
-        occupied = sum(int(subs[i + 1]) for i in range(0, len(subs), 2)) > 0
-        if occupied != (base in chans):
-            report.mismatches.append(f"{_text(base)}: occupied-channel set disagrees with counts")
-        for owner in set(owners):
-            idx = tag + b":idx:" + owner
-            if not await conn.command("SISMEMBER", idx, base):
-                report.mismatches.append(f"{_text(base)}: missing from the index of {_text(owner)}")
+    for batch in _batches(sorted(channels)):
+        replies = await _read(
+            conn, [("HGETALL", base + suffix) for base in batch for suffix in (b":s", b":p", b":u")]
+        )
+        indexed: list[tuple[bytes, bytes]] = []  # (channel, owner) pairs to find in indexes
+        for i, base in enumerate(batch):
+            subs, pres, users = (cast(list[bytes], r) for r in replies[3 * i : 3 * i + 3])
+            owners: list[bytes] = [subs[j] for j in range(0, len(subs), 2)]
+            per_user: Counter[bytes] = Counter()
+            for j in range(0, len(pres), 2):
+                owner, _, user = pres[j].partition(b"\0")
+                owners.append(owner)
+                per_user[user] += 1
+            for owner in owners:
+                if owner not in state:
+                    unknown[_text(owner)] += 1
+                    unknown_owners[base].add(owner)
+                elif state[owner] == "dead":
+                    dead[_text(owner)] += 1
+                    dead_owners[base].add(owner)
+            stored = {users[j]: int(users[j + 1]) for j in range(0, len(users), 2)}
+            if stored != dict(per_user):
+                report.mismatches.append(
+                    f"{_text(base)}: per-user owner counts disagree with entries"
+                )
+            occupied = sum(int(subs[j + 1]) for j in range(0, len(subs), 2)) > 0
+            if occupied != (base in chans):
+                report.mismatches.append(
+                    f"{_text(base)}: occupied-channel set disagrees with counts"
+                )
+            indexed.extend((base, owner) for owner in sorted(set(owners)))
+        found = await _read(
+            conn, [("SISMEMBER", tag + b":idx:" + owner, base) for base, owner in indexed]
+        )
+        report.mismatches.extend(
+            f"{_text(base)}: missing from the index of {_text(owner)}"
+            for (base, owner), present in zip(indexed, found, strict=True)
+            if not present
+        )
     report.dead_owner_entries = dict(dead)
     report.unknown_owner_entries = dict(unknown)
 
     if repair:
-        fixed: Counter[str] = Counter()
-        for key_text in report.wrong_shard_keys:
-            await writer.write(b"admin", tag, b"del", key_text.encode(), b"0")
-            fixed["wrong_shard_keys_deleted"] += 1
-        for base, owners_to_remove in dead_owners.items():
-            for owner in owners_to_remove:
-                # Users of a dead owner were shown: they leave through the normal transitions
-                # (member_removed, channel_vacated and their held webhooks).
-                await writer.write(
-                    b"sync", base, owner, b"0", str(hold_ms).encode(), b"1",
-                    str(ttl_ms).encode(), b"0",
-                )  # fmt: skip
-                fixed["dead_owner_entries_removed"] += 1
-        for base, owners_to_remove in unknown_owners.items():
-            for owner in owners_to_remove:
-                # An owner that never held a lease was never shown: removed silently.
-                await writer.write(b"purge", base, owner)
-                fixed["unknown_owner_entries_removed"] += 1
-        for base in sorted(channels):
-            fixes = await writer.write(b"repair", base, str(ttl_ms).encode())
-            fixed["derived_state_fixes"] += int(cast(int, fixes))
-        for key_text in report.keys_without_expiry:
-            await writer.write(b"admin", tag, b"pexpire", key_text.encode(), str(ttl_ms).encode())
-            fixed["expiries_set"] += 1
-        report.repaired = dict(fixed)
+        report.repaired = await _repair(
+            writer, report, tag, dead_owners, unknown_owners, sorted(channels), ttl_ms, hold_ms
+        )
     return report
+
+
+async def _repair(
+    writer: BatchWriter,
+    report: ShardReport,
+    tag: bytes,
+    dead_owners: dict[bytes, set[bytes]],
+    unknown_owners: dict[bytes, set[bytes]],
+    channels: list[bytes],
+    ttl_ms: int,
+    hold_ms: int,
+) -> dict[str, int]:
+    """Fix what ``report`` found through the verified write path; counts of what was done."""
+    planned: list[tuple[str, Op]] = []
+    planned += [
+        ("wrong_shard_keys_deleted", contract.admin_delete(tag, key.encode()))
+        for key in report.wrong_shard_keys
+    ]
+    # Users of a dead owner were shown: they leave through the normal transitions
+    # (member_removed, channel_vacated and their held webhooks).
+    planned += [
+        ("dead_owner_entries_removed", contract.sync(
+            base, owner=owner, count=0, members={}, hold_ms=hold_ms, publish=True, ttl_ms=ttl_ms
+        ))
+        for base, owners in dead_owners.items()
+        for owner in sorted(owners)
+    ]  # fmt: skip
+    # An owner that never held a lease was never shown: removed silently.
+    planned += [
+        ("unknown_owner_entries_removed", contract.purge(base, owner=owner))
+        for base, owners in unknown_owners.items()
+        for owner in sorted(owners)
+    ]
+    planned += [("derived_state_fixes", contract.repair(base, ttl_ms=ttl_ms)) for base in channels]
+    planned += [
+        ("expiries_set", contract.admin_expire(tag, key.encode(), ttl_ms=ttl_ms))
+        for key in report.keys_without_expiry
+    ]
+    fixed: Counter[str] = Counter()
+    for batch in _batches(planned):
+        results = await writer.submit_many([op for _, op in batch])
+        for (what, _), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                fixed["failed"] += 1
+                log.warning("audit: %s failed: %s", what, result)
+            elif what == "derived_state_fixes":
+                fixed[what] += int(cast(int, result))
+            else:
+                fixed[what] += 1
+    return dict(fixed)
 
 
 async def run_audit(
