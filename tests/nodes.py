@@ -46,6 +46,7 @@ from typing import Any
 
 import pusher
 import requests
+from polling import wait_until
 from websockets.sync.client import ClientConnection, connect
 
 from gateway.localcluster import find_free_port_range
@@ -79,18 +80,6 @@ def init_shards_once(topology_path: str | Path) -> None:
     if path not in _initialised:
         init_shards(load_topology(path))
         _initialised.add(path)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
 
 
 # --------------------------------------------------------------------------- gateway nodes
@@ -183,18 +172,19 @@ class NodeProcess:
             return None
 
     def wait_healthy(self, timeout: float = 30, path: str = "/health") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Wait for ``path`` to answer 200; RuntimeError as soon as the node has exited."""
+
+        def healthy() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"node {self.node_id} exited with {self.proc.returncode}:\n{self.output}"
                 )
-            if self.health(path) == 200:
-                return
-            time.sleep(0.1)
-        raise AssertionError(
-            f"node {self.node_id} not healthy within {timeout} s; output:\n{self.output}"
-        )
+            return self.health(path) == 200
+
+        try:
+            wait_until(healthy, timeout, f"node {self.node_id} to answer {path} 200", step=0.1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; output:\n{self.output}") from None
 
     def _finish(self) -> None:
         self.config.unlink(missing_ok=True)
@@ -423,7 +413,7 @@ class WebhookReceiver(_Background):
         return wait_until(
             lambda: predicate(self.events(channel)) and self.events(channel),
             timeout,
-            f"webhooks on {channel}; got {self.names(channel)}",
+            lambda: f"webhooks on {channel}; got {self.names(channel)}",
         )
 
 

@@ -37,8 +37,8 @@ from nodes import (
     init_shards_once,
     official_client,
     running_node,
-    wait_until,
 )
+from polling import wait_until
 from support import raw_client
 from websockets.sync.client import connect
 

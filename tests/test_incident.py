@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import pytest
+from polling import settle
 from support import raw_client
 
 from gateway._native import key_slot
@@ -78,8 +79,12 @@ async def _replay(cluster: LocalCluster, *, verify_identity: bool) -> dict[str, 
         held_at_fix = writer.held_count()
         t_fixed = time.monotonic()
         fix = loop.run_in_executor(None, cluster.repoint_sentinels, "shard-1", masters[1])
-        while writer.held_count() and time.monotonic() - t_fixed < 60:
-            await asyncio.sleep(0.01)
+        await settle(
+            lambda: writer.held_count() == 0,
+            timeout=60,
+            what="the writes held during the incident applied",
+            step=0.01,
+        )
         t_drained = time.monotonic()
         await fix
         stop.set()

@@ -8,8 +8,9 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
+from polling import settle
 from support import StoreFactory, raw_client
 
 from gateway.localcluster import LocalCluster
@@ -67,7 +68,7 @@ async def running_keeper(
     beating = asyncio.create_task(beat())
     keeper.start()
     try:
-        await _until(lambda: keeper.leased(shard))
+        await settle(lambda: keeper.leased(shard), what=f"the first lease on shard {shard}")
         yield keeper, lapsed
     finally:
         beating.cancel()
@@ -115,7 +116,7 @@ async def test_lease_is_let_go_when_the_loop_stalls(
         assert sampler.samples[-1][1] == set(), sampler.samples[-5:]
         # The loop runs again: the lease is refreshed, and the lapse is reported so the node
         # re-asserts its state (others may have reaped it meanwhile).
-        await _until(lambda: shard in lapsed)
+        await settle(lambda: shard in lapsed, what="the lapse to be reported")
 
 
 async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
@@ -172,7 +173,7 @@ async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
         assert states[b.owner.decode()] == "dead"
         await _reap(a, shard, grace_ms=1500)
         assert b_entries() == 0
-        await _until(lambda: b"Rlate-user" in heard)
+        await settle(lambda: b"Rlate-user" in heard, what="member_removed of the reaped late-user")
     finally:
         master.close()
         await pubsub.close()
@@ -240,15 +241,9 @@ async def _gap_scenario(
 
 async def _reap(store: RedisPresenceStore, shard: int, *, grace_ms: int) -> None:
     """One reaper pass (waiting for another test's reap lock to lapse)."""
-    for _ in range(100):
+
+    async def reaped() -> bool:
         reply = await store.reap(shard, "lease-test", lock_ms=500, limit=100, grace_ms=grace_ms)
-        if reply[0] != -1:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the reap lock stayed taken")
+        return bool(reply[0] != -1)
 
-
-async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
+    await settle(reaped, what="the reap lock (another test's reaper may hold it)", step=0.05)

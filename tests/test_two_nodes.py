@@ -17,8 +17,8 @@ from nodes import (
     WsClient,
     official_client,
     running_node,
-    wait_until,
 )
+from polling import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -91,7 +91,9 @@ def test_exact_counts_with_sockets_spread_over_both_nodes(
             wait_until(
                 lambda node=node: _counts(node, presence, public) == expected,
                 5,
-                f"counts {expected} on {node.node_id}; got {_counts(node, presence, public)}",
+                lambda node=node: (
+                    f"counts {expected} on {node.node_id}; got {_counts(node, presence, public)}"
+                ),
             )
 
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import pytest
+from polling import settle
 from support import raw_client
 
 from gateway._native import BadOpError, key_slot
@@ -145,11 +146,10 @@ async def test_demoted_master_read_only_is_retried(fresh_cluster: LocalCluster) 
         raw_client(replica_addr).execute_command("REPLICAOF", "NO", "ONE")
         master.execute_command("REPLICAOF", host, port)
         pending = asyncio.ensure_future(writer.write(b"hset", key0, b"f", b"2", b"0"))
-        for _ in range(100):
-            if shards.metrics.get("pg_writes_rejected_total", reason="read_only"):
-                break
-            await asyncio.sleep(0.05)
-        assert shards.metrics.get("pg_writes_rejected_total", reason="read_only") >= 1
+        await settle(
+            lambda: shards.metrics.get("pg_writes_rejected_total", reason="read_only") >= 1,
+            what="a READONLY refusal counted",
+        )
         assert not pending.done()
         assert writer.held_count() == 1
         # The operator promotes it back: the held write is applied there.
