@@ -17,6 +17,7 @@ Not fixtures (test modules build their fixtures from these):
 
 ``WsClient``
     A raw Pusher-protocol client over the ``websockets`` sync client, for frame-level checks.
+    ``AsyncWsClient`` is the same client for coroutines (tests whose event loop runs the node).
 
 ``api_request``
     A hand-signed HTTP API request (every part of the signature can be broken on purpose).
@@ -24,6 +25,7 @@ Not fixtures (test modules build their fixtures from these):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -69,6 +71,10 @@ def official_client(port: int) -> pusher.Pusher:
 
 def _signer() -> pusher.Pusher:
     return pusher.Pusher(app_id=APP_ID, key=APP_KEY, secret=APP_SECRET)
+
+
+#: ``user_info`` left out of a presence subscription: sent as ``{}`` (pass None for ``null``).
+NO_INFO: Any = object()
 
 
 def init_shards_once(topology_path: str | Path) -> None:
@@ -552,18 +558,23 @@ class WsClient:
         return got
 
     def subscribe_frame(
-        self, channel: str, user_id: str | None = None, user_info: Any = None
+        self, channel: str, user_id: str | None = None, user_info: Any = NO_INFO
     ) -> dict[str, Any]:
         data: dict[str, Any] = {"channel": channel, "auth": ""}
         if channel.startswith("presence-"):
-            custom = {"user_id": user_id or "u", "user_info": user_info or {}}
+            info = {} if user_info is NO_INFO else user_info
+            custom = {"user_id": user_id or "u", "user_info": info}
             data.update(_signer().authenticate(channel, self.socket_id, custom))
         elif channel.startswith("private-"):
             data.update(_signer().authenticate(channel, self.socket_id))
         return {"event": "pusher:subscribe", "data": data}
 
     def subscribe(
-        self, channel: str, user_id: str | None = None, user_info: Any = None, timeout: float = 10
+        self,
+        channel: str,
+        user_id: str | None = None,
+        user_info: Any = NO_INFO,
+        timeout: float = 10,
     ) -> Any:
         """Subscribe and return the ``subscription_succeeded`` frame (fails on an error)."""
         self.send(self.subscribe_frame(channel, user_id, user_info))
@@ -589,6 +600,57 @@ class WsClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncWsClient:
+    """:class:`WsClient` for coroutines: the same client, each call run in a worker thread so
+    that the event loop (which may be serving the node under test) keeps running meanwhile."""
+
+    def __init__(self, client: WsClient) -> None:
+        self.client = client
+        self.hello = client.hello
+        self.socket_id = client.socket_id
+
+    @classmethod
+    async def open(cls, url: str, **options: Any) -> AsyncWsClient:
+        """Connect and read the handshake (``options`` as for :class:`WsClient`)."""
+        return cls(await asyncio.to_thread(WsClient, url, **options))
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        await asyncio.to_thread(self.client.send, frame)
+
+    async def recv(self, timeout: float = 5) -> dict[str, Any]:
+        return await asyncio.to_thread(self.client.recv, timeout)
+
+    async def next_event(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5
+    ) -> Any:
+        return await asyncio.to_thread(self.client.next_event, predicate, timeout)
+
+    async def expect(self, event: str, channel: str | None = None, timeout: float = 5) -> Any:
+        return await asyncio.to_thread(self.client.expect, event, channel, timeout)
+
+    async def quiet(self, seconds: float) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.client.quiet, seconds)
+
+    async def subscribe(
+        self,
+        channel: str,
+        user_id: str | None = None,
+        user_info: Any = NO_INFO,
+        timeout: float = 10,
+    ) -> Any:
+        """:meth:`WsClient.subscribe`: the ``subscription_succeeded`` frame."""
+        return await asyncio.to_thread(self.client.subscribe, channel, user_id, user_info, timeout)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.client.close)
+
+    async def __aenter__(self) -> AsyncWsClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 def api_request(
