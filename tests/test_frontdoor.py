@@ -234,8 +234,8 @@ async def test_slow_consumer_is_closed_4100(app: App) -> None:
             conn_id = json.loads(await ws.recv())["welcome"]
             # 32 MiB in one go: far more than the kernel's socket buffers plus high water.
             await ws.send("flood:2048")
-            await asyncio.sleep(0.3)  # the client reads nothing meanwhile
-            assert front.slow_consumers_closed == 1
+            # The client reads nothing meanwhile.
+            await settle(lambda: front.slow_consumers_closed == 1, what="the slow consumer closed")
             assert not app.conns.get(conn_id) or not app.conns[conn_id].is_open
             received = 0
             with pytest.raises(ConnectionClosed) as info:

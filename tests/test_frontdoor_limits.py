@@ -159,15 +159,20 @@ async def test_upgrade_request_with_a_body_releases_its_bytes(make_door: Door) -
     assert door.pending_bytes == 0
 
 
-async def test_a_reset_during_the_answer_releases_the_body_once(make_door: Door) -> None:
+async def test_a_reset_during_the_answer_releases_the_body_once(
+    make_door: Door, app: BigApp
+) -> None:
     door = await make_door()
-    for _ in range(3):
+    for n in range(1, 4):
         _reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
         writer.write(b"POST /slow HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" + b"s" * 100_000)
         await writer.drain()
-        await asyncio.sleep(0.01)  # the handler is answering
+        # Reset while the handler is answering (it takes 0.05 s).
+        await settle(lambda n=n: len(app.requests) == n, what=f"request {n} handled", step=0.005)
         writer.transport.abort()
     await settle(lambda: door.connections == 0, what="the reset connections closed")
+    # Not a wait for a condition: the handlers finish meanwhile, and a body released a second
+    # time when its answer is done would show as negative bytes.
     await asyncio.sleep(0.1)
     assert door.pending_bytes == 0
 
@@ -274,7 +279,7 @@ async def test_unread_responses_stop_the_connection(make_door: Door, app: BigApp
     _reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
     writer.write(b"GET /big HTTP/1.1\r\n\r\n" * 64)  # then never read
     await writer.drain()
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # time for a door that went on answering to take many more
     # The door stopped answering once its write buffer was full (and stopped reading once
     # 16 requests waited); it did not build 64 MiB of responses.
     assert len(app.requests) < 8

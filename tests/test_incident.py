@@ -69,11 +69,11 @@ async def _replay(cluster: LocalCluster, *, verify_identity: bool) -> dict[str, 
         loop = asyncio.get_running_loop()
         producer = asyncio.create_task(produce())
         try:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # writes flow for a while before the mistake
             # The operator's mistake: shard-1 now resolves to shard 0's master on every Sentinel.
             await loop.run_in_executor(None, cluster.repoint_sentinels, "shard-1", masters[0])
             t_bad = time.monotonic()
-            await asyncio.sleep(INCIDENT_SECONDS)
+            await asyncio.sleep(INCIDENT_SECONDS)  # the incident lasts this long
             held_at_fix = writer.held_count()
             t_fixed = time.monotonic()
             fix = loop.run_in_executor(None, cluster.repoint_sentinels, "shard-1", masters[1])

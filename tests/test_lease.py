@@ -63,7 +63,7 @@ async def running_keeper(
     async def beat() -> None:
         while True:
             keeper.beat()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the heartbeat's pace
 
     beating = asyncio.create_task(beat())
     keeper.start()
@@ -136,7 +136,7 @@ async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             await a.lease(shard, 60_000, first=False, **lease)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # a's refresh pace while the time passes
 
     def b_entries() -> int:
         return sum(f.startswith(b.owner) for f in master.hkeys(channel_key("1", ch) + b":p"))
@@ -147,7 +147,7 @@ async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
         # A shard that had no refresh before (first use, or unreachable) gives every owner
         # the grace: let that pass, with a refreshing all along.
         for _ in range(8):
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.25)  # 2 s pass on purpose
             await a.lease(shard, 60_000, first=False, **lease)
         await b.lease(shard, 300, first=True, **lease)
         await b.join("1", ch, "late-user", None, "2.1")
@@ -161,7 +161,7 @@ async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
         # b was only late: it refreshes, and its member is back without any event.
         await b.lease(shard, 60_000, first=False, **lease)
         assert await a.roster("1", ch) == {"late-user": None}
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # a "nothing arrives" window: no member_removed may come
         assert not any(m.startswith(b"R") for m in heard), heard
         # Now b dies for good: after its lease and the grace it is reaped, with the event.
         await b.lease(shard, 300, first=False, **lease)
@@ -210,7 +210,7 @@ async def _gap_scenario(
     await old.join("1", ch, "u-old", None, "3.1")
     # Nobody refreshes for 1.3 s (as when the shard is unreachable or failing over): the
     # leases expire while no node could refresh them.
-    await asyncio.sleep(1.3)
+    await asyncio.sleep(1.3)  # the leases expire on purpose
     # A reaper call that reaches the shard before any refresh (its writes were held while the
     # shard was away) removes nobody, and everyone who expired in the silence is listed.
     await _reap(a, shard, grace_ms=1500)
@@ -231,7 +231,7 @@ async def _gap_scenario(
     deadline = time.monotonic() + 1.6
     while time.monotonic() < deadline:
         await a.lease(shard, 500, first=False, **lease)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # a's refresh pace while the grace runs out
     await a.lease(shard, 500, first=False, **lease)
     assert await a.roster("1", ch) == {"ua": None}
     await _reap(a, shard, grace_ms=1500)

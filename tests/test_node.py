@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from nodes import APP_KEY, AsyncWsClient
+from polling import settle
 
 from gateway.config import NodeConfig
 from gateway.localcluster import LocalCluster
@@ -66,9 +66,12 @@ async def test_presence_across_two_nodes(two_nodes: tuple[GatewayNode, GatewayNo
     removed = await ann.expect("pusher_internal:member_removed")
     assert json.loads(removed["data"]) == {"user_id": "bob"}
     await ann2.close()
-    await asyncio.sleep(0.2)
-    counts = await b.store.counts("1", ch)
-    assert (counts.user_count, counts.subscription_count) == (1, 1)
+
+    async def ann_alone() -> bool:
+        counts = await b.store.counts("1", ch)
+        return (counts.user_count, counts.subscription_count) == (1, 1)
+
+    await settle(ann_alone, what="1 user with 1 subscription once ann's second socket closed")
     await ann.close()
 
 
@@ -84,7 +87,10 @@ async def test_public_channel_events_and_unsubscribe(
     for c in (c1, c2):
         assert (await c.expect("x"))["data"] == "1"
     await c2.send({"event": "pusher:unsubscribe", "data": {"channel": "news"}})
-    await asyncio.sleep(0.2)
-    assert (await a.store.counts("1", "news")).subscription_count == 1
+
+    async def one_left() -> bool:
+        return (await a.store.counts("1", "news")).subscription_count == 1
+
+    await settle(one_left, what="1 subscription to news once c2 unsubscribed")
     await c1.close()
     await c2.close()

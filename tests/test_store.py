@@ -79,7 +79,7 @@ class RedisBackend:
         return node
 
     async def elapse(self, ms: int) -> None:
-        await asyncio.sleep(ms / 1000)
+        await asyncio.sleep(ms / 1000)  # holds and leases run on the shards' own clocks
 
     def lose_presence(self, app_id: str, channel: str) -> None:
         key = channel_key(app_id, channel)
@@ -107,7 +107,7 @@ class MemoryBackend:
 
     async def elapse(self, ms: int) -> None:
         self.now += ms
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn, as a real wait would give
 
     def lose_presence(self, app_id: str, channel: str) -> None:
         key = channel_key(app_id, channel)

@@ -206,7 +206,7 @@ async def test_full_queue_drops_oldest(receiver: Receiver) -> None:
 async def test_close_flushes_pending_events(receiver: Receiver) -> None:
     sender = WebhookSender(batch_delay=10.0)  # would wait 10 s without close()
     sender.enqueue(APP, receiver.url, {"name": "channel_occupied", "channel": "c"})
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # the sender is in its 10 s batch wait: close() must cut it short
     await sender.close(timeout=2)
     assert len(receiver.requests) == 1
     sender.enqueue(APP, receiver.url, {"name": "channel_occupied", "channel": "late"})
