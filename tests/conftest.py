@@ -41,6 +41,7 @@ All of them skip the test when ``redis-server`` or ``redis-sentinel`` is not ins
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -48,13 +49,11 @@ from typing import Any
 
 import pytest
 from nodes import WebhookReceiver
-from support import SECURE, StoreFactory, register
+from support import SECURE, StoreFactory, register, shard_stack
 
 from gateway.localcluster import LocalCluster, PortInUseError, find_free_port_range
 from gateway.shards.admin import init_shards
-from gateway.shards.shardset import ShardSet
 from gateway.shards.topology import load_topology
-from gateway.shards.writer import BatchWriter
 from gateway.store.presence_redis import RedisPresenceStore
 
 __all__ = ["find_free_port_range", "start_local_cluster"]
@@ -147,7 +146,7 @@ def hooks() -> Iterator[WebhookReceiver]:
 @pytest.fixture
 async def store_factory(cluster: LocalCluster) -> AsyncIterator[StoreFactory]:
     """Presence stores with their own shard links; all closed after the test."""
-    opened: list[tuple[ShardSet, BatchWriter]] = []
+    opened = contextlib.AsyncExitStack()
     initialised: set[str] = set()
 
     async def make(
@@ -162,21 +161,14 @@ async def store_factory(cluster: LocalCluster) -> AsyncIterator[StoreFactory]:
         if path not in initialised:
             init_shards(topo)
             initialised.add(path)
-        shards = ShardSet(topo, recheck_interval=0.2)
-        writer = BatchWriter(shards)
-        await shards.start()
-        await shards.wait_ready(10)
-        writer.start()
-        opened.append((shards, writer))
-        store = RedisPresenceStore(
-            shards, writer, owner=owner, hold_ms=hold_ms, entry_ttl_ms=60_000
+        stack = await opened.enter_async_context(
+            shard_stack(topo, owner=owner, hold_ms=hold_ms, entry_ttl_ms=60_000)
         )
+        assert stack.store is not None
         if lease_ms is not None:
-            for shard in range(len(shards.links)):
-                await store.lease(shard, lease_ms, first=True, gap_ms=0, grace_ms=0)
-        return store
+            for shard in range(len(stack.shards.links)):
+                await stack.store.lease(shard, lease_ms, first=True, gap_ms=0, grace_ms=0)
+        return stack.store
 
     yield make
-    for shards, writer in opened:
-        await writer.close()
-        await shards.close()
+    await opened.aclose()

@@ -17,6 +17,7 @@ Not fixtures (test modules build their fixtures from these):
 
 ``WsClient``
     A raw Pusher-protocol client over the ``websockets`` sync client, for frame-level checks.
+    ``AsyncWsClient`` is the same client for coroutines (tests whose event loop runs the node).
 
 ``api_request``
     A hand-signed HTTP API request (every part of the signature can be broken on purpose).
@@ -24,6 +25,7 @@ Not fixtures (test modules build their fixtures from these):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -46,6 +48,7 @@ from typing import Any
 
 import pusher
 import requests
+from polling import wait_until
 from websockets.sync.client import ClientConnection, connect
 
 from gateway.localcluster import find_free_port_range
@@ -70,6 +73,10 @@ def _signer() -> pusher.Pusher:
     return pusher.Pusher(app_id=APP_ID, key=APP_KEY, secret=APP_SECRET)
 
 
+#: ``user_info`` left out of a presence subscription: sent as ``{}`` (pass None for ``null``).
+NO_INFO: Any = object()
+
+
 def init_shards_once(topology_path: str | Path) -> None:
     """Write shard identities and load the function library (once per topology per session)."""
     from gateway.shards.admin import init_shards
@@ -79,18 +86,6 @@ def init_shards_once(topology_path: str | Path) -> None:
     if path not in _initialised:
         init_shards(load_topology(path))
         _initialised.add(path)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
 
 
 # --------------------------------------------------------------------------- gateway nodes
@@ -183,18 +178,19 @@ class NodeProcess:
             return None
 
     def wait_healthy(self, timeout: float = 30, path: str = "/health") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Wait for ``path`` to answer 200; RuntimeError as soon as the node has exited."""
+
+        def healthy() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"node {self.node_id} exited with {self.proc.returncode}:\n{self.output}"
                 )
-            if self.health(path) == 200:
-                return
-            time.sleep(0.1)
-        raise AssertionError(
-            f"node {self.node_id} not healthy within {timeout} s; output:\n{self.output}"
-        )
+            return self.health(path) == 200
+
+        try:
+            wait_until(healthy, timeout, f"node {self.node_id} to answer {path} 200", step=0.1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; output:\n{self.output}") from None
 
     def _finish(self) -> None:
         self.config.unlink(missing_ok=True)
@@ -423,7 +419,7 @@ class WebhookReceiver(_Background):
         return wait_until(
             lambda: predicate(self.events(channel)) and self.events(channel),
             timeout,
-            f"webhooks on {channel}; got {self.names(channel)}",
+            lambda: f"webhooks on {channel}; got {self.names(channel)}",
         )
 
 
@@ -562,18 +558,23 @@ class WsClient:
         return got
 
     def subscribe_frame(
-        self, channel: str, user_id: str | None = None, user_info: Any = None
+        self, channel: str, user_id: str | None = None, user_info: Any = NO_INFO
     ) -> dict[str, Any]:
         data: dict[str, Any] = {"channel": channel, "auth": ""}
         if channel.startswith("presence-"):
-            custom = {"user_id": user_id or "u", "user_info": user_info or {}}
+            info = {} if user_info is NO_INFO else user_info
+            custom = {"user_id": user_id or "u", "user_info": info}
             data.update(_signer().authenticate(channel, self.socket_id, custom))
         elif channel.startswith("private-"):
             data.update(_signer().authenticate(channel, self.socket_id))
         return {"event": "pusher:subscribe", "data": data}
 
     def subscribe(
-        self, channel: str, user_id: str | None = None, user_info: Any = None, timeout: float = 10
+        self,
+        channel: str,
+        user_id: str | None = None,
+        user_info: Any = NO_INFO,
+        timeout: float = 10,
     ) -> Any:
         """Subscribe and return the ``subscription_succeeded`` frame (fails on an error)."""
         self.send(self.subscribe_frame(channel, user_id, user_info))
@@ -599,6 +600,57 @@ class WsClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncWsClient:
+    """:class:`WsClient` for coroutines: the same client, each call run in a worker thread so
+    that the event loop (which may be serving the node under test) keeps running meanwhile."""
+
+    def __init__(self, client: WsClient) -> None:
+        self.client = client
+        self.hello = client.hello
+        self.socket_id = client.socket_id
+
+    @classmethod
+    async def open(cls, url: str, **options: Any) -> AsyncWsClient:
+        """Connect and read the handshake (``options`` as for :class:`WsClient`)."""
+        return cls(await asyncio.to_thread(WsClient, url, **options))
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        await asyncio.to_thread(self.client.send, frame)
+
+    async def recv(self, timeout: float = 5) -> dict[str, Any]:
+        return await asyncio.to_thread(self.client.recv, timeout)
+
+    async def next_event(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5
+    ) -> Any:
+        return await asyncio.to_thread(self.client.next_event, predicate, timeout)
+
+    async def expect(self, event: str, channel: str | None = None, timeout: float = 5) -> Any:
+        return await asyncio.to_thread(self.client.expect, event, channel, timeout)
+
+    async def quiet(self, seconds: float) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.client.quiet, seconds)
+
+    async def subscribe(
+        self,
+        channel: str,
+        user_id: str | None = None,
+        user_info: Any = NO_INFO,
+        timeout: float = 10,
+    ) -> Any:
+        """:meth:`WsClient.subscribe`: the ``subscription_succeeded`` frame."""
+        return await asyncio.to_thread(self.client.subscribe, channel, user_id, user_info, timeout)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.client.close)
+
+    async def __aenter__(self) -> AsyncWsClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 def api_request(

@@ -37,8 +37,8 @@ from nodes import (
     init_shards_once,
     official_client,
     running_node,
-    wait_until,
 )
+from polling import wait_until
 from support import raw_client
 from websockets.sync.client import connect
 
@@ -470,7 +470,16 @@ def test_failover_losing_acknowledged_writes(fresh_cluster: LocalCluster) -> Non
                 for node in nodes:
                     fleet.subscribe(fleet.connect(node, f"early-{node.node_id}"), ch)
             wait_until(lambda: not mismatches(nodes, fleet, channels), 10, "exact before the pause")
-            time.sleep(0.5)  # let the replica catch up
+            # The replica has every write made so far (its own offset, not the master's view
+            # of it, which is acknowledged only once a second).
+            with fresh_cluster.client(master0) as c:
+                written = c.info("replication")["master_repl_offset"]
+
+            def caught_up() -> bool:
+                with fresh_cluster.client(replica0) as r:
+                    return bool(r.info("replication")["slave_repl_offset"] >= written)
+
+            wait_until(caught_up, 10, "the replica to have every write made before the pause")
             # The replica stops replicating: paused, and its replication link cut by the master
             # so that nothing of what follows is waiting in its socket when it resumes.
             fresh_cluster.stop_process(replica0, signal.SIGSTOP)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nodes import NodeProcess, WebhookReceiver, official_client, start_node, wait_until
+from nodes import NodeProcess, WebhookReceiver, official_client, start_node
+from polling import wait_until
 
 from gateway.localcluster import LocalCluster, find_free_port_range
 

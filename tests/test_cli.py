@@ -7,13 +7,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from conftest import find_free_port_range
+from polling import wait_until
 from support import raw_client
-from websockets.sync.client import connect
+from websockets.sync.client import ClientConnection, connect
 
 from gateway.cli import main
 from gateway.protocol.auth import sign
@@ -43,19 +43,27 @@ def test_dev_serves_connection_established_and_stops_everything(tmp_path: Path) 
     drain = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))
     drain.start()
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            if any("presence-gateway dev: ws://" in line for line in lines):
-                break
-            time.sleep(0.05)
-        assert any("presence-gateway dev: ws://" in line for line in lines), "".join(lines)
+
+        def banner() -> bool:
+            return any("presence-gateway dev: ws://" in line for line in lines)
+
+        # Stop waiting as soon as the command has exited, too: its output says why.
+        wait_until(
+            lambda: banner() or proc.poll() is not None,
+            60,
+            lambda: "the dev banner or an exit; output:\n" + "".join(lines),
+        )
+        assert banner(), "".join(lines)
         url = f"ws://127.0.0.1:{ws_port}/app/app-key?protocol=7&client=js&version=8.4.0"
-        for _ in range(100):  # the node listens right after the banner
+
+        def connected() -> ClientConnection | None:
             try:
-                ws = connect(url)
-                break
+                return connect(url)
             except OSError:
-                time.sleep(0.1)
+                return None
+
+        # The node listens right after the banner.
+        ws = wait_until(connected, 10, "the dev node to accept a WebSocket", step=0.1)
         with ws:
             frame = json.loads(ws.recv(timeout=10))
             assert frame["event"] == "pusher:connection_established"

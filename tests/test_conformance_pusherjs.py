@@ -27,8 +27,8 @@ from nodes import (
     official_client,
     running_node,
     start_node,
-    wait_until,
 )
+from polling import wait_until
 
 JS_DIR = Path(__file__).parent / "js"
 SOCKET_ID = re.compile(r"\A\d+\.\d+\Z")
@@ -229,11 +229,15 @@ def test_signin_then_server_to_user_event(clients: Any, node: NodeProcess) -> No
     signed = client.wait_for("signin")
     assert json.loads(signed["data"]["user_data"])["id"] == user
     api = official_client(node.port)
-    # The #server-to-user subscription follows sign-in; poll until a delivery arrives.
-    deadline = time.monotonic() + 10
-    while not client.matching("user_event") and time.monotonic() < deadline:
+
+    # The #server-to-user subscription follows sign-in: send again until a delivery arrives.
+    def delivered() -> bool:
+        if client.matching("user_event"):
+            return True
         assert api.send_to_user(user, "notice", {"n": 1}) == {}
-        time.sleep(0.2)
+        return False
+
+    wait_until(delivered, 10, "a server-to-user event delivered", step=0.2)
     got = client.wait_for("user_event", event="notice")
     assert got["data"] == {"n": 1}
 

@@ -22,8 +22,8 @@ from nodes import (
     WsClient,
     official_client,
     running_node,
-    wait_until,
 )
+from polling import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

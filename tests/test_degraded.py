@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-from nodes import NodeProcess, WsClient, official_client, running_node, wait_until
+from nodes import NodeProcess, WsClient, official_client, running_node
+from polling import wait_until
 
 from gateway._native import key_slot
 from gateway.localcluster import LocalCluster

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nodes import AuthServer, NodeProcess, wait_until
+from nodes import AuthServer, NodeProcess
+from polling import wait_until
 from test_conformance_pusherjs import JS_DIR, JsClient
 
 from gateway.localcluster import LocalCluster, find_free_port_range

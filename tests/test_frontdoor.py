@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import websocket  # websocket-client, the library pysher uses
+from polling import settle
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
@@ -161,7 +162,7 @@ async def test_client_close_code_reaches_the_app(door: FrontDoor, app: App) -> N
         conn_id = json.loads(await ws.recv())["welcome"]
         await ws.close(4321, "client says bye")
     assert await app.wait_closed(conn_id) == 4321
-    assert door.connections == 0 or await _settles(lambda: door.connections == 0)
+    await settle(lambda: door.connections == 0, what="the door to hold no connection")
 
 
 async def test_server_close_code_reaches_the_client(door: FrontDoor, app: App) -> None:
@@ -194,7 +195,7 @@ async def test_many_connections_broadcast(door: FrontDoor, app: App) -> None:
         assert got == ["hello all"] * 200
     finally:
         await asyncio.gather(*(ws.close() for ws in clients))
-    assert await _settles(lambda: len(app.closed) == 200)
+    await settle(lambda: len(app.closed) == 200, what="all 200 sockets reported closed")
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65_535, 65_536, 70_000])
@@ -233,8 +234,8 @@ async def test_slow_consumer_is_closed_4100(app: App) -> None:
             conn_id = json.loads(await ws.recv())["welcome"]
             # 32 MiB in one go: far more than the kernel's socket buffers plus high water.
             await ws.send("flood:2048")
-            await asyncio.sleep(0.3)  # the client reads nothing meanwhile
-            assert front.slow_consumers_closed == 1
+            # The client reads nothing meanwhile.
+            await settle(lambda: front.slow_consumers_closed == 1, what="the slow consumer closed")
             assert not app.conns.get(conn_id) or not app.conns[conn_id].is_open
             received = 0
             with pytest.raises(ConnectionClosed) as info:
@@ -503,14 +504,6 @@ def _split_responses(data: bytes) -> list[bytes]:
         out.append(head + b"\r\n\r\n" + rest[:length])
         data = rest[length:]
     return out
-
-
-async def _settles(predicate: object, timeout: float = 5.0) -> bool:
-    assert callable(predicate)
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-    return True
 
 
 async def _closed_soon(app: App, conn_id: int) -> dict[int, int | None]:

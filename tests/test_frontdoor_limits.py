@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from polling import settle
 from test_frontdoor import App, raw_exchange, url
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -100,7 +101,7 @@ async def test_trickled_head_gets_408_and_is_closed(make_door: Door) -> None:
         writer.close()
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:80]
     assert door.timeouts == 1
-    await _settles(lambda: door.connections == 0)
+    await settle(lambda: door.connections == 0, what="the timed-out connection closed")
 
 
 async def test_silent_connection_gets_408(make_door: Door) -> None:
@@ -128,7 +129,7 @@ async def test_unfinished_bodies_share_a_byte_cap(make_door: Door, app: BigApp) 
     r1, w1 = await asyncio.open_connection("127.0.0.1", door.port)
     w1.write(head + b"a" * 120_000)
     await w1.drain()
-    await _settles(lambda: door.pending_bytes == 120_000)
+    await settle(lambda: door.pending_bytes == 120_000, what="the first body's 120 000 bytes held")
     # A second unfinished body would take the total over 200 000 bytes: 503, closed.
     reply = await raw_exchange(door, head + b"b" * 100_000)
     assert reply.startswith(b"HTTP/1.1 503 "), reply[:80]
@@ -138,7 +139,7 @@ async def test_unfinished_bodies_share_a_byte_cap(make_door: Door, app: BigApp) 
     await w1.drain()
     line = await asyncio.wait_for(r1.readline(), 5)
     assert line.startswith(b"HTTP/1.1 200 ")
-    await _settles(lambda: door.pending_bytes == 0)
+    await settle(lambda: door.pending_bytes == 0, what="the finished body's bytes released")
     w1.close()
     assert len(app.requests) == 1
 
@@ -154,19 +155,24 @@ async def test_upgrade_request_with_a_body_releases_its_bytes(make_door: Door) -
     for _ in range(3):
         reply = await raw_exchange(door, head + b"b" * 50_000)
         assert reply.startswith(b"HTTP/1.1 400 "), reply[:80]  # websockets refuses it
-    await _settles(lambda: door.connections == 0)
+    await settle(lambda: door.connections == 0, what="the refused upgrades closed")
     assert door.pending_bytes == 0
 
 
-async def test_a_reset_during_the_answer_releases_the_body_once(make_door: Door) -> None:
+async def test_a_reset_during_the_answer_releases_the_body_once(
+    make_door: Door, app: BigApp
+) -> None:
     door = await make_door()
-    for _ in range(3):
+    for n in range(1, 4):
         _reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
         writer.write(b"POST /slow HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" + b"s" * 100_000)
         await writer.drain()
-        await asyncio.sleep(0.01)  # the handler is answering
+        # Reset while the handler is answering (it takes 0.05 s).
+        await settle(lambda n=n: len(app.requests) == n, what=f"request {n} handled", step=0.005)
         writer.transport.abort()
-    await _settles(lambda: door.connections == 0)
+    await settle(lambda: door.connections == 0, what="the reset connections closed")
+    # Not a wait for a condition: the handlers finish meanwhile, and a body released a second
+    # time when its answer is done would show as negative bytes.
     await asyncio.sleep(0.1)
     assert door.pending_bytes == 0
 
@@ -201,19 +207,22 @@ async def test_bytes_after_an_upgrade_request_are_bounded(make_door: Door) -> No
 async def test_per_address_limit_refuses_cleanly(make_door: Door) -> None:
     door = await make_door(settings=AdmissionSettings(max_per_ip=3))
     held = [await asyncio.open_connection("127.0.0.1", door.port) for _ in range(3)]
-    await _settles(lambda: door.connections == 3)
+    await settle(lambda: door.connections == 3, what="the three held connections accepted")
     reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
     reply = await _read_all(reader)
     writer.close()
     assert reply.startswith(b"HTTP/1.1 503 "), reply
     assert b"max_connections_per_ip" in reply and b"Retry-After: 5" in reply
     held[0][1].close()
-    await _settles(lambda: door.admission.connections_from("127.0.0.1") == 2)
+    await settle(
+        lambda: door.admission.connections_from("127.0.0.1") == 2,
+        what="the closed connection released from the per-address count",
+    )
     async with connect(url(door)) as ws:  # room again
         await ws.recv()
     for _, w in held[1:]:
         w.close()
-    await _settles(lambda: door.admission.total == 0)
+    await settle(lambda: door.admission.total == 0, what="every admitted connection released")
 
 
 async def test_node_connection_cap_counts_websockets_too(make_door: Door) -> None:
@@ -226,7 +235,7 @@ async def test_node_connection_cap_counts_websockets_too(make_door: Door) -> Non
         reply = await _read_all(reader)
         writer.close()
         assert reply.startswith(b"HTTP/1.1 503 ") and b"maximum of 2 connections" in reply
-    await _settles(lambda: door.admission.total == 0)
+    await settle(lambda: door.admission.total == 0, what="every admitted connection released")
     async with connect(url(door)) as ws:
         await ws.recv()
 
@@ -258,7 +267,7 @@ async def test_trusted_proxy_limits_apply_to_the_forwarded_address(make_door: Do
         other = {"X-Forwarded-For": "203.0.113.8"}
         async with connect(url(door), additional_headers=other) as ws2:
             await ws2.recv()
-    await _settles(lambda: door.admission.total == 0)
+    await settle(lambda: door.admission.total == 0, what="every admitted connection released")
     assert door.admission.connections_from("203.0.113.7") == 0
 
 
@@ -270,11 +279,11 @@ async def test_unread_responses_stop_the_connection(make_door: Door, app: BigApp
     _reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
     writer.write(b"GET /big HTTP/1.1\r\n\r\n" * 64)  # then never read
     await writer.drain()
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # time for a door that went on answering to take many more
     # The door stopped answering once its write buffer was full (and stopped reading once
     # 16 requests waited); it did not build 64 MiB of responses.
     assert len(app.requests) < 8
-    await _settles(lambda: door.connections == 0, timeout=10)
+    await settle(lambda: door.connections == 0, what="the unread connection stopped")
     writer.close()
 
 
@@ -323,9 +332,7 @@ async def test_a_flooding_socket_waits_its_turn(make_door: Door, app: BigApp) ->
         flood.transport.write(b"".join(flood_protocol.data_to_send()))
         await normal.send("normal")
         assert await normal.recv() == "echo:normal"
-        async with asyncio.timeout(10):
-            while len(app.order) < 20_001:
-                await asyncio.sleep(0.01)
+        await settle(lambda: len(app.order) >= 20_001, what="all 20 001 messages handled")
     position = app.order.index("normal")
     # Handled after a few budgets of the flood, not after the 10 000 or more messages of the
     # reads that came first (uvloop reads up to 256 KiB at a time).
@@ -333,12 +340,6 @@ async def test_a_flooding_socket_waits_its_turn(make_door: Door, app: BigApp) ->
     assert position < 5000, position
     assert [t for t in app.order if t != "normal"] == frames  # the flood kept its order
     assert door.work.deferrals > 0
-
-
-async def _settles(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def _json(data: bytes) -> Any:

@@ -21,15 +21,14 @@ import time
 from typing import Any
 
 import pytest
-from support import raw_client
+from polling import settle
+from support import raw_client, shard_stack
 
 from gateway._native import key_slot
 from gateway.localcluster import LocalCluster
 from gateway.shards.admin import init_shards
 from gateway.shards.contract import IDENTITY_KEY
-from gateway.shards.shardset import ShardSet
 from gateway.shards.topology import load_topology
-from gateway.shards.writer import BatchWriter
 
 pytestmark = pytest.mark.chaos
 
@@ -42,57 +41,59 @@ async def _replay(cluster: LocalCluster, *, verify_identity: bool) -> dict[str, 
     topo = load_topology(cluster.topology_path)
     idents = init_shards(topo)
     masters = [m.addr for m in cluster.masters()]
-    shards = ShardSet(topo, recheck_interval=0.2, verify_identity=verify_identity)
-    writer = BatchWriter(shards, write_timeout=120.0)
-    await shards.start()
-    await shards.wait_ready(10)
-    writer.start()
+    async with shard_stack(
+        topo,
+        shards_options={"verify_identity": verify_identity},
+        writer_options={"write_timeout": 120.0},  # held writes outlive the incident
+    ) as stack:
+        writer = stack.writer
+        expected: dict[tuple[bytes, bytes], bytes] = {}
+        pending: list[asyncio.Future[list[object]]] = []
+        counter = 0
+        stop = asyncio.Event()
 
-    expected: dict[tuple[bytes, bytes], bytes] = {}
-    pending: list[asyncio.Future[list[object]]] = []
-    counter = 0
-    stop = asyncio.Event()
+        async def produce() -> None:
+            nonlocal counter
+            while not stop.is_set():
+                ops = []
+                for _ in range(WRITES_PER_TICK):
+                    counter += 1
+                    key = f"{{1:presence-room-{counter % 97}}}:pres".encode()
+                    field = f"node-a/user-{counter % 1013}".encode()
+                    value = f'{{"n":{counter}}}'.encode()
+                    expected[(key, field)] = value
+                    ops.append((b"hset", key, [field, value, b"600000"]))
+                pending.append(writer.submit_many(ops))
+                await asyncio.sleep(TICK)
 
-    async def produce() -> None:
-        nonlocal counter
-        while not stop.is_set():
-            ops = []
-            for _ in range(WRITES_PER_TICK):
-                counter += 1
-                key = f"{{1:presence-room-{counter % 97}}}:pres".encode()
-                field = f"node-a/user-{counter % 1013}".encode()
-                value = f'{{"n":{counter}}}'.encode()
-                expected[(key, field)] = value
-                ops.append((b"hset", key, [field, value, b"600000"]))
-            pending.append(writer.submit_many(ops))
-            await asyncio.sleep(TICK)
-
-    loop = asyncio.get_running_loop()
-    producer = asyncio.create_task(produce())
-    try:
-        await asyncio.sleep(1.0)
-        # The operator's mistake: shard-1 now resolves to shard 0's master on every Sentinel.
-        await loop.run_in_executor(None, cluster.repoint_sentinels, "shard-1", masters[0])
-        t_bad = time.monotonic()
-        await asyncio.sleep(INCIDENT_SECONDS)
-        held_at_fix = writer.held_count()
-        t_fixed = time.monotonic()
-        fix = loop.run_in_executor(None, cluster.repoint_sentinels, "shard-1", masters[1])
-        while writer.held_count() and time.monotonic() - t_fixed < 60:
-            await asyncio.sleep(0.01)
-        t_drained = time.monotonic()
-        await fix
-        stop.set()
-        await producer
-        results = await asyncio.wait_for(asyncio.gather(*pending), 60)
-    finally:
-        stop.set()
-        await writer.close()
-        await shards.close()
+        loop = asyncio.get_running_loop()
+        producer = asyncio.create_task(produce())
+        try:
+            await asyncio.sleep(1.0)  # writes flow for a while before the mistake
+            # The operator's mistake: shard-1 now resolves to shard 0's master on every Sentinel.
+            await loop.run_in_executor(None, cluster.repoint_sentinels, "shard-1", masters[0])
+            t_bad = time.monotonic()
+            await asyncio.sleep(INCIDENT_SECONDS)  # the incident lasts this long
+            held_at_fix = writer.held_count()
+            t_fixed = time.monotonic()
+            fix = loop.run_in_executor(None, cluster.repoint_sentinels, "shard-1", masters[1])
+            await settle(
+                lambda: writer.held_count() == 0,
+                timeout=60,
+                what="the writes held during the incident applied",
+                step=0.01,
+            )
+            t_drained = time.monotonic()
+            await fix
+            stop.set()
+            await producer
+            results = await asyncio.wait_for(asyncio.gather(*pending), 60)
+        finally:
+            stop.set()
 
     flat = [r for batch in results for r in batch]
     failures = [r for r in flat if isinstance(r, BaseException)]
-    m = shards.metrics
+    m = stack.shards.metrics
     figures = {
         "writes": len(flat),
         "failed": len(failures),

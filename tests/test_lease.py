@@ -8,8 +8,9 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
+from polling import settle
 from support import StoreFactory, raw_client
 
 from gateway.localcluster import LocalCluster
@@ -62,12 +63,12 @@ async def running_keeper(
     async def beat() -> None:
         while True:
             keeper.beat()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the heartbeat's pace
 
     beating = asyncio.create_task(beat())
     keeper.start()
     try:
-        await _until(lambda: keeper.leased(shard))
+        await settle(lambda: keeper.leased(shard), what=f"the first lease on shard {shard}")
         yield keeper, lapsed
     finally:
         beating.cancel()
@@ -115,7 +116,7 @@ async def test_lease_is_let_go_when_the_loop_stalls(
         assert sampler.samples[-1][1] == set(), sampler.samples[-5:]
         # The loop runs again: the lease is refreshed, and the lapse is reported so the node
         # re-asserts its state (others may have reaped it meanwhile).
-        await _until(lambda: shard in lapsed)
+        await settle(lambda: shard in lapsed, what="the lapse to be reported")
 
 
 async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
@@ -135,7 +136,7 @@ async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             await a.lease(shard, 60_000, first=False, **lease)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # a's refresh pace while the time passes
 
     def b_entries() -> int:
         return sum(f.startswith(b.owner) for f in master.hkeys(channel_key("1", ch) + b":p"))
@@ -146,7 +147,7 @@ async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
         # A shard that had no refresh before (first use, or unreachable) gives every owner
         # the grace: let that pass, with a refreshing all along.
         for _ in range(8):
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.25)  # 2 s pass on purpose
             await a.lease(shard, 60_000, first=False, **lease)
         await b.lease(shard, 300, first=True, **lease)
         await b.join("1", ch, "late-user", None, "2.1")
@@ -160,7 +161,7 @@ async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
         # b was only late: it refreshes, and its member is back without any event.
         await b.lease(shard, 60_000, first=False, **lease)
         assert await a.roster("1", ch) == {"late-user": None}
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # a "nothing arrives" window: no member_removed may come
         assert not any(m.startswith(b"R") for m in heard), heard
         # Now b dies for good: after its lease and the grace it is reaped, with the event.
         await b.lease(shard, 300, first=False, **lease)
@@ -172,7 +173,7 @@ async def test_a_late_owner_is_hidden_but_not_reaped_within_the_grace(
         assert states[b.owner.decode()] == "dead"
         await _reap(a, shard, grace_ms=1500)
         assert b_entries() == 0
-        await _until(lambda: b"Rlate-user" in heard)
+        await settle(lambda: b"Rlate-user" in heard, what="member_removed of the reaped late-user")
     finally:
         master.close()
         await pubsub.close()
@@ -209,7 +210,7 @@ async def _gap_scenario(
     await old.join("1", ch, "u-old", None, "3.1")
     # Nobody refreshes for 1.3 s (as when the shard is unreachable or failing over): the
     # leases expire while no node could refresh them.
-    await asyncio.sleep(1.3)
+    await asyncio.sleep(1.3)  # the leases expire on purpose
     # A reaper call that reaches the shard before any refresh (its writes were held while the
     # shard was away) removes nobody, and everyone who expired in the silence is listed.
     await _reap(a, shard, grace_ms=1500)
@@ -230,7 +231,7 @@ async def _gap_scenario(
     deadline = time.monotonic() + 1.6
     while time.monotonic() < deadline:
         await a.lease(shard, 500, first=False, **lease)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # a's refresh pace while the grace runs out
     await a.lease(shard, 500, first=False, **lease)
     assert await a.roster("1", ch) == {"ua": None}
     await _reap(a, shard, grace_ms=1500)
@@ -240,15 +241,9 @@ async def _gap_scenario(
 
 async def _reap(store: RedisPresenceStore, shard: int, *, grace_ms: int) -> None:
     """One reaper pass (waiting for another test's reap lock to lapse)."""
-    for _ in range(100):
+
+    async def reaped() -> bool:
         reply = await store.reap(shard, "lease-test", lock_ms=500, limit=100, grace_ms=grace_ms)
-        if reply[0] != -1:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the reap lock stayed taken")
+        return bool(reply[0] != -1)
 
-
-async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
+    await settle(reaped, what="the reap lock (another test's reaper may hold it)", step=0.05)

@@ -6,7 +6,6 @@ import os
 import random
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from polling import wait_until
 
 from gateway import _native as native
 from gateway._native import (
@@ -419,15 +419,19 @@ def _start_redis(tmp_path: Path, *extra: str) -> Iterator[int]:
         cmd += ["--appendonly", "no", "--dir", str(tmp_path), *extra]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and proc.poll() is None:
+
+            def settled(proc: subprocess.Popen[bytes] = proc, port: int = port) -> bool:
+                """It answers PING, or it exited (the port was taken: another one is tried)."""
+                if proc.poll() is not None:
+                    return True
                 try:
                     with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
                         s.sendall(native.pack_command(["PING"]))
-                        if s.recv(64).startswith(b"+PONG"):
-                            break
+                        return s.recv(64).startswith(b"+PONG")
                 except OSError:
-                    time.sleep(0.05)
+                    return False
+
+            wait_until(settled, 10, f"redis-server on port {port} to answer PING")
             if proc.poll() is None:
                 yield port
                 return

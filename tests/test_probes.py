@@ -6,7 +6,8 @@ import signal
 
 import pytest
 import requests
-from nodes import running_node, wait_until
+from nodes import running_node
+from polling import wait_until
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 

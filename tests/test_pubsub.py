@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import redis
 import requests
-from nodes import WsClient, official_client, running_node, wait_until
+from nodes import WsClient, official_client, running_node
+from polling import wait_until
 from support import raw_client
 
 from gateway._native import key_slot

@@ -9,6 +9,7 @@ the same, so the twin cannot drift from the real thing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -16,20 +17,17 @@ from typing import Protocol
 
 import pytest
 from polling import settle
-from support import raw_client
+from support import ShardStack, raw_client, shard_stack
 
 from gateway.localcluster import LocalCluster
 from gateway.shards import contract
 from gateway.shards.admin import init_shards
 from gateway.shards.contract import channel_key
 from gateway.shards.pubsub import PubSub
-from gateway.shards.shardset import ShardSet
 from gateway.shards.topology import load_topology
-from gateway.shards.writer import BatchWriter
 from gateway.store.healing import digest
 from gateway.store.presence import LocalChannel, PresenceStore, Subscriptions
 from gateway.store.presence_memory import MemoryShards
-from gateway.store.presence_redis import RedisPresenceStore
 
 HOLD_MS = 300
 
@@ -63,24 +61,25 @@ class RedisBackend:
     def __init__(self, cluster: LocalCluster) -> None:
         self.cluster = cluster
         self.topology = load_topology(cluster.topology_path)
-        self.opened: list[tuple[ShardSet, BatchWriter, PubSub]] = []
+        self.opened = contextlib.AsyncExitStack()
+        self.stacks: list[ShardStack] = []
 
     async def node(self, owner: str, *, lease_ms: int = 60_000) -> Node:
-        shards = ShardSet(self.topology, recheck_interval=0.2)
-        writer = BatchWriter(shards)
-        store = RedisPresenceStore(shards, writer, owner=owner, hold_ms=HOLD_MS)
-        node = Node(store, PubSub(shards, lambda _s, k, d: node.heard.append((k, d))))
-        assert isinstance(node.pubsub, PubSub)
-        self.opened.append((shards, writer, node.pubsub))
-        await shards.start()
-        await shards.wait_ready(10)
-        writer.start()
-        for shard in range(len(shards.links)):  # reads count only owners with a live lease
+        stack = await self.opened.enter_async_context(
+            shard_stack(self.topology, owner=owner, hold_ms=HOLD_MS)
+        )
+        self.stacks.append(stack)
+        store = stack.store
+        assert store is not None
+        pubsub = PubSub(stack.shards, lambda _s, k, d: node.heard.append((k, d)))
+        self.opened.push_async_callback(pubsub.close)  # closed before its shard links
+        node = Node(store, pubsub)
+        for shard in range(len(stack.shards.links)):  # reads count only owners with a live lease
             await store.lease(shard, lease_ms, first=True, gap_ms=0, grace_ms=0)
         return node
 
     async def elapse(self, ms: int) -> None:
-        await asyncio.sleep(ms / 1000)
+        await asyncio.sleep(ms / 1000)  # holds and leases run on the shards' own clocks
 
     def lose_presence(self, app_id: str, channel: str) -> None:
         key = channel_key(app_id, channel)
@@ -88,14 +87,10 @@ class RedisBackend:
         raw_client(self.cluster.masters()[shard].addr).delete(key + b":p")
 
     def topology_shard(self, key: bytes) -> int:
-        shards, _, _ = self.opened[0]
-        return shards.table.shard_for_key(key)
+        return self.stacks[0].shards.table.shard_for_key(key)
 
     async def close(self) -> None:
-        for shards, writer, pubsub in self.opened:
-            await pubsub.close()
-            await writer.close()
-            await shards.close()
+        await self.opened.aclose()
 
 
 class MemoryBackend:
@@ -112,7 +107,7 @@ class MemoryBackend:
 
     async def elapse(self, ms: int) -> None:
         self.now += ms
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn, as a real wait would give
 
     def lose_presence(self, app_id: str, channel: str) -> None:
         key = channel_key(app_id, channel)

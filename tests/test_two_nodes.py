@@ -17,8 +17,8 @@ from nodes import (
     WsClient,
     official_client,
     running_node,
-    wait_until,
 )
+from polling import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -91,7 +91,9 @@ def test_exact_counts_with_sockets_spread_over_both_nodes(
             wait_until(
                 lambda node=node: _counts(node, presence, public) == expected,
                 5,
-                f"counts {expected} on {node.node_id}; got {_counts(node, presence, public)}",
+                lambda node=node: (
+                    f"counts {expected} on {node.node_id}; got {_counts(node, presence, public)}"
+                ),
             )
 
 
@@ -106,7 +108,10 @@ def test_trigger_through_b_reaches_subscribers_on_a(pair: tuple[NodeProcess, Nod
             assert json.loads(ws.expect("news", channel)["data"]) == {"n": 7}
 
 
-def _settle(hooks: WebhookReceiver, channel: str, wanted: Counter[tuple[str, Any]]) -> Counter:
+def _final_webhooks(
+    hooks: WebhookReceiver, channel: str, wanted: Counter[tuple[str, Any]]
+) -> Counter:
+    """The webhooks of ``channel`` once ``wanted`` arrived and a duplicate would have too."""
     hooks.wait_for(
         lambda got: Counter((e["name"], e.get("user_id")) for e in got) >= wanted, channel, 10
     )
@@ -135,7 +140,7 @@ def test_one_webhook_per_transition_whichever_node_saw_it(
             ("channel_vacated", None): 1,
         }
     )
-    got = _settle(hooks, channel, wanted)
+    got = _final_webhooks(hooks, channel, wanted)
     print(f"webhooks: {dict(got)}")
     assert got == wanted
     assert hooks.invalid() == []
@@ -157,7 +162,7 @@ def test_quick_leave_and_rejoin_on_the_other_node_sends_no_member_removed(
             gap = time.monotonic() - left
             print(f"ann rejoined on the other node {1000 * gap:.0f} ms after leaving")
             assert gap < HOLD_MS / 1000, "the rejoin must fall inside the hold for this test"
-            time.sleep(2 * HOLD_MS / 1000)
+            time.sleep(2 * HOLD_MS / 1000)  # a held member_removed would be sent by now
             names = Counter(hooks.names(channel))
     assert names[("member_removed", "ann")] == 0, names
     assert names[("member_added", "ann")] == 1, names

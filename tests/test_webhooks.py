@@ -9,6 +9,7 @@ from typing import Any
 
 import pusher
 import pytest
+from polling import settle
 
 from gateway.config import AppConfig
 from gateway.metrics import Metrics
@@ -168,9 +169,7 @@ async def test_gives_up_after_the_deadline(receiver: Receiver) -> None:
     )
     sender.enqueue(APP, receiver.url, {"name": "channel_occupied", "channel": "c"})
     sender.enqueue(APP, receiver.url, {"name": "channel_occupied", "channel": "d"})
-    async with asyncio.timeout(5):
-        while metrics.total("pg_webhooks_dropped_total") == 0:
-            await asyncio.sleep(0.02)
+    await settle(lambda: metrics.total("pg_webhooks_dropped_total"), what="a dropped webhook")
     assert metrics.get("pg_webhooks_dropped_total", reason="deadline") == 2
     assert 2 <= len(receiver.requests) <= 6
     assert metrics.total("pg_webhooks_sent_total") == 0
@@ -187,9 +186,7 @@ async def test_connection_refused_is_retried_then_dropped() -> None:
         metrics=metrics, batch_delay=0.01, initial_backoff=0.02, retry_deadline=0.2
     )
     sender.enqueue(APP, f"http://127.0.0.1:{port}/", {"name": "channel_occupied", "channel": "c"})
-    async with asyncio.timeout(5):
-        while metrics.total("pg_webhooks_dropped_total") == 0:
-            await asyncio.sleep(0.02)
+    await settle(lambda: metrics.total("pg_webhooks_dropped_total"), what="a dropped webhook")
     assert metrics.get("pg_webhook_failures_total", reason="connection") >= 2
     await sender.close(timeout=1)
 
@@ -209,7 +206,7 @@ async def test_full_queue_drops_oldest(receiver: Receiver) -> None:
 async def test_close_flushes_pending_events(receiver: Receiver) -> None:
     sender = WebhookSender(batch_delay=10.0)  # would wait 10 s without close()
     sender.enqueue(APP, receiver.url, {"name": "channel_occupied", "channel": "c"})
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # the sender is in its 10 s batch wait: close() must cut it short
     await sender.close(timeout=2)
     assert len(receiver.requests) == 1
     sender.enqueue(APP, receiver.url, {"name": "channel_occupied", "channel": "late"})
