@@ -1,5 +1,6 @@
-"""A node's lease on real shards: kept by its own threads while the event loop is blocked, let
-go when the loop stalls, and the reap rule that tells a late node from a dead one."""
+"""A node's lease on real shards: kept by its own threads while the event loop is blocked (even
+across a failover the loop has not seen), let go when the loop stalls, and the reap rule that
+tells a late node from a dead one."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import uuid
 from collections.abc import AsyncIterator
 
 from polling import settle
-from support import StoreFactory, raw_client
+from support import StoreFactory, raw_client, shard_stack
 
 from gateway.localcluster import LocalCluster
 from gateway.metrics import Metrics
-from gateway.shards.contract import channel_key
+from gateway.shards.admin import init_shards
+from gateway.shards.contract import IDENTITY_KEY, channel_key
 from gateway.shards.pubsub import PubSub
+from gateway.shards.topology import load_topology
 from gateway.store.lease import LeaseKeeper, LeaseSettings
 from gateway.store.presence_redis import RedisPresenceStore
 
@@ -247,3 +250,28 @@ async def _reap(store: RedisPresenceStore, shard: int, *, grace_ms: int) -> None
         return bool(reply[0] != -1)
 
     await settle(reaped, what="the reap lock (another test's reaper may hold it)", step=0.05)
+
+
+async def test_lease_follows_a_failover_the_blocked_event_loop_has_not_seen(
+    fresh_cluster: LocalCluster,
+) -> None:
+    topology = load_topology(fresh_cluster.topology_path)
+    init_shards(topology)
+    owner = f"follow@{_uid()}"
+    shard = 0
+    settings = LeaseSettings(lease_ms=4000, interval=0.2, grace_ms=0, stall_limit=60)
+    async with shard_stack(topology, owner=owner) as stack:
+        assert stack.store is not None
+        async with running_keeper(stack.store, settings, shard) as (_, lapsed):
+            old = stack.shards.links[shard].address
+            # From here the event loop is blocked: its shard supervisor cannot see the
+            # failover, only the lease thread can follow it.
+            new = fresh_cluster.failover(fresh_cluster.master_name(shard))
+            time.sleep(6.0)  # noqa: ASYNC251 -- longer than the lease, the loop still blocked
+            assert stack.shards.links[shard].address == old  # the loop has not seen it
+            master = raw_client(new)
+            tag = master.hget(IDENTITY_KEY, "tag")
+            seconds, micros = master.time()
+            deadline = master.zscore(tag + b":nodes", owner)
+            assert deadline is not None and deadline > seconds * 1000 + micros // 1000
+        assert lapsed == []  # no refresh came later than the lease

@@ -123,6 +123,8 @@ class ShardLink:
         last_error: Why the link is down, for health reports.
         warning: A problem that does not stop the link (Sentinels unreachable while the
             verified master still answers), for health reports.
+        checked_at: ``time.monotonic()`` of the last check that verified the master (0 before
+            the first): the lease threads use it to tell when the event loop lags behind.
     """
 
     index: int
@@ -137,6 +139,7 @@ class ShardLink:
     suspect_reason: str | None = None
     failures: int = 0
     generation: int = 0
+    checked_at: float = 0.0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -373,6 +376,7 @@ class ShardSet:
             self._down(link, f"{addr}: {exc!r}")
             return
         master_changed = bool(link.run_id) and (run_id, replid) != (link.run_id, link.replid)
+        link.checked_at = time.monotonic()
         link.conn = conn
         link.run_id, link.replid = run_id, replid
         link.suspect_reason = None

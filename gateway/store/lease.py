@@ -9,6 +9,16 @@ one verified ``lease`` write every ``interval`` seconds: neither the event loop 
 queue stands between the node and its lease. The thread needs the GIL only for a few
 microseconds per refresh, which a busy event loop hands over every few milliseconds.
 
+A failover must not wait for the event loop either: the loop's shard supervisor finds a new
+master through Sentinel every second, but a loop lagging by seconds finds it late, and the old
+master keeps accepting writes until Sentinel demotes it (up to about ten seconds): the lease
+would go on being refreshed there while every other node reads the promoted replica, where it
+expires. So when the loop has not verified the shard's master for a few re-check intervals,
+or a refresh fails, the thread asks the Sentinels itself (the same vote as the node's,
+:func:`gateway.shards.sentinel.vote`) and refreshes on the master they name. That needs no
+identity check of its own: the lease write is tagged, so a server that is not this shard
+refuses it. Once the loop has verified the master again, its choice is followed.
+
 A lease must not outlive a node that can no longer serve: the event loop beats a heartbeat
 (:meth:`LeaseKeeper.beat`), and when the loop has not beaten for ``stall_limit`` seconds (a
 callback stuck in a loop, a deadlock) the threads stop refreshing, so the node is treated as
@@ -27,10 +37,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway._native import ReplyError, ReplyReader, build_batches, pack_command
+from gateway._native import ReplyError, ReplyReader, ShardBatch, build_batches, pack_command
 from gateway.logs import fields
 from gateway.metrics import Metrics
 from gateway.shards.security import Access, SecurityError
+from gateway.shards.sentinel import (
+    MASTER_QUERY,
+    SentinelAnswer,
+    SentinelUnreachable,
+    parse_master_reply,
+    vote,
+)
 from gateway.shards.shardset import ShardLink, ShardSet
 from gateway.shards.topology import Address
 from gateway.store.presence_redis import RedisPresenceStore
@@ -72,6 +89,11 @@ class _ShardLease:
         self.index = index
         self.sock: socket.socket | None = None
         self.addr: Address | None = None
+        # The master the Sentinels named after a failed refresh, tried before the link's own
+        # address until the link (re-verified by the event loop) catches up with it.
+        self.followed: Address | None = None
+        self.followed_at = 0.0
+        self.asked_at = 0.0  # when this thread last asked the Sentinels because the loop lags
         self.first = True
         self.last_ok = 0.0  # monotonic time of the last refresh the shard accepted
         self.last_rtt = 0.0
@@ -255,7 +277,9 @@ class LeaseKeeper:
         # Follow the verified master; while the link is being re-verified keep the last one
         # (the write is tagged: a server that is not this shard refuses it).
         generation = link.generation
-        addr = link.address or state.addr
+        if state.followed is not None and link.checked_at > state.followed_at:
+            state.followed = None  # the event loop has verified the master since
+        addr = state.followed or link.address or state.addr
         if addr is None or link.identity is None:
             return
         s = self.settings
@@ -265,25 +289,20 @@ class LeaseKeeper:
         (batch,) = build_batches(self.shards.table, [op], group=1)
         if batch.shard != state.index:  # the table changed under us; next time
             return
-        started = time.monotonic()
         state.generation = generation
-        try:
-            if state.sock is None or state.addr != addr:
-                self._disconnect(state)
-                state.sock = _connect(addr, self.shards.access, s.timeout)
-                state.addr = addr
-            replies = _round_trip(state.sock, batch.payload, batch.n_commands)
-        except (OSError, ValueError) as exc:
-            self._disconnect(state)
-            if isinstance(exc, OSError) and exc.errno == errno.EMFILE:
-                self._failed(state, f"{addr}: out of file descriptors (EMFILE)")
-            else:
-                self._failed(state, f"{addr}: {exc!r}")
-            return
-        (result,) = batch.map_replies(replies)
-        if isinstance(result, ReplyError):
-            self._disconnect(state)
-            self._failed(state, f"{addr} refused the lease: {result}")
+        asked = False
+        if self._loop_behind(link) and time.monotonic() - state.asked_at >= 1.0:
+            asked, state.asked_at = True, time.monotonic()
+            addr = self._follow(state, link, addr, "the event loop has not re-checked it lately")
+        started = time.monotonic()
+        error = self._send(state, addr, batch)
+        if error is not None and not asked:
+            before, addr = addr, self._follow(state, link, addr, f"a refresh failed: {error}")
+            if addr != before:
+                started = time.monotonic()
+                error = self._send(state, addr, batch)
+        if error is not None:
+            self._failed(state, error)
             return
         now = time.monotonic()
         lapsed = not state.first and now - state.last_ok > s.lease_ms / 1000
@@ -302,6 +321,69 @@ class LeaseKeeper:
             )
             with contextlib.suppress(RuntimeError):  # the loop is closing
                 self._loop.call_soon_threadsafe(self.on_lapsed, state.index)
+
+    def _send(self, state: _ShardLease, addr: Address, batch: ShardBatch) -> str | None:
+        """Send one lease write to ``addr``; None when accepted, else why not."""
+        try:
+            if state.sock is None or state.addr != addr:
+                self._disconnect(state)
+                state.sock = _connect(addr, self.shards.access, self.settings.timeout)
+                state.addr = addr
+            replies = _round_trip(state.sock, batch.payload, batch.n_commands)
+        except (OSError, ValueError) as exc:
+            self._disconnect(state)
+            if isinstance(exc, OSError) and exc.errno == errno.EMFILE:
+                return f"{addr}: out of file descriptors (EMFILE)"
+            return f"{addr}: {exc!r}"
+        (result,) = batch.map_replies(replies)
+        if isinstance(result, ReplyError):
+            self._disconnect(state)
+            return f"{addr} refused the lease: {result}"
+        return None
+
+    def _loop_behind(self, link: ShardLink) -> bool:
+        """Whether the event loop has not verified ``link``'s master for several re-check
+        intervals although it did before (it lags, or the shard is down)."""
+        limit = max(2.0, 3 * self.shards.recheck_interval)
+        return (
+            self.shards.topology.uses_sentinel
+            and link.checked_at > 0
+            and time.monotonic() - link.checked_at > limit
+        )
+
+    def _follow(self, state: _ShardLease, link: ShardLink, addr: Address, why: str) -> Address:
+        """The master the Sentinels name if it is not ``addr`` (remembered until the event loop
+        verifies the master again), else ``addr``."""
+        found = self._ask_sentinels(link)
+        if found is None or found == addr:
+            return addr
+        name = link.spec.name
+        log.info(
+            "shard %s: refreshing the lease on %s, the master the Sentinels name (%s)",
+            name,
+            found,
+            why,
+            extra=fields(shard=name, server=found, reason="lease follows Sentinel"),
+        )
+        state.followed, state.followed_at = found, time.monotonic()
+        return found
+
+    def _ask_sentinels(self, link: ShardLink) -> Address | None:
+        """The master the Sentinels name for this shard now (None without Sentinels, or when
+        none answers or knows it), asked from this thread with blocking sockets."""
+        topology = self.shards.topology
+        if not topology.uses_sentinel:
+            return None
+        timeout = min(self.settings.timeout, 1.0)
+        answers = [
+            _ask_sentinel(sentinel, topology.sentinel, link.spec.name, timeout)
+            for sentinel in topology.sentinels
+            if not self._stop.is_set()
+        ]
+        try:
+            return vote(link.spec.name, answers).master
+        except SentinelUnreachable:
+            return None
 
     def _failed(self, state: _ShardLease, reason: str) -> None:
         state.failed += 1
@@ -349,6 +431,24 @@ def _connect(addr: Address, access: Access, timeout: float) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _ask_sentinel(sentinel: Address, access: Access, name: str, timeout: float) -> SentinelAnswer:
+    """One Sentinel's answer for master ``name`` (blocking)."""
+    try:
+        sock = _connect(sentinel, access, timeout)
+    except OSError as exc:
+        return SentinelAnswer(sentinel, error=repr(exc))
+    try:
+        (reply,) = _round_trip(sock, pack_command((*MASTER_QUERY, name)), 1)
+        if isinstance(reply, ReplyError):
+            return SentinelAnswer(sentinel, error=str(reply))
+        return SentinelAnswer(sentinel, parse_master_reply(reply))
+    except (OSError, ValueError) as exc:
+        return SentinelAnswer(sentinel, error=repr(exc))
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 def _round_trip(sock: socket.socket, payload: bytes, n: int) -> list[object]:
