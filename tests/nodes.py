@@ -49,6 +49,7 @@ from typing import Any
 import pusher
 import requests
 from polling import wait_until
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from gateway.localcluster import find_free_port_range
@@ -499,11 +500,40 @@ class AuthServer(_Background):
 class WsClient:
     """A raw protocol-7 client: connects, reads the handshake, signs with the official library."""
 
-    def __init__(self, url: str, *, open_timeout: float = 10, ssl_ca: Path | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        open_timeout: float = 10,
+        ssl_ca: Path | None = None,
+        max_queue: int | None = 16,
+        busy_retry: float = 0.0,
+    ) -> None:
+        """Connect and read ``pusher:connection_established``.
+
+        Args:
+            max_queue: Frames buffered unread (None: unbounded, so that a socket the test
+                does not read for a while keeps answering keepalive pings).
+            busy_retry: Seconds during which a 503 (a node shedding load) is retried after a
+                short pause, as pusher-js reconnects; 0 raises it at once.
+        """
         context = ssl.create_default_context(cafile=str(ssl_ca)) if ssl_ca else None
-        self.ws: ClientConnection = connect(
-            url, open_timeout=open_timeout, max_size=None, ssl=context
-        )
+        deadline = time.monotonic() + busy_retry
+        while True:
+            try:
+                self.ws: ClientConnection = connect(
+                    url,
+                    open_timeout=open_timeout,
+                    max_size=None,
+                    max_queue=max_queue,
+                    close_timeout=2,
+                    ssl=context,
+                )
+                break
+            except InvalidStatus as exc:
+                if exc.response.status_code != 503 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)  # pacing the retry, as a client's back-off would
         # Entering marks it as managed (websockets >= 17.1 warns on a bare connect() otherwise);
         # close() below is its exit.
         self.ws.__enter__()

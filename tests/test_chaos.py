@@ -40,7 +40,6 @@ from nodes import (
 )
 from polling import wait_until
 from support import raw_client
-from websockets.sync.client import connect
 
 from gateway._native import key_slot
 from gateway.localcluster import LocalCluster
@@ -89,18 +88,11 @@ def _foreign_keys(addr: str, own: tuple[int, int]) -> list[bytes]:
         ]
 
 
-class ChaosClient(WsClient):
-    """``WsClient`` with an unbounded receive queue: sockets the test does not read for a while
-    keep answering keepalive pings (a full queue would stop the reader and time out the ping)."""
-
-    def __init__(self, url: str) -> None:
-        self.ws = connect(url, open_timeout=10, max_size=None, max_queue=None, close_timeout=2)
-        self.ws.__enter__()
-        hello = self.recv(timeout=10)
-        assert hello["event"] == "pusher:connection_established", hello
-        self.hello = hello
-        self.socket_id = json.loads(hello["data"])["socket_id"]
-        self.pending = []
+def chaos_client(url: str) -> WsClient:
+    """A client with an unbounded receive queue (sockets the test does not read for a while
+    keep answering keepalive pings) that retries while a busy node sheds load, as pusher-js
+    reconnects."""
+    return WsClient(url, max_queue=None, busy_retry=60)
 
 
 @dataclass
@@ -122,7 +114,7 @@ class Fleet:
         self.errors: list[Any] = []
 
     def connect(self, node: NodeProcess, user: str) -> Sock:
-        sock = Sock(node, user, ChaosClient(node.ws_url()))
+        sock = Sock(node, user, chaos_client(node.ws_url()))
         with self.lock:
             self.socks.append(sock)
         return sock
