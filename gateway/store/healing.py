@@ -49,9 +49,14 @@ class HealingSettings:
         reap_interval: Seconds between reaper passes on each shard.
         reap_lock_ms: Validity of a shard's reap lock.
         reap_limit: Channels reaped per call.
-        anti_entropy_interval: Seconds between digest checks of each shard.
+        anti_entropy_interval: Seconds between digest checks of each shard (each wait drawn
+            between 0.8 and 1.2 times this, so that nodes do not check in step).
         confirm_delay: Seconds before a digest that differs is checked again (a difference
-            seen twice triggers the re-assertion).
+            seen twice, with this node's own state unchanged in between, triggers the
+            re-assertion).
+        max_deferral: Seconds a shard's check may be put off because this node's state keeps
+            changing (a join storm, a flood of subscriptions); after that a difference seen
+            twice is re-asserted even while the state moves.
     """
 
     lease_ms: int = 10_000
@@ -63,6 +68,7 @@ class HealingSettings:
     reap_limit: int = 200
     anti_entropy_interval: float = 30.0
     confirm_delay: float = 1.0
+    max_deferral: float = 120.0
 
 
 def digest(app_channels: LocalState) -> tuple[int, int]:
@@ -133,6 +139,8 @@ class Healer:
         n = len(shards.links)
         self._seen_up = [False] * n
         self._resyncing: list[asyncio.Task[None] | None] = [None] * n
+        # When each shard's check was first put off because this node's state was moving.
+        self._deferred_since: list[float | None] = [None] * n
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
         shards.on_link_up(self._link_up)
@@ -152,7 +160,7 @@ class Healer:
         self._tasks = [
             asyncio.create_task(every(s.reap_interval, self._reap_all, name="reaper")),
             asyncio.create_task(
-                every(s.anti_entropy_interval, self._check_all, name="anti-entropy")
+                every(s.anti_entropy_interval, self._check_all, name="anti-entropy", jitter=0.2)
             ),
         ]
 
@@ -279,25 +287,46 @@ class Healer:
     # -- anti-entropy --------------------------------------------------------------------------
 
     async def _check_all(self) -> None:
-        await asyncio.gather(*(self._check(link) for link in self.shards.links if link.usable))
+        await asyncio.gather(*(self.check(link.index) for link in self.shards.links if link.usable))
 
-    async def _check(self, link: ShardLink) -> None:
-        i = link.index
-        name = link.spec.name
+    async def check(self, i: int) -> str:
+        """One anti-entropy check of shard ``i`` (also refreshes this node's expiries there).
+
+        Returns:
+            ``"same"``; ``"differ"`` (a re-assertion was started); ``"deferred"`` (it differs
+            but this node's state moved between the two looks); ``"failed"`` (the shard did
+            not answer).
+        """
+        name = self.shards.links[i].spec.name
         try:
             remote = await self.store.check(i)
             local = digest(self.local_state(i))
+            moving = False
             if remote != local:
-                # Writes in flight make a single comparison unreliable: confirm once.
+                # Writes in flight make a single comparison unreliable: confirm once. If this
+                # node's own state changed meanwhile, its writes are still arriving (a join
+                # storm, a flood): the comparison says nothing, and re-writing every channel
+                # now would only add to the load. Put it off (up to max_deferral).
                 await asyncio.sleep(self.settings.confirm_delay)
                 remote = await self.store.check(i)
-                local = digest(self.local_state(i))
+                before, local = local, digest(self.local_state(i))
+                moving = before != local
         except (WriteFailed, ReplyError, ConnectionError) as exc:
             log.warning("shard %s: anti-entropy check failed: %s", name, exc)
-            return
+            return "failed"
         if remote == local:
+            self._deferred_since[i] = None
             self.metrics.inc("pg_anti_entropy_checks_total", shard=name, result="same")
-            return
+            return "same"
+        if moving:
+            now = asyncio.get_running_loop().time()
+            since = self._deferred_since[i]
+            if since is None:
+                self._deferred_since[i] = since = now
+            if now - since < self.settings.max_deferral:
+                self.metrics.inc("pg_anti_entropy_checks_total", shard=name, result="deferred")
+                return "deferred"
+        self._deferred_since[i] = None
         self.metrics.inc("pg_anti_entropy_checks_total", shard=name, result="differ")
         self.metrics.inc("pg_convergence_events_total", reason="digest")
         log.warning(
@@ -307,3 +336,4 @@ class Healer:
             local,
         )
         self.resync(i, "digest")
+        return "differ"
