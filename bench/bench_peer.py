@@ -195,10 +195,11 @@ def _rss_kib(pid: int) -> int:
 
 
 class Side:
-    """Two nodes of one server, reachable on 127.0.0.1 ports ``ports[0]`` and ``ports[1]``."""
+    """Nodes of one server (two unless asked otherwise), reachable on 127.0.0.1 ports
+    ``ports[0]``, ``ports[1]``; node A (``ports[0]``) is process ``pid_a``."""
 
     name = ""
-    ports: tuple[int, int]
+    ports: tuple[int, ...]
     pid_a: int
     procs: Procs
     note = ""
@@ -214,22 +215,24 @@ class Side:
 class Ours(Side):
     name = "ours"
 
-    def __init__(self, workdir: Path, procs: Procs) -> None:
+    def __init__(self, workdir: Path, procs: Procs, nodes: int = 2) -> None:
         self.cluster = LocalCluster(workdir / "cluster", base_port=find_free_port_range(12))
         self.procs = procs
+        self.labels = "ab"[:nodes]
+        self.two_nodes = nodes == 2
 
     def up(self) -> None:
         self.cluster.up()
         init_shards(load_topology(self.cluster.topology_path))
-        ports = (_free_port(), _free_port())
+        ports = tuple(_free_port() for _ in self.labels)
         pids = []
-        for label, port in zip("ab", ports, strict=True):
+        for label, port in zip(self.labels, ports, strict=True):
             args = [sys.executable, "-m", "gateway", "serve",
                     "--topology", str(self.cluster.topology_path), "--host", "127.0.0.1",
                     "--port", str(port), "--node-id", f"bench-{label}",
                     "--app", f"{APP_ID}:{KEY}:{SECRET}"]  # fmt: skip
             pids.append(self.procs.start(f"gateway-{label}", args, LOOPBACK_LOAD_ENV))
-        for label, port in zip("ab", ports, strict=True):
+        for label, port in zip(self.labels, ports, strict=True):
             self.procs.wait_ready(f"gateway-{label}", port)
             _wait_health(f"http://127.0.0.1:{port}/health")
         self.ports, self.pid_a = ports, pids[0]
@@ -295,11 +298,23 @@ port = {metrics_port}
 class Sockudo(Side):
     name = "sockudo"
 
-    def __init__(self, binary: Path, workdir: Path, procs: Procs) -> None:
+    def __init__(
+        self,
+        binary: Path,
+        workdir: Path,
+        procs: Procs,
+        nodes: int = 2,
+        adapter: str | None = None,
+    ) -> None:
+        """``adapter``: ``"redis"`` or ``"local"``; None = redis, or local if the binary has no
+        redis feature (with a note)."""
         self.binary = binary
         self.workdir = workdir
         self.procs = procs
         self.redis_port = 0
+        self.labels = "ab"[:nodes]
+        self.two_nodes = nodes == 2
+        self.adapter = adapter
 
     def up(self) -> None:
         self.redis_port = _free_port()
@@ -309,6 +324,9 @@ class Sockudo(Side):
              "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
         )  # fmt: skip
         self.procs.wait_ready("sockudo-redis", self.redis_port)
+        if self.adapter is not None:
+            self._nodes(self.adapter)
+            return
         try:
             self._nodes("redis")
         except NodeExited as exc:
@@ -321,7 +339,7 @@ class Sockudo(Side):
                 "adapter; users latency measured on ONE node (not comparable)"
             )
             self.two_nodes = False
-            for label in "ab":
+            for label in self.labels:
                 proc = self.procs.proc(f"sockudo-{label}")
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGINT)
@@ -334,9 +352,9 @@ class Sockudo(Side):
             self._nodes("local")
 
     def _nodes(self, adapter: str) -> None:
-        ports = (_free_port(), _free_port())
+        ports = tuple(_free_port() for _ in self.labels)
         pids = []
-        for label, port in zip("ab", ports, strict=True):
+        for label, port in zip(self.labels, ports, strict=True):
             metrics_port = _free_port()
             config = self.workdir / f"sockudo-{label}.toml"
             config.write_text(sockudo_toml(port, metrics_port, self.redis_port, adapter))
@@ -357,12 +375,12 @@ class Sockudo(Side):
                     f"sockudo-{label}", [str(self.binary), "--config", str(config)], env
                 )
             )
-        for label, port in zip("ab", ports, strict=True):
+        for label, port in zip(self.labels, ports, strict=True):
             self.procs.wait_ready(f"sockudo-{label}", port)
         self.ports, self.pid_a = ports, pids[0]
         # A crash shortly after binding (e.g. the adapter failing) shows up here.
         time.sleep(1.0)
-        for label, port in zip("ab", ports, strict=True):
+        for label, port in zip(self.labels, ports, strict=True):
             proc = self.procs.proc(f"sockudo-{label}")
             if proc.poll() is not None:
                 raise NodeExited(

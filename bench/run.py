@@ -13,7 +13,14 @@ Usage: python bench/run.py [--quick]
   deliveries/s, GET users latency across two nodes (plot: bench/results/peer_latency.png) and
   the load-test scenarios of ``loadtests/`` (churn, fan-out, read API) run by locust against
   both (CSVs in bench/results/locust-*/). The peer binary comes from
-  ``scripts/install-sockudo.sh`` (``make peer``); without it the peer's side is skipped.
+  ``scripts/install-sockudo.sh`` (``make peer``); without it the peer's side is skipped;
+* soak: presence churn, fan-out and API reads at fixed rates for 20 minutes (2 with
+  ``--quick``) on two nodes, sampling node RSS, Redis ``used_memory`` and keys every 10 s;
+  the slope of each after the warm-up, in % per 10 minutes (target: below 1 %);
+* capacity: one node each (ours, sockudo on its local and on its redis adapter) holding
+  15 000 presence connections (2 000 with ``--quick``; fewer if the open-file limit does not
+  allow them): connect + subscribe rate, node RSS per connection, Redis bytes per member, idle
+  CPU, and delivery latency of events that reach every connection.
 
 Figures are also written to bench/results/*.json (ignored by git) for BENCHMARKS.md.
 """
@@ -72,6 +79,18 @@ def main() -> int:
             str(results / "peer.json"),
             "--plot",
             str(results / "peer_latency.png"),
+        ],
+        [
+            "bench_soak.py",
+            *(["--duration", "120", "--warmup", "40"] if args.quick else []),
+            "--json",
+            str(results / "soak.json"),
+        ],
+        [
+            "bench_capacity.py",
+            *(["--quick"] if args.quick else []),
+            "--json",
+            str(results / "capacity.json"),
         ],
     ]
     status = 0
