@@ -82,7 +82,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_gateway import APP_ID, KEY, SECRET, HttpConn  # noqa: E402
+from bench_gateway import APP_ID, KEY, SECRET, HttpConn, signed_head  # noqa: E402
 from bench_peer import (  # noqa: E402
     DEFAULT_SOCKUDO,
     WS_PATH,
@@ -94,8 +94,7 @@ from bench_peer import (  # noqa: E402
     _rss_kib,
 )
 
-from gateway.config import DEFAULT_APP  # noqa: E402
-from gateway.protocol.auth import sign, sign_api_request  # noqa: E402
+from gateway.protocol.auth import sign  # noqa: E402
 
 SIDES = ("ours", "sockudo-local", "sockudo-redis")
 GROUP = 100  # members per presence channel
@@ -391,15 +390,6 @@ def _redis_memory(clients: list[redis.Redis]) -> dict[str, int]:
     }
 
 
-def _signed_post(path: str, body: bytes) -> bytes:
-    signed = sign_api_request(DEFAULT_APP, "POST", path, {}, body, int(time.time()))
-    query = "&".join(f"{k}={v}" for k, v in signed.items())
-    return (
-        f"POST {path}?{query} HTTP/1.1\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-    ).encode()
-
-
 async def _publish(port: int, groups: list[int], events: int, rate: float) -> dict[str, Any]:
     """``events`` events at ``rate``/s, each on every channel of ``groups`` (100 a request)."""
     path = f"/apps/{APP_ID}/events"
@@ -418,7 +408,7 @@ async def _publish(port: int, groups: list[int], events: int, rate: float) -> di
         }).encode()  # fmt: skip
         try:
             status, answer = await asyncio.wait_for(
-                conn.request(_signed_post(path, body), body), 10
+                conn.request(signed_head("POST", path, body), body), 10
             )
             if status != 200:
                 raise RuntimeError(f"{status} {answer[:200]!r}")

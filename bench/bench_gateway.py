@@ -200,6 +200,19 @@ class HttpConn:
         self.reader = self.writer = None
 
 
+def signed_head(
+    method: str, path: str, body: bytes = b"", params: dict[str, str] | None = None
+) -> bytes:
+    """Request line and headers (without the final blank line) of an API request signed like
+    the official libraries, for :meth:`HttpConn.request`."""
+    signed = sign_api_request(DEFAULT_APP, method, path, params or {}, body, int(time.time()))
+    query = "&".join(f"{k}={v}" for k, v in signed.items())
+    head = f"{method} {path}?{query} HTTP/1.1\r\n"
+    if body:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode()
+
+
 async def _publish_http(port: int, events: int) -> None:
     """batch_events, 10 events a request, 4 requests in flight, over keep-alive connections."""
     path = f"/apps/{APP_ID}/batch_events"
@@ -210,13 +223,7 @@ async def _publish_http(port: int, events: int) -> None:
             body = json.dumps(
                 {"batch": [{"channel": "bench", "name": "x", "data": str(i)} for i in batch]}
             ).encode()
-            signed = sign_api_request(DEFAULT_APP, "POST", path, {}, body, int(time.time()))
-            query = "&".join(f"{k}={v}" for k, v in signed.items())
-            head = (
-                f"POST {path}?{query} HTTP/1.1\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n"
-            )
-            status, answer = await conn.request(head.encode(), body)
+            status, answer = await conn.request(signed_head("POST", path, body), body)
             if status != 200:
                 raise RuntimeError(f"trigger failed: {status} {answer!r}")
         conn.close()

@@ -49,17 +49,25 @@ from typing import Any
 
 import redis
 import uvloop
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gateway import APP_ID, KEY, SECRET, HttpConn, _free_port, _wait_port  # noqa: E402
+from bench_gateway import (  # noqa: E402
+    APP_ID,
+    KEY,
+    SECRET,
+    HttpConn,
+    _free_port,
+    _wait_port,
+    signed_head,
+)
+from bench_peer import _pusher_socket, _rss_kib, _subscribe  # noqa: E402
 
-from gateway.config import DEFAULT_APP  # noqa: E402
 from gateway.localcluster import LOOPBACK_LOAD_ENV, LocalCluster, find_free_port_range  # noqa: E402
-from gateway.protocol.auth import sign, sign_api_request  # noqa: E402
+from gateway.protocol.auth import sign  # noqa: E402
 from gateway.shards.admin import init_shards  # noqa: E402
 from gateway.shards.topology import load_topology  # noqa: E402
 
@@ -97,32 +105,21 @@ class Tally:
             self.errors.append(f"{what}: {exc!r}" if isinstance(exc, BaseException) else exc)
 
 
-async def _open(port: int) -> tuple[ClientConnection, str]:
-    ws = await connect(
-        f"ws://127.0.0.1:{port}/app/{KEY}?protocol=7", compression=None, open_timeout=10
-    )
-    hello = json.loads(await asyncio.wait_for(ws.recv(), 10))
-    return ws, json.loads(hello["data"])["socket_id"]
+async def _join(ws: ClientConnection, socket_id: str, channel: str, user: str) -> None:
+    """Subscribe ``ws`` to ``channel`` (as ``user``, signed, on a presence channel)."""
+    if not channel.startswith("presence-"):
+        await _subscribe(ws, channel)
+        return
+    data = json.dumps({"user_id": user, "user_info": {"name": user}})
+    auth = f"{KEY}:{sign(SECRET, f'{socket_id}:{channel}:{data}')}"
+    await _subscribe(ws, channel, auth, data)
 
 
-async def _subscribe(ws: ClientConnection, socket_id: str, channel: str, user: str) -> None:
-    frame: dict[str, Any] = {"channel": channel}
-    if channel.startswith("presence-"):
-        data = json.dumps({"user_id": user, "user_info": {"name": user}})
-        frame["auth"] = f"{KEY}:{sign(SECRET, f'{socket_id}:{channel}:{data}')}"
-        frame["channel_data"] = data
-    await ws.send(json.dumps({"event": "pusher:subscribe", "data": frame}))
-    while True:
-        reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
-        if reply["event"] == "pusher_internal:subscription_succeeded":
-            return
-        if reply["event"] in ("pusher:error", "pusher:subscription_error"):
-            raise RuntimeError(f"subscribe {channel}: {reply}")
-
-
-def _signed(method: str, path: str, params: dict[str, str], body: bytes = b"") -> str:
-    signed = sign_api_request(DEFAULT_APP, method, path, params, body, int(time.time()))
-    return "&".join(f"{k}={v}" for k, v in signed.items())
+async def _call(conn: HttpConn, head: bytes, body: bytes = b"") -> None:
+    """One API request; raises unless the answer is 200."""
+    status, answer = await asyncio.wait_for(conn.request(head, body), 10)
+    if status != 200:
+        raise RuntimeError(f"{status} {answer[:200]!r}")
 
 
 async def _paced(rate: float, duration: float, action: Any, tally: Tally) -> None:
@@ -171,9 +168,9 @@ async def _load(
     audience: list[ClientConnection] = []
     listeners = []
     for i in range(AUDIENCE):
-        ws, socket_id = await _open(ports[i % len(ports)])
-        await _subscribe(ws, socket_id, rooms[i % CHANNELS], f"member-{i}")
-        await _subscribe(ws, socket_id, public[i % CHANNELS], "")
+        ws, socket_id = await _pusher_socket(ports[i % len(ports)])
+        await _join(ws, socket_id, rooms[i % CHANNELS], f"member-{i}")
+        await _join(ws, socket_id, public[i % CHANNELS], "")
         audience.append(ws)
         listeners.append(asyncio.create_task(listen(ws)))
 
@@ -184,9 +181,9 @@ async def _load(
             else f"presence-soak-once-{i}-{rng.randrange(1 << 30):x}"
         )
         try:
-            ws, socket_id = await _open(ports[i % len(ports)])
+            ws, socket_id = await _pusher_socket(ports[i % len(ports)])
             try:
-                await _subscribe(ws, socket_id, name, f"churner-{i}")
+                await _join(ws, socket_id, name, f"churner-{i}")
                 tally.joins += 1
                 await asyncio.sleep(HOLD)  # the member stays this long (part of the load)
                 await ws.send(
@@ -203,17 +200,11 @@ async def _load(
     path = f"/apps/{APP_ID}/events"
 
     async def publish(i: int) -> None:
-        body = json.dumps({"name": "tick", "channels": [public[i % CHANNELS]], "data": str(i)})
-        raw = body.encode()
-        head = (
-            f"POST {path}?{_signed('POST', path, {}, raw)} HTTP/1.1\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
-        )
+        event = {"name": "tick", "channels": [public[i % CHANNELS]], "data": str(i)}
+        body = json.dumps(event).encode()
         conn = publishers[i % len(publishers)]
         try:
-            status, answer = await asyncio.wait_for(conn.request(head.encode(), raw), 10)
-            if status != 200:
-                raise RuntimeError(f"{status} {answer[:200]!r}")
+            await _call(conn, signed_head("POST", path, body), body)
             tally.events += 1
         except Exception as exc:
             conn.close()
@@ -232,10 +223,7 @@ async def _load(
             params = {"filter_by_prefix": "presence-", "info": "user_count"}
         conn = readers[i % len(readers)]
         try:
-            head = f"GET {target}?{_signed('GET', target, params)} HTTP/1.1\r\n"
-            status, answer = await asyncio.wait_for(conn.request(head.encode()), 10)
-            if status != 200:
-                raise RuntimeError(f"{status} {answer[:200]!r}")
+            await _call(conn, signed_head("GET", target, params=params))
             tally.reads += 1
         except Exception as exc:
             conn.close()
@@ -272,14 +260,6 @@ def load_main(
 
 
 # -- sampling and the report ----------------------------------------------------------------
-
-
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def sample(nodes: list[subprocess.Popen[bytes]], masters: list[redis.Redis]) -> dict[str, float]:
