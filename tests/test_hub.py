@@ -20,6 +20,7 @@ from polling import settle
 from gateway.config import AppConfig, NodeConfig
 from gateway.metrics import Metrics
 from gateway.protocol.auth import sign_channel
+from gateway.protocol.session import Action, Session
 from gateway.server.hub import Hub
 from gateway.shards import contract
 from gateway.store.presence_memory import MemoryShards
@@ -397,3 +398,187 @@ async def test_random_interleavings_converge(seed: int) -> None:
         assert local == {u for n, _, u in sockets if n is node}, f"seed {seed}"
     counts = await wnode.store.counts(APP.id, CHANNEL)
     assert counts.subscription_count == len(sockets) + 1, f"seed {seed}"
+
+
+# --- heartbeat schedule -----------------------------------------------------------------------
+
+PONG = '{"event":"pusher:pong","data":{}}'
+
+
+class Clock:
+    """A settable clock for a hub's heartbeat (seconds)."""
+
+    def __init__(self, now: float = 5_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _clocked_hub(clock: Clock) -> Hub:
+    """A hub on the memory store whose time is ``clock``."""
+    world = MemoryShards(2, clock=lambda: int(clock.now * 1000))
+    store = world.store("clock@1", hold_ms=HOLD_MS)
+    pubsub = world.subscriptions(lambda shard, key, data: None)
+    return Hub(CONFIG, store, pubsub, Webhooks(), Metrics(), clock=clock)
+
+
+def _open(hub: Hub) -> FakeSocket:
+    sock = FakeSocket()
+    hub.ws_open(sock)  # type: ignore[arg-type]
+    return sock
+
+
+def _pings(sock: FakeSocket) -> int:
+    return sum(f.get("event") == "pusher:ping" for f in sock.frames)
+
+
+def _run(hub: Hub, clock: Clock, until: float, on_tick: Any = None) -> None:
+    """Tick once a second until ``until``, calling ``on_tick()`` after each tick."""
+    while clock.now + 1 <= until:
+        clock.now += 1
+        hub.tick()
+        if on_tick is not None:
+            on_tick()
+
+
+def test_a_silent_socket_gets_one_ping_then_4201_after_the_pong_timeout() -> None:
+    clock = Clock()
+    hub = _clocked_hub(clock)
+    start = clock.now
+    sock = _open(hub)
+    _run(hub, clock, start + CONFIG.activity_timeout - 1)
+    assert _pings(sock) == 0
+    _run(hub, clock, start + CONFIG.activity_timeout)
+    assert _pings(sock) == 1
+    _run(hub, clock, start + CONFIG.activity_timeout + hub.limits.pong_timeout - 1)
+    assert _pings(sock) == 1
+    assert sock.closed is None
+    _run(hub, clock, start + CONFIG.activity_timeout + hub.limits.pong_timeout)
+    assert sock.closed == (4201, "Pong reply not received")
+    assert _pings(sock) == 1
+    assert len(hub.deadlines) == 0  # a closing session is not filed again
+    _run(hub, clock, start + 1_000)
+    assert _pings(sock) == 1
+    hub.ws_closed(sock, 4201)  # type: ignore[arg-type]
+    assert len(hub.deadlines) == 0
+
+
+def test_a_socket_answering_its_pings_is_never_closed() -> None:
+    clock = Clock()
+    hub = _clocked_hub(clock)
+    sock = _open(hub)
+    answered = 0
+
+    def answer() -> None:
+        nonlocal answered
+        if _pings(sock) > answered:
+            answered = _pings(sock)
+            hub.ws_text(sock, PONG)  # type: ignore[arg-type]
+
+    _run(hub, clock, clock.now + 1_000, answer)
+    assert sock.closed is None
+    assert _pings(sock) == 1_000 // CONFIG.activity_timeout  # answered at once: every 120 s
+    assert hub.clients[sock.id] in hub.deadlines
+
+
+def test_a_socket_sending_frames_is_filed_again_and_never_pinged() -> None:
+    clock = Clock()
+    hub = _clocked_hub(clock)
+    sock = _open(hub)
+    client = hub.clients[sock.id]
+    for second in range(1, 1_001):
+        clock.now += 1
+        if second % 60 == 0:
+            hub.ws_text(sock, '{"event":"pusher:ping","data":{}}')  # type: ignore[arg-type]
+        hub.tick()
+        assert client in hub.deadlines
+    assert _pings(sock) == 0
+    assert sock.closed is None
+
+
+def test_a_tick_with_no_session_due_ticks_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    hub = _clocked_hub(clock)
+    socks = [_open(hub) for _ in range(2_000)]
+    calls = 0
+    tick = Session.tick
+
+    def counted(self: Session, now: float) -> list[Action]:
+        nonlocal calls
+        calls += 1
+        return tick(self, now)
+
+    monkeypatch.setattr(Session, "tick", counted)
+    _run(hub, clock, clock.now + CONFIG.activity_timeout - 1)
+    assert calls == 0
+    _run(hub, clock, clock.now + 1)
+    assert calls == len(socks)
+    assert all(_pings(s) == 1 for s in socks)
+    _run(hub, clock, clock.now + hub.limits.pong_timeout - 1)
+    assert calls == len(socks)
+
+
+def test_closed_sockets_leave_the_schedule_whatever_the_churn() -> None:
+    clock = Clock()
+    hub = _clocked_hub(clock)
+    for _ in range(400):  # 48 000 short-lived sockets, 120 a second
+        socks = [_open(hub) for _ in range(120)]
+        assert len(hub.deadlines) == 120
+        clock.now += 1
+        hub.tick()
+        for sock in socks:
+            hub.ws_closed(sock, 1000)  # type: ignore[arg-type]
+        assert len(hub.deadlines) == 0
+        assert hub.deadlines._buckets == {}
+    assert not hub.clients
+    # Some left open across the ticks that would have pinged them, then closed.
+    socks = [_open(hub) for _ in range(100)]
+    _run(hub, clock, clock.now + CONFIG.activity_timeout + 5)
+    assert len(hub.deadlines) == 100
+    for sock in socks:
+        hub.ws_closed(sock, 1000)  # type: ignore[arg-type]
+    assert len(hub.deadlines) == 0
+    hub.deadlines.compact()
+    assert hub.deadlines._buckets == {} and hub.deadlines._slot == {}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_schedule_acts_when_a_full_scan_would(seed: int) -> None:
+    """Irregular ticks (a busy loop), frames at random times, sockets opening and closing:
+    every socket gets its pings and 4201 at the same ticks as when every session is ticked."""
+    rng = random.Random(seed)
+
+    def full_scan(hub: Hub) -> None:  # the tick before the schedule
+        now = hub.clock()
+        for client in list(hub.clients.values()):
+            actions = client.session.tick(now)
+            if actions:
+                hub._apply(client, actions)
+
+    clock = Clock(rng.uniform(0, 10_000))
+    wheel, scan = _clocked_hub(clock), _clocked_hub(clock)
+    pairs: list[tuple[FakeSocket, FakeSocket]] = []
+    for _ in range(3_000):
+        clock.now += rng.choice([rng.uniform(0.2, 1.0), 1.0, rng.uniform(1.0, 2.5)])
+        step = rng.random()
+        if step < 0.05 or not pairs:
+            pairs.append((_open(wheel), _open(scan)))
+        elif step < 0.08:
+            a, b = pairs.pop(rng.randrange(len(pairs)))
+            wheel.ws_closed(a, 1000)  # type: ignore[arg-type]
+            scan.ws_closed(b, 1000)  # type: ignore[arg-type]
+        elif step < 0.3:
+            a, b = rng.choice(pairs)
+            wheel.ws_text(a, PONG)  # type: ignore[arg-type]
+            scan.ws_text(b, PONG)  # type: ignore[arg-type]
+        wheel.tick()
+        full_scan(scan)
+        for a, b in pairs:
+            assert [f["event"] for f in a.frames] == [f["event"] for f in b.frames]
+            assert a.closed == b.closed
+    # The run went through both: pings, and 4201 closes.
+    assert sum(_pings(a) for a, _ in pairs) > 10
+    assert any(a.closed for a, _ in pairs)
+    wheel_due = sum(c.session.deadline() is not None for c in wheel.clients.values())
+    assert len(wheel.deadlines) == wheel_due

@@ -462,6 +462,7 @@ def test_closed_leaves_everything_once() -> None:
     assert session.subscribed("presence-foobar", {"10": None}) == [Leave("presence-foobar", member)]
     assert session.receive_text(subscribe("b"), 2) == []
     assert session.tick(10_000) == []
+    assert session.deadline() is None
     assert session.open() == []
 
 
@@ -588,6 +589,7 @@ def test_tick_pings_then_closes_4201() -> None:
     assert session.tick(149.9) == []
     assert session.tick(150) == [Close(4201, "Pong reply not received")]
     assert session.closing
+    assert session.deadline() is None
     assert session.tick(200) == []
     assert session.receive_text('{"event":"pusher:pong"}', 201) == []
 

@@ -257,8 +257,16 @@ class Session:
         member = self._joined.get(channel)
         return member if member is not None else self._pending.get(channel)
 
-    def deadline(self) -> float:
-        """The time at which :meth:`tick` next has something to do."""
+    def deadline(self) -> float | None:
+        """The earliest time at which :meth:`tick` has something to do, or None once closing.
+
+        That is ``activity_timeout`` after the last client frame (the ping), or, once the ping
+        went out, ``pong_timeout`` after it (the 4201 close). :meth:`tick` acts exactly when
+        ``now >= deadline()``. A client frame moves the deadline later, never earlier, so a
+        scheduler may keep an older, earlier deadline and re-check then.
+        """
+        if self.closing:
+            return None
         if self._ping_sent_at is None:
             return self._last_activity + self._limits.activity_timeout
         return self._ping_sent_at + self._limits.pong_timeout
@@ -312,19 +320,17 @@ class Session:
         """Advance the heartbeat timer.
 
         After ``activity_timeout`` seconds without any client frame, send ``pusher:ping``; if
-        still nothing arrives within ``pong_timeout`` seconds, close with 4201.
+        still nothing arrives within ``pong_timeout`` seconds, close with 4201. Nothing happens
+        before :meth:`deadline`, so a caller may skip the call until then.
         """
-        if self.closing:
+        deadline = self.deadline()
+        if deadline is None or now < deadline:
             return []
         if self._ping_sent_at is None:
-            if now - self._last_activity >= self._limits.activity_timeout:
-                self._ping_sent_at = now
-                return [Send(messages.PING)]
-            return []
-        if now - self._ping_sent_at >= self._limits.pong_timeout:
-            self._closing = True
-            return [Close(int(ProtocolCode.PONG_TIMEOUT), "Pong reply not received")]
-        return []
+            self._ping_sent_at = now
+            return [Send(messages.PING)]
+        self._closing = True
+        return [Close(int(ProtocolCode.PONG_TIMEOUT), "Pong reply not received")]
 
     def subscribed(self, channel: str, roster: dict[str, str | None] | None) -> list[Action]:
         """The store confirmed a ``Join``.

@@ -24,6 +24,7 @@ from gateway.protocol import messages
 from gateway.protocol.channels import classify, server_to_user_channel, server_to_user_id
 from gateway.protocol.limits import Limits
 from gateway.protocol.session import Action, Close, Join, Leave, Publish, Send, Session, SignIn
+from gateway.server.deadlines import Deadlines
 from gateway.server.websocket import WsConnection, broadcast_frame, encode_text_frame
 from gateway.shards import contract
 from gateway.shards.contract import channel_key
@@ -112,6 +113,8 @@ class Hub:
         self.members: dict[ChannelId, set[Client]] = {}
         self.presence: dict[MemberId, LocalMember] = {}
         self.users: dict[tuple[str, str], set[Client]] = {}  # signed-in sockets
+        #: Open sockets by the second of their next heartbeat deadline (see :meth:`tick`).
+        self.deadlines: Deadlines[Client] = Deadlines(clock())
         self._count_dirty: set[ChannelId] = set()
         self._count_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -162,6 +165,7 @@ class Hub:
         self.by_app[app.id] = self.by_app.get(app.id, 0) + 1
         self.metrics.inc("pg_connections_opened_total")
         self._apply(client, session.open())
+        self._schedule(client)
 
     def ws_text(self, conn: WsConnection, text: str) -> None:
         """A text frame arrived."""
@@ -181,6 +185,7 @@ class Hub:
         if client is None:
             return
         self.by_app[client.app.id] -= 1
+        self.deadlines.discard(client)
         user = client.session.user_id
         if user is not None:
             self._unregister_user(client, user)
@@ -565,15 +570,35 @@ class Hub:
         self._keys = dict(self._keys)
         self.presence = dict(self.presence)
         self.users = dict(self.users)
+        self.deadlines.compact()
         self.pubsub.compact()
 
     def tick(self) -> None:
-        """Give every session its activity check (pings, 4201 closes)."""
+        """Give the sessions whose heartbeat deadline came their check (pings, 4201 closes).
+
+        Called once a second. Only the sockets filed under a second that has come are looked
+        at: a session acts at the first tick at or after its :meth:`Session.deadline
+        <gateway.protocol.session.Session.deadline>`, as if every session were ticked. A
+        socket that sent frames since it was filed is not due yet and is filed again under its
+        later deadline (client frames never touch the schedule).
+        """
         now = self.clock()
-        for client in list(self.clients.values()):
-            actions = client.session.tick(now)
-            if actions:
-                self._apply(client, actions)
+        for client in self.deadlines.pop_due(now):
+            session = client.session
+            deadline = session.deadline()
+            if deadline is not None and deadline <= now:
+                actions = session.tick(now)
+                if actions:
+                    self._apply(client, actions)
+                deadline = session.deadline()
+            # None once closing (4201 sent, or the socket is gone): not filed again.
+            if deadline is not None:
+                self.deadlines.schedule(client, deadline)
+
+    def _schedule(self, client: Client) -> None:
+        deadline = client.session.deadline()
+        if deadline is not None:
+            self.deadlines.schedule(client, deadline)
 
     async def finish_handover(self) -> int:
         """Leave for the members kept while draining; returns how many.
