@@ -31,12 +31,17 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
-from websockets.frames import Frame, Opcode, apply_mask
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import Event, State
 from websockets.server import ServerProtocol
 
 from gateway.server.admission import WorkBudget
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # websockets built without its C extension
+    from websockets.utils import apply_mask
 
 __all__ = [
     "WriteCoalescer",
