@@ -1,4 +1,5 @@
-"""Stub of the Rust extension: slot hashing, write tags, RESP packing/parsing, per-shard batches.
+"""Stub of the Rust extension: slot hashing, write tags, RESP packing/parsing, per-shard batches,
+and the presence-subscribe fast path.
 
 Exceptions::
 
@@ -36,6 +37,7 @@ __all__ = [
     "build_batches",
     "key_slot",
     "pack_command",
+    "presence_subscribe",
     "write_tag",
 ]
 
@@ -47,6 +49,23 @@ def write_tag(uuid: str, epoch: int, key: bytes) -> str:
 
 def pack_command(args: Sequence[bytes | str | int]) -> bytes:
     """One command as a RESP2 array of bulk strings (``str`` UTF-8, ``int`` decimal)."""
+
+def presence_subscribe(
+    text: str,
+    socket_id: str,
+    key: str,
+    secret: str,
+    *,
+    max_frame_bytes: int,
+    max_channel_name_length: int,
+    max_user_id_length: int,
+    max_user_info_bytes: int,
+) -> tuple[str, str, str | None] | None:
+    """``(channel, user_id, user_info)`` of a ``pusher:subscribe`` frame to a presence channel
+    with ``channel_data``, correctly signed for ``socket_id`` with the app's ``key`` and
+    ``secret``, within the limits; ``user_info`` as :func:`gateway.protocol.messages.compact_json`
+    writes it. None when the frame is anything else or anything unusual: then
+    :mod:`gateway.protocol` decides. Never raises on ``text``."""
 
 @final
 class SlotTable:

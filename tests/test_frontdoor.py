@@ -11,15 +11,24 @@ import random
 from collections.abc import AsyncIterator
 
 import pytest
-import websocket  # websocket-client, the library pysher uses
+import websocket
+from hypothesis import example, given
+from hypothesis import strategies as st  # websocket-client, the library pysher uses
 from polling import settle
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from gateway.server.frontdoor import FrontDoor, start_frontdoor
 from gateway.server.httpconn import HttpRequest, HttpResponse, split_target
-from gateway.server.websocket import WsConnection, broadcast_frame, encode_text_frame
+from gateway.server.websocket import (
+    WsConnection,
+    broadcast_frame,
+    encode_text_frame,
+    parse_text_frames,
+)
 
 
 class App:
@@ -203,6 +212,66 @@ def test_encode_text_frame_matches_websockets(size: int) -> None:
     text = ("é" * size)[:size] if size % 2 else "a" * size
     expected = Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
     assert encode_text_frame(text) == expected
+
+
+def _open_server_protocol(max_size: int | None) -> ServerProtocol:
+    proto = ServerProtocol(max_size=max_size)
+    request = (
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    proto.receive_data(request)
+    (event,) = proto.events_received()
+    proto.send_response(proto.accept(event))
+    proto.data_to_send()
+    return proto
+
+
+def _client_frame(opcode: Opcode, payload: bytes, fin: bool, mask: bool, rsv1: bool) -> bytes:
+    """A client frame built by hand: websockets' serializer refuses the invalid ones."""
+    head = bytes([(0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode])
+    key = b"abcd" if mask else b""
+    bit = 0x80 if mask else 0
+    if len(payload) < 126:
+        head += bytes([bit | len(payload)])
+    else:
+        head += bytes([bit | 126]) + len(payload).to_bytes(2, "big")
+    return head + key + (bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if mask else payload)
+
+
+_frames = st.lists(
+    st.tuples(
+        st.sampled_from([Opcode.TEXT, Opcode.TEXT, Opcode.TEXT, Opcode.BINARY, Opcode.CONT,
+                         Opcode.PING, Opcode.CLOSE]),
+        st.binary(max_size=300),
+        st.booleans() | st.just(True),  # fin
+        st.just(True) | st.booleans(),  # masked
+        st.just(False) | st.booleans(),  # rsv1
+    ),
+    max_size=4,
+)  # fmt: skip
+
+
+@given(_frames, st.integers(0, 6), st.sampled_from([None, 0, 10, 200, 1000]))
+@example([(Opcode.TEXT, b'{"event":"pusher:ping"}', True, True, False)], 0, None)
+@example([(Opcode.TEXT, b"x" * 200, True, True, False)] * 2, 0, 200)
+@example([(Opcode.TEXT, b"x" * 201, True, True, False)], 0, 200)
+def test_text_frame_fast_path_agrees_with_websockets(
+    frames: list[tuple[Opcode, bytes, bool, bool, bool]], cut: int, max_size: int | None
+) -> None:
+    data = b"".join(_client_frame(*f) for f in frames)
+    data = data[: len(data) - cut]  # sometimes a partial frame at the end
+    texts = parse_text_frames(data, max_size)
+    if texts is None:
+        return  # websockets handles these bytes
+    proto = _open_server_protocol(max_size)
+    proto.receive_data(data)
+    events = proto.events_received()
+    assert [(e.opcode, e.fin, bytes(e.data)) for e in events] == [
+        (Opcode.TEXT, True, t) for t in texts
+    ]
+    assert proto.state is State.OPEN and not proto.data_to_send()
+    assert not proto.reader.buffer and proto.current_size is None
 
 
 async def test_oversized_message_closes_1009(door: FrontDoor, app: App) -> None:

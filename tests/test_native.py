@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from polling import wait_until
 
@@ -27,6 +28,16 @@ from gateway._native import (
     RoutingError,
     StaleEpochError,
     WrongShardError,
+)
+from gateway.config import AppConfig
+from gateway.protocol.auth import sign, verify_channel_auth
+from gateway.protocol.channels import channel_error, classify
+from gateway.protocol.limits import DEFAULT_LIMITS, Limits
+from gateway.protocol.messages import (
+    ClientSubscribe,
+    PresenceMember,
+    parse_channel_data,
+    parse_client_message,
 )
 from gateway.shards import reference as ref
 
@@ -565,3 +576,139 @@ def test_batches_against_redis_function(redis_port: int) -> None:
     assert all(isinstance(r, WrongShardError) for r in results)
     # One error object per call, shared by the ops of that call.
     assert results[0] is results[min(7, len(results) - 1)]
+
+
+# ------------------------------------------------- presence subscribe fast path vs reference
+
+_APP = AppConfig("1", "app-key", "sëcret")
+_SOCKET = "123.456"
+
+
+def _reference_subscribe(text: str, limits: Limits) -> tuple[str, str, str | None] | None:
+    """What gateway.protocol makes of a frame, where the native fast path may answer."""
+    message = parse_client_message(text, limits)
+    if not isinstance(message, ClientSubscribe) or message.channel_data is None:
+        return None
+    name = message.channel
+    if channel_error(name, max_length=limits.max_channel_name_length) is not None:
+        return None
+    if not classify(name).is_presence or not message.auth:
+        return None
+    if verify_channel_auth(_APP, _SOCKET, name, message.auth, message.channel_data) is not None:
+        return None
+    member = parse_channel_data(message.channel_data, limits)
+    if not isinstance(member, PresenceMember):
+        return None
+    return name, member.user_id, member.user_info
+
+
+def _native_subscribe(text: str, limits: Limits) -> tuple[str, str, str | None] | None:
+    return native.presence_subscribe(
+        text,
+        _SOCKET,
+        _APP.key,
+        _APP.secret,
+        max_frame_bytes=limits.max_frame_bytes,
+        max_channel_name_length=limits.max_channel_name_length,
+        max_user_id_length=limits.max_presence_user_id_length,
+        max_user_info_bytes=limits.max_user_info_bytes,
+    )
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(-(10**20), 10**20)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.sampled_from(["\x7f", "é", "\U0001f600", '"\\/', "\n\t\x00"]),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_channels = st.sampled_from(
+    ["presence-room", "presence-cache-x", "private-room", "presence-", "presence-a b", "presence-é",
+     "#server-to-user-1", "presence-" + "x" * 200, "presence-=@,.;_-9"]
+)  # fmt: skip
+
+
+@st.composite
+def _subscribe_frames(draw: st.DrawFn) -> str:
+    # Mostly frames the fast path takes, so that its answers get compared.
+    channel = draw(st.just("presence-room") | _channels)
+    member: dict[str, object] = {}
+    if draw(st.integers(0, 4)):
+        member["user_id"] = draw(
+            st.text(min_size=1, max_size=6)
+            | st.integers()
+            | st.text(max_size=6)
+            | st.booleans()
+            | st.floats()
+            | st.none()
+        )
+    if draw(st.booleans()):
+        member["user_info"] = draw(_json_values)
+    ascii_only, seps = draw(st.booleans()), draw(st.sampled_from([(",", ":"), (", ", ": ")]))
+    data = json.dumps(member, ensure_ascii=ascii_only, separators=seps)
+    if not draw(st.integers(0, 4)):  # a duplicate key, raw
+        data = data.replace("{", '{"user_info":{"a":1},', 1) if data != "{}" else data
+    if draw(st.booleans()):
+        data = data.replace(":", ": ").replace("{", " { ")
+    signature = sign(_APP.secret, f"{_SOCKET}:{channel}:{data}")
+    auth = draw(
+        st.sampled_from(
+            [f"{_APP.key}:{signature}"] * 6
+            + [f"{_APP.key}:{signature.upper()}", f"x:{signature}", "",
+             f"{_APP.key}:{signature[:-1]}", f"{_APP.key}:{signature}0"]
+        )
+    )  # fmt: skip
+    payload: dict[str, object] = {"channel": channel, "auth": auth, "channel_data": data}
+    frame: object = {"event": "pusher:subscribe", "data": payload}
+    if not draw(st.integers(0, 4)):
+        frame = {"event": "pusher:subscribe", "data": json.dumps(payload)}
+    return json.dumps(frame, ensure_ascii=draw(st.booleans()))
+
+
+@given(_subscribe_frames(), st.sampled_from([DEFAULT_LIMITS, Limits(max_user_info_bytes=20)]))
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+def test_presence_subscribe_fast_path_agrees_with_the_reference(text: str, limits: Limits) -> None:
+    native_answer = _native_subscribe(text, limits)
+    if native_answer is not None:
+        assert native_answer == _reference_subscribe(text, limits)
+
+
+@given(st.text(max_size=300) | st.binary(max_size=300).map(lambda b: b.decode("latin-1")))
+def test_presence_subscribe_fast_path_never_accepts_junk(text: str) -> None:
+    assert _native_subscribe(text, DEFAULT_LIMITS) is None or _reference_subscribe(
+        text, DEFAULT_LIMITS
+    ) == _native_subscribe(text, DEFAULT_LIMITS)
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        {"user_id": "u-1"},
+        {"user_id": 42, "user_info": None},
+        {"user_id": "u", "user_info": {"name": "Zoë", "n": [1, -2, True, None, "\U0001f600\x7f"]}},
+        {"user_id": "u", "user_info": {}},
+    ],
+)
+@pytest.mark.parametrize("seps", [(",", ":"), (", ", ": ")])
+def test_presence_subscribe_fast_path_takes_the_common_frames(
+    member: dict[str, object], seps: tuple[str, str]
+) -> None:
+    data = json.dumps(member, separators=seps)
+    channel = "presence-room"
+    auth = f"{_APP.key}:{sign(_APP.secret, f'{_SOCKET}:{channel}:{data}')}"
+    text = json.dumps(
+        {
+            "event": "pusher:subscribe",
+            "data": {"channel": channel, "auth": auth, "channel_data": data},
+        }
+    )
+    answer = _native_subscribe(text, DEFAULT_LIMITS)
+    assert answer is not None
+    assert answer == _reference_subscribe(text, DEFAULT_LIMITS)
+    assert _native_subscribe(text + "\ud800", DEFAULT_LIMITS) is None  # no UTF-8 form: no answer

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from gateway._native import presence_subscribe
 from gateway.config import AppConfig
 
 from . import messages
@@ -293,7 +294,22 @@ class Session:
         self._activity(now)
         if not self._opened:
             return self._error(None, "Connection not established yet")
-        message = messages.parse_client_message(text, self._limits)
+        limits = self._limits
+        # The common presence subscribe, parsed and verified in one native call; None for
+        # anything else, which the reference code below handles (tests/test_native.py).
+        fast = presence_subscribe(
+            text,
+            self._socket_id,
+            self._app.key,
+            self._app.secret,
+            max_frame_bytes=limits.max_frame_bytes,
+            max_channel_name_length=limits.max_channel_name_length,
+            max_user_id_length=limits.max_presence_user_id_length,
+            max_user_info_bytes=limits.max_user_info_bytes,
+        )
+        if fast is not None:
+            return self._admit(fast[0], PresenceMember(fast[1], fast[2]), now)
+        message = messages.parse_client_message(text, limits)
         if isinstance(message, FrameError):
             return self._error(message.code, message.message)
         if isinstance(message, ClientEvent):
@@ -466,6 +482,11 @@ class Session:
                 if isinstance(parsed, FrameError):
                     return self._error(parsed.code, parsed.message)
                 member = parsed
+        return self._admit(name, member, now)
+
+    def _admit(self, name: str, member: PresenceMember | None, now: float) -> list[Action]:
+        """A valid, authorized subscription to ``name``: join unless already joined or
+        pending, within the channel and rate limits."""
         if name in self._joined:
             # Idempotent: no second Join. A presence roster is not known to the session, so a
             # repeated presence subscribe gets no second success frame.

@@ -38,6 +38,11 @@ from websockets.server import ServerProtocol
 
 from gateway.server.admission import WorkBudget
 
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # websockets built without its C extension
+    from websockets.utils import apply_mask
+
 __all__ = [
     "WriteCoalescer",
     "WsConnection",
@@ -45,6 +50,7 @@ __all__ = [
     "WsHandler",
     "broadcast_frame",
     "encode_text_frame",
+    "parse_text_frames",
 ]
 
 # The whole front door logs under one name, whichever module: log filters rely on it.
@@ -149,6 +155,47 @@ def encode_text_frame(text: str) -> bytes:
     if n < 65_536:
         return _pack_16(0x81, 126, n) + data
     return _pack_64(0x81, 127, n) + data
+
+
+def parse_text_frames(data: bytes, max_size: int | None) -> list[bytes] | None:
+    """The payloads of ``data`` if it is nothing but whole, small, masked client text frames.
+
+    This is the receive fast path: a client's ``pusher:*`` message is one such frame, and
+    parsing it here costs a fraction of websockets' generator-based parser. Only what needs no
+    protocol state qualifies: each frame FIN, no reserved bit, opcode text, masked, at most
+    ``max_size`` bytes (when not None) and at most 65 535 bytes, and ``data`` ending exactly at
+    the end of a frame. For anything else (control, binary or fragmented frames, a partial
+    frame, an oversized or unmasked one) the answer is None and the caller hands ``data`` to
+    websockets, which then behaves exactly as if this function did not exist: for the frames
+    this accepts, websockets would emit the same payloads as text frames and change no state.
+
+    Args:
+        data: Bytes received from the client, with nothing buffered before them.
+        max_size: The largest accepted message (websockets' ``max_size``), or None.
+
+    Returns:
+        The unmasked payloads in order, or None.
+    """
+    out: list[bytes] = []
+    end = len(data)
+    pos = 0
+    while pos < end:
+        if end - pos < 6 or data[pos] != 0x81:
+            return None
+        length = data[pos + 1] ^ 0x80  # the mask bit must be set: its absence leaves >= 128
+        if length < 126:
+            start = pos + 6
+        elif length == 126 and end - pos >= 8:
+            length = (data[pos + 2] << 8) | data[pos + 3]
+            start = pos + 8
+        else:
+            return None  # unmasked, 64-bit length, or a partial header
+        stop = start + length
+        if stop > end or (max_size is not None and length > max_size):
+            return None
+        out.append(apply_mask(data[start:stop], data[start - 4 : start]))
+        pos = stop
+    return out if out else None
 
 
 def broadcast_frame(conns: Iterable[WsConnection], frame: bytes) -> int:
@@ -376,6 +423,19 @@ class WsConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         proto = self._proto
+        if (
+            proto.state is _OPEN
+            and not self._stash
+            and not proto.reader.buffer
+            and proto.current_size is None
+            and not proto.debug
+        ):
+            texts = parse_text_frames(data, proto.max_message_size)
+            if texts is not None:
+                # websockets would only have emitted these frames: no state of its changes.
+                self._dispatch_texts(texts)
+                self._flush()
+                return
         proto.receive_data(data)
         events = proto.events_received()
         self._open = proto.state is _OPEN
@@ -488,6 +548,20 @@ class WsConnection(asyncio.Protocol):
                     self._fragments = None
                     self._deliver(self._fragments_text, data)
             # PING (auto-ponged by websockets), PONG and CLOSE need nothing from us.
+
+    def _dispatch_texts(self, texts: list[bytes]) -> None:
+        """:meth:`_dispatch` for the complete text messages of the receive fast path."""
+        work = self._door.work
+        for i, data in enumerate(texts):
+            if not self._open:
+                return
+            if not work.may_run(resumed=False):
+                self._stash = [Frame(_TEXT, text) for text in texts[i:]]
+                self._transport.pause_reading()
+                work.defer(self._resume)
+                return
+            work.spend()
+            self._deliver(True, data)
 
     def _resume(self) -> None:
         """Handle the frames that waited for the work budget, then read the socket again."""

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod hashing;
 pub mod resp;
 pub mod slots;
+pub mod subscribe;
 pub mod tag;
 
 #[cfg(feature = "python")]
@@ -14,6 +15,7 @@ mod glue {
 
     use crate::batch::{self, CallReply, Op};
     use crate::resp::{self, Builder, Cursor, Decimal, ErrorKind, FeedError, Parser};
+    use crate::subscribe::{self, SubscribeLimits};
     use crate::{hashing, slots, tag};
     use pyo3::create_exception;
     use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -187,6 +189,37 @@ mod glue {
     fn write_tag(uuid: &str, epoch: &Bound<'_, PyAny>, key: &[u8]) -> PyResult<String> {
         let tag = tag::write_tag(uuid.as_bytes(), epoch_arg(epoch)?, key);
         Ok(String::from_utf8_lossy(&tag).into_owned())
+    }
+
+    /// The `(channel, user_id, user_info)` of a signed `pusher:subscribe` frame to a presence
+    /// channel with `channel_data`, or `None` when `gateway.protocol` must decide (see
+    /// `subscribe.rs`). Never raises on `text`.
+    #[pyfunction]
+    #[pyo3(signature = (
+        text, socket_id, key, secret, *, max_frame_bytes, max_channel_name_length,
+        max_user_id_length, max_user_info_bytes
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn presence_subscribe(
+        text: &Bound<'_, PyString>,
+        socket_id: &str,
+        key: &str,
+        secret: &str,
+        max_frame_bytes: usize,
+        max_channel_name_length: usize,
+        max_user_id_length: usize,
+        max_user_info_bytes: usize,
+    ) -> Option<(String, String, Option<String>)> {
+        // A str with lone surrogates has no UTF-8 form: the reference refuses it.
+        let text = text.to_str().ok()?;
+        let limits = SubscribeLimits {
+            max_frame_bytes,
+            max_channel_name_length,
+            max_user_id_length,
+            max_user_info_bytes,
+        };
+        subscribe::presence_subscribe(text, socket_id, key, secret.as_bytes(), &limits)
+            .map(|m| (m.channel, m.user_id, m.user_info))
     }
 
     /// Packs one command as a RESP2 array of bulk strings (`str` as UTF-8, `int` in decimal).
@@ -669,6 +702,7 @@ mod glue {
         m.add_function(wrap_pyfunction!(write_tag, m)?)?;
         m.add_function(wrap_pyfunction!(pack_command, m)?)?;
         m.add_function(wrap_pyfunction!(build_batches, m)?)?;
+        m.add_function(wrap_pyfunction!(presence_subscribe, m)?)?;
         m.add_class::<PySlotTable>()?;
         m.add_class::<PyShardBatch>()?;
         m.add_class::<PyReplyReader>()?;
