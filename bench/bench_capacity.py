@@ -288,24 +288,18 @@ def _client_main(k: int, args: dict[str, Any], out: Any, cmd: Any) -> None:
         out.put({"proc": k, "kind": "error", "error": repr(exc)})
 
 
-class Clients:
-    """Client processes holding connections ``0 .. total - 1`` (split evenly) on one port."""
+class Workers:
+    """Client processes (``multiprocessing`` spawn), process ``k`` running
+    ``main(k, args[k], out, cmd_k)``: it reports on the shared ``out`` queue (dicts with
+    ``proc`` and ``kind``; kind ``error`` is raised here) and reads commands from its own."""
 
-    def __init__(
-        self, port: int, total: int, procs: int, concurrency: int, prefix: str, user: str
-    ) -> None:
+    def __init__(self, main: Any, args: list[dict[str, Any]]) -> None:
         ctx = mp.get_context("spawn")
         self.out = ctx.Queue()
-        self.cmds = [ctx.Queue() for _ in range(procs)]
-        bounds = [total * k // procs for k in range(procs + 1)]
-        args = {"port": port, "concurrency": concurrency, "prefix": prefix, "user": user}
+        self.cmds = [ctx.Queue() for _ in args]
         self.procs = [
-            ctx.Process(
-                target=_client_main,
-                args=(k, args | {"lo": bounds[k], "hi": bounds[k + 1]}, self.out, self.cmds[k]),
-                daemon=True,
-            )
-            for k in range(procs)
+            ctx.Process(target=main, args=(k, a, self.out, self.cmds[k]), daemon=True)
+            for k, a in enumerate(args)
         ]
         for proc in self.procs:
             proc.start()
@@ -355,6 +349,20 @@ class Clients:
                 proc.kill()
                 proc.join(timeout=10)
         return closed
+
+
+class Clients(Workers):
+    """Client processes holding connections ``0 .. total - 1`` (split evenly) on one port."""
+
+    def __init__(
+        self, port: int, total: int, procs: int, concurrency: int, prefix: str, user: str
+    ) -> None:
+        bounds = [total * k // procs for k in range(procs + 1)]
+        args = {"port": port, "concurrency": concurrency, "prefix": prefix, "user": user}
+        super().__init__(
+            _client_main,
+            [args | {"lo": bounds[k], "hi": bounds[k + 1]} for k in range(procs)],
+        )
 
 
 # -- measuring one side ----------------------------------------------------------------------

@@ -20,7 +20,11 @@ Usage: python bench/run.py [--quick]
 * capacity: one node each (ours, sockudo on its local and on its redis adapter) holding
   15 000 presence connections (2 000 with ``--quick``; fewer if the open-file limit does not
   allow them): connect + subscribe rate, node RSS per connection, Redis bytes per member, idle
-  CPU, and delivery latency of events that reach every connection.
+  CPU, and delivery latency of events that reach every connection;
+* storm: kill -9 of a node holding 6 000 presence users (1 000 with ``--quick``) who rejoin the
+  other node after a random 0-1 s delay, ours vs sockudo on Redis (two nodes each): seconds
+  until all are back, join and delivery latency during the storm, false ``member_removed``,
+  ``GET users`` exactness after it, and (ours) the margin before the dead node is reaped.
 
 Figures are also written to bench/results/*.json (ignored by git) for BENCHMARKS.md.
 """
@@ -91,6 +95,12 @@ def main() -> int:
             *(["--quick"] if args.quick else []),
             "--json",
             str(results / "capacity.json"),
+        ],
+        [
+            "bench_storm.py",
+            *(["--quick"] if args.quick else []),
+            "--json",
+            str(results / "storm.json"),
         ],
     ]
     status = 0
