@@ -163,7 +163,7 @@ class Member(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self.transport.write(_REQUEST.format(path=WS_PATH, port=self.port).encode())
+        transport.write(_REQUEST.format(path=WS_PATH, port=self.port).encode())  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail("connection closed")
