@@ -215,9 +215,13 @@ class Side:
 class Ours(Side):
     name = "ours"
 
-    def __init__(self, workdir: Path, procs: Procs, nodes: int = 2) -> None:
+    def __init__(
+        self, workdir: Path, procs: Procs, nodes: int = 2, env: dict[str, str] | None = None
+    ) -> None:
+        """``env``: ``GATEWAY_*`` settings for the nodes, over ``LOOPBACK_LOAD_ENV``."""
         self.cluster = LocalCluster(workdir / "cluster", base_port=find_free_port_range(12))
         self.procs = procs
+        self.env = {**LOOPBACK_LOAD_ENV, **(env or {})}
         self.labels = "ab"[:nodes]
         self.two_nodes = nodes == 2
 
@@ -231,7 +235,7 @@ class Ours(Side):
                     "--topology", str(self.cluster.topology_path), "--host", "127.0.0.1",
                     "--port", str(port), "--node-id", f"bench-{label}",
                     "--app", f"{APP_ID}:{KEY}:{SECRET}"]  # fmt: skip
-            pids.append(self.procs.start(f"gateway-{label}", args, LOOPBACK_LOAD_ENV))
+            pids.append(self.procs.start(f"gateway-{label}", args, self.env))
         for label, port in zip(self.labels, ports, strict=True):
             self.procs.wait_ready(f"gateway-{label}", port)
             _wait_health(f"http://127.0.0.1:{port}/health")

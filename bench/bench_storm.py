@@ -2,6 +2,7 @@
 
 Usage: python bench/bench_storm.py [--users 6000] [--watchers 5] [--procs 3] [--rate 4]
                                    [--sides ours,sockudo] [--skip-peer] [--quick]
+                                   [--lease-ms MS]
                                    [--sockudo PATH] [--json FILE] [--from-json FILE]
 
 Starts, on 127.0.0.1 only and one side after the other, TWO nodes of each server (the sides
@@ -23,19 +24,23 @@ sockudo mode in which a user can move to another node and stay listed). Then, pe
    8, 10, 10 ... s (at most 8 attempts).
 4. Measured: seconds from the kill until every user is subscribed again (and the p50 / p99
    of the per-user figure); join latency p50 / p99 (start of the successful attempt ->
-   ``subscription_succeeded``, so it includes the WebSocket handshake); delivery latency p50
+   ``subscription_succeeded``), also split into TCP connect, WebSocket handshake (until the
+   101 is read) and subscribe (sent -> ``subscription_succeeded``); delivery latency p50
    / p99 seen by the watchers for events sent before the kill and during the storm (kill ->
-   last user back); node B's CPU time per rejoin; every ``member_removed`` / ``member_added``
+   last user back); node B's CPU time per rejoin, the client processes' CPU and how busy the
+   machine's cores were during the storm; every ``member_removed`` / ``member_added``
    the watchers received for storm users, split into announcements of a user who was
    subscribed again at that moment (a false "gone": must be 0) and of a user still on its
    way back (what a lease that lapses before the user returns costs); for ours, when the dead
-   node's entries were reaped (``pg_reaped_entries_total`` on node B), which gives the margin
+   node's entries were reaped (node B's log line), which gives the margin
    between the last user back and the reap; and ``GET /apps/1/channels/{c}/users`` of every
    storm channel, sampled every second from the last user back until 15 s after the reap
-   (ours) or 25 s after the kill: whether every answer lists exactly the channel's users
-   once the storm is over, and how many answers listed fewer users than connected.
+   (ours) or 10 s after the last user came back (at least 25 s after the kill): whether
+   every answer lists exactly the channel's users once the storm is over, and how many
+   answers listed fewer users than connected.
 
-Prints a table of the sides and the ratios; ``--json`` writes the figures. Every loop is
+``--lease-ms`` sets our nodes' lease (``GATEWAY_LEASE_MS``) to see how a longer lease moves the
+reap past a larger storm. Prints a table of the sides; ``--json`` writes the figures. Every loop is
 bounded by a count and a time limit and every process started here is stopped at the end,
 also on errors.
 """
@@ -93,6 +98,7 @@ STORM_LIMIT = 120.0  # a storm not over after this is reported as such
 BEFORE_KILL = 5.0  # publishing before the kill (the baseline delivery latency)
 SETTLE_AFTER_REAP = 15.0  # GET users sampled until this long after the reap (ours)
 SETTLE_AFTER_KILL = 25.0  # ... or after the kill, whichever is later
+REAP_WAIT = 180.0  # ours: the reap not logged this long after the kill is reported missing
 CMD_WAIT = 600.0
 CLIENT_LIMIT = 1200.0
 
@@ -159,10 +165,13 @@ class Member(asyncio.Protocol):
         self.closed: asyncio.Future[None] = loop.create_future()
         self.buf = b""
         self.upgraded = False
+        self.started = time.time()
+        self.stamps: list[float] = []  # TCP connected, 101 read, subscribe sent
         self.fragments: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.stamps.append(time.time())
         transport.write(_REQUEST.format(path=WS_PATH, port=self.port).encode())  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -195,6 +204,7 @@ class Member(asyncio.Protocol):
                 self.abort()
                 return
             self.upgraded = True
+            self.stamps.append(time.time())
             buf = buf[end + 4 :]
         pos = 0
         while len(buf) - pos >= 2:
@@ -240,6 +250,7 @@ class Member(asyncio.Protocol):
             channel = f"presence-{PREFIX}-{self.i // GROUP}"
             data = json.dumps({"user_id": f"u{self.i}", "user_info": {"n": self.i}})
             auth = f"{KEY}:{sign(SECRET, f'{socket_id}:{channel}:{data}')}"
+            self.stamps.append(time.time())
             self.send(json.dumps({
                 "event": "pusher:subscribe",
                 "data": {"channel": channel, "auth": auth, "channel_data": data},
@@ -336,7 +347,12 @@ async def _clients(
                 failed[_why(exc)] += 1
                 await asyncio.sleep(BACKOFF[min(attempt, len(BACKOFF) - 1)])
                 continue
-            back[i] = {"lost": t_lost, "try": t_try, "back": time.time(), "attempts": attempt + 1}
+            t_back = time.time()
+            conn, upgraded, sent = member.stamps
+            back[i] = {
+                "lost": t_lost, "try": t_try, "back": t_back, "attempts": attempt + 1,
+                "connect": conn - t_try, "handshake": upgraded - conn, "subscribe": t_back - sent,
+            }  # fmt: skip
             sockets[i] = member
             return
         failed["gave up"] += 1
@@ -467,17 +483,19 @@ def _users_of(port: int, channel: str) -> set[str] | str:
         return type(exc).__name__
 
 
-def _reaped(port: int) -> float:
-    """``pg_reaped_entries_total`` of a node of ours (summed over shards)."""
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
-    except OSError:
-        return 0.0
-    return sum(
-        float(line.rpartition(" ")[2])
-        for line in text.decode().splitlines()
-        if line.startswith("pg_reaped_entries_total{")
-    )
+def _first_reap(log: Path, after: float) -> float | None:
+    """When node B first logged reaping a dead node's entries after ``after`` (its log lines
+    start with the local time, ``%Y-%m-%d %H:%M:%S,mmm``): a node busy with a storm may be too
+    slow to answer ``/metrics`` in time, its log is exact."""
+    for line in log.read_text(errors="replace").splitlines():
+        if "reaped" not in line or "of dead nodes" not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            stamp, ms = line[:23].split(",")
+            t = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
+            if t >= after:
+                return t
+    return None
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -529,7 +547,6 @@ def run_side(side: Side, opts: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
         time.sleep(3.0)  # the last joins' member_added reach everyone
-        reaped_before = _reaped(port_b) if side.name == "ours" else 0.0
         publisher = Publisher(port_b, channels, opts.rate)
         publisher.start()
         time.sleep(BEFORE_KILL)
@@ -539,12 +556,10 @@ def run_side(side: Side, opts: argparse.Namespace) -> dict[str, Any]:
         machine0 = _machine_cpu()
         t_kill = time.time()
         os.kill(side.pid_a, signal.SIGKILL)
-        t_reap: float | None = None
+        log_b = side.procs.workdir / f"{_node_b_name(side)}.log"
         t_done: float | None = None
         while time.time() - t_kill < STORM_LIMIT:
             time.sleep(0.25)
-            if side.name == "ours" and t_reap is None and _reaped(port_b) > reaped_before:
-                t_reap = time.time()
             storm.send("count")
             if sum(m["back"] for m in storm.collect("count", 30)) >= fig["held_users"]:
                 t_done = time.time()
@@ -560,14 +575,17 @@ def run_side(side: Side, opts: argparse.Namespace) -> dict[str, Any]:
         expect = {c: {f"u{i}" for i in storm_idx + watch_idx if i // GROUP == c}
                   for c in range(channels)}  # fmt: skip
         samples: list[dict[str, Any]] = []
-        t_end = t_kill + SETTLE_AFTER_KILL
+        # ours: until the reap was logged and 15 s more (at most REAP_WAIT after the kill);
+        # sockudo: 10 s after the last user came back, at least 25 s after the kill.
+        t_end = max(t_kill + SETTLE_AFTER_KILL, (t_done or t_kill) + 10)
+        if side.name == "ours":
+            t_end = t_kill + REAP_WAIT
         for _ in range(600):  # bounded; about one sample a second
             now = time.time()
-            if side.name == "ours":
-                if t_reap is None and _reaped(port_b) > reaped_before:
-                    t_reap = now
-                if t_reap is not None:
-                    t_end = max(t_kill + SETTLE_AFTER_KILL, t_reap + SETTLE_AFTER_REAP)
+            t_reap = _first_reap(log_b, t_kill) if side.name == "ours" else None
+            if t_reap is not None:
+                t_end = max(t_kill + SETTLE_AFTER_KILL, t_reap + SETTLE_AFTER_REAP)
+                t_end = max(t_end, (t_done or t_kill) + 10)
             if now > t_end:
                 break
             exact = fewer = more = 0
@@ -586,6 +604,7 @@ def run_side(side: Side, opts: argparse.Namespace) -> dict[str, Any]:
                             "more": more, "failed": dict(errors)})  # fmt: skip
             time.sleep(max(0.0, 1.0 - (time.time() - now)))
 
+        t_reap = _first_reap(log_b, t_kill) if side.name == "ours" else None
         storm.send("report")
         watch.send("report")
         rep_s = storm.collect("report", 60)
@@ -619,9 +638,12 @@ def _machine_cpu() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+def _node_b_name(side: Side) -> str:
+    return next(n for n, _ in side.procs.procs if n.endswith("-b"))
+
+
 def _node_b_pid(side: Side) -> int:
-    names = [n for n, _ in side.procs.procs if n.endswith("-b")]
-    return int(side.procs.proc(names[0]).pid)
+    return int(side.procs.proc(_node_b_name(side)).pid)
 
 
 def _figures(
@@ -678,6 +700,13 @@ def _figures(
         "back_p99_s": round(_pct(since_kill, 0.99) or 0, 2),
         "join_ms_p50": round(_pct(join_ms, 0.5) or 0, 1),
         "join_ms_p99": round(_pct(join_ms, 0.99) or 0, 1),
+        "join_phases_ms_p50_p99": {
+            phase: [
+                round(1000 * (_pct([b[phase] for b in back.values()], q) or 0), 1)
+                for q in (0.5, 0.99)
+            ]
+            for phase in ("connect", "handshake", "subscribe")
+        },
         "attempts_max": max((int(b["attempts"]) for b in back.values()), default=0),
         "failed_attempts": dict(failed),
         "delivery_ms_before": _summary(before),
@@ -722,7 +751,12 @@ def report(results: list[dict[str, Any]]) -> str:
     def cell(r: dict[str, Any], key: str) -> str:
         value: Any = r
         for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
+            if isinstance(value, dict):
+                value = value.get(part)
+            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                value = None
         return "n/a" if value is None else str(value)
 
     rows = [
@@ -730,6 +764,12 @@ def report(results: list[dict[str, Any]]) -> str:
         ("users back / seconds until all back", "back", "all_back_s"),
         ("per-user back after kill, p50 / p99 s", "back_p50_s", "back_p99_s"),
         ("join latency in the storm, p50 / p99 ms", "join_ms_p50", "join_ms_p99"),
+        ("join: TCP connect, p50 / p99 ms", "join_phases_ms_p50_p99.connect.0",
+         "join_phases_ms_p50_p99.connect.1"),
+        ("join: handshake (101), p50 / p99 ms", "join_phases_ms_p50_p99.handshake.0",
+         "join_phases_ms_p50_p99.handshake.1"),
+        ("join: subscribe, p50 / p99 ms", "join_phases_ms_p50_p99.subscribe.0",
+         "join_phases_ms_p50_p99.subscribe.1"),
         ("delivery before kill, p50 / p99 ms", "delivery_ms_before.p50", "delivery_ms_before.p99"),
         ("delivery during storm, p50 / p99 ms", "delivery_ms_during.p50", "delivery_ms_during.p99"),
         ("deliveries received / expected", "deliveries", "deliveries_expected"),
@@ -767,6 +807,9 @@ def main() -> int:
     parser.add_argument("--procs", type=int, default=3, help="storm client processes")
     parser.add_argument("--rate", type=float, default=4.0, help="events a second, per channel")
     parser.add_argument("--sides", default="ours,sockudo")
+    parser.add_argument(
+        "--lease-ms", type=int, default=0, help="ours: the nodes' lease_ms (default: theirs)"
+    )
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--quick", action="store_true", help="1 000 users: a smoke run")
     parser.add_argument("--sockudo", type=Path, default=DEFAULT_SOCKUDO)
@@ -785,12 +828,13 @@ def main() -> int:
         sides = [s for s in sides if s != "sockudo"]
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    lease_env = {"GATEWAY_LEASE_MS": str(opts.lease_ms)} if opts.lease_ms else {}
     results = []
     for name in sides:
         workdir = Path(tempfile.mkdtemp(prefix=f"pg-storm-{name}-"))
         procs = Procs(workdir)
         side: Side = (
-            Ours(workdir, procs, nodes=2)
+            Ours(workdir, procs, nodes=2, env=lease_env)
             if name == "ours"
             else Sockudo(opts.sockudo, workdir, procs, nodes=2, adapter="redis")
         )
