@@ -27,6 +27,7 @@ from gateway.server.websocket import (
     WsConnection,
     broadcast_frame,
     encode_text_frame,
+    fast_handshake,
     parse_text_frames,
 )
 
@@ -272,6 +273,70 @@ def test_text_frame_fast_path_agrees_with_websockets(
     ]
     assert proto.state is State.OPEN and not proto.data_to_send()
     assert not proto.reader.buffer and proto.current_size is None
+
+
+_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+_HEADERS = [
+    ("Host", "127.0.0.1:6001"),
+    ("Upgrade", "websocket"),
+    ("Connection", "Upgrade"),
+    ("Sec-WebSocket-Key", _KEY),
+    ("Sec-WebSocket-Version", "13"),
+]
+_header_lines = st.lists(
+    st.sampled_from([
+        *_HEADERS, ("upgrade", "WebSocket"), ("Upgrade", "h2c"), ("Upgrade", "websocket, x"),
+        ("Connection", "keep-alive, Upgrade"), ("Connection", "close"), ("Connection", "up@grade"),
+        ("Connection", "Upgrade, @@"), ("Sec-WebSocket-Key", "c2hvcnQ="), ("Sec-WebSocket-Key", ""),
+        ("Sec-WebSocket-Key", "not base64!"), ("Sec-WebSocket-Version", "8"),
+        ("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits"),
+        ("Sec-WebSocket-Protocol", "chat"), ("Origin", "https://example.com"),
+        ("Content-Length", "0"), ("Transfer-Encoding", "chunked"), ("X Bad", "1"),
+        ("X-Ctl", "a\x01b"), ("User-Agent", "pusher-js 8.4.0"),
+    ]),
+    max_size=9,
+)  # fmt: skip
+
+
+@given(
+    st.permutations(_HEADERS) | _header_lines.map(lambda more: [*_HEADERS, *more]) | _header_lines,
+    st.sampled_from(["GET /app/k?protocol=7 HTTP/1.1", "POST /app/k HTTP/1.1",
+                     "GET /app/k HTTP/1.0", "GET /a b HTTP/1.1", "GET /app/k?x=1 HTTP/1.1"]),
+    st.sampled_from([b"", b"\x81\x80\0\0\0\0", b"\x81\x85\0\0\0\0hello"]),
+)  # fmt: skip
+@example(_HEADERS, "GET /app/k?protocol=7 HTTP/1.1", b"")
+def test_handshake_fast_path_agrees_with_websockets(
+    headers: list[tuple[str, str]], request_line: str, after: bytes
+) -> None:
+    head = request_line + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    raw = head.encode("latin-1") + after
+    fast = fast_handshake(raw)
+    if fast is None:
+        return  # websockets answers this one
+    response, rest = fast
+    assert rest == after
+    proto = ServerProtocol(max_size=None)
+    proto.receive_data(head.encode("latin-1"))
+    request = proto.events_received()[0]
+    proto.send_response(proto.accept(request))
+    assert proto.state is State.OPEN, "the fast path accepted what websockets refuses"
+    expected = b"".join(proto.data_to_send())
+    # Same bytes, the Date header aside (each formats the current second).
+    strip = lambda b: [line for line in b.split(b"\r\n") if not line.startswith(b"Date: ")]  # noqa: E731
+    assert strip(response) == strip(expected)
+    assert response.split(b"\r\n")[1].startswith(b"Date: ")
+
+
+def test_handshake_fast_path_takes_the_common_requests() -> None:
+    for line, headers in [
+        ("GET /app/app-key?protocol=7&client=js&version=8.4.0 HTTP/1.1", _HEADERS),
+        ("GET /app/k HTTP/1.1", [*_HEADERS, ("Sec-WebSocket-Extensions", "permessage-deflate")]),
+        ("GET /app/k HTTP/1.1", [("host", "x"), ("upgrade", "websocket"),
+                                 ("connection", "keep-alive, Upgrade"),
+                                 ("sec-websocket-key", _KEY), ("sec-websocket-version", "13")]),
+    ]:  # fmt: skip
+        head = line + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+        assert fast_handshake(head.encode()) is not None, headers
 
 
 async def test_oversized_message_closes_1009(door: FrontDoor, app: App) -> None:

@@ -24,9 +24,15 @@ Choices worth knowing:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import email.utils
+import hashlib
 import itertools
 import logging
+import re
 import struct
+import time
 import typing
 from collections.abc import Iterable
 from typing import Any
@@ -79,6 +85,93 @@ class _QuietLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 
 _ws_logger = _QuietLogger(logging.getLogger("websockets.server"), {})
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_date: list[Any] = [0, b""]  # second, its Date header value
+
+
+def _http_date() -> bytes:
+    """The ``Date`` header value, formatted once a second."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[:] = [now, email.utils.formatdate(now, usegmt=True).encode()]
+    value: bytes = _date[1]
+    return value
+
+
+def fast_handshake(raw_request: bytes) -> tuple[bytes, bytes] | None:
+    """The 101 response to an ordinary WebSocket upgrade request, without websockets' parser.
+
+    Accepts only the common shape: ``GET <target> HTTP/1.1``; header names that are tokens
+    and values without control characters; exactly one ``Upgrade: websocket``, one
+    ``Connection`` header whose tokens include ``upgrade``, ``Sec-WebSocket-Version: 13`` and
+    one ``Sec-WebSocket-Key`` that is base64 of 16 bytes; no body headers. Extensions and
+    subprotocols are not negotiated (the server offers none), as in websockets' own answer,
+    which this reproduces byte for byte (``Date``, ``Upgrade``, ``Connection``,
+    ``Sec-WebSocket-Accept``). Anything else returns None and goes through websockets, which
+    answers it (or refuses it with its exact error response).
+
+    Args:
+        raw_request: The request head (up to and including the blank line) and any bytes that
+            followed it.
+
+    Returns:
+        ``(response, rest)``: the response bytes and the bytes after the request head; or None.
+    """
+    end = raw_request.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = raw_request[:end].split(b"\r\n")
+    first = lines[0]
+    if not first.startswith(b"GET ") or not first.endswith(b" HTTP/1.1") or first.count(b" ") != 2:
+        return None
+    found: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or _TOKEN.fullmatch(name) is None:
+            return None
+        value = value.strip(b" \t")
+        if _VALUE.fullmatch(value) is None:
+            return None
+        lname = name.lower()
+        if lname in _HANDSHAKE_HEADERS:
+            if lname in found:
+                return None  # repeated: websockets decides
+            found[lname] = value
+        elif lname in (b"content-length", b"transfer-encoding"):
+            return None
+    key = found.get(b"sec-websocket-key")
+    connection = found.get(b"connection")
+    if (
+        key is None
+        or connection is None
+        or found.get(b"upgrade", b"").lower() != b"websocket"
+        or found.get(b"sec-websocket-version") != b"13"
+    ):
+        return None
+    tokens = [token.strip(b" \t") for token in connection.split(b",")]
+    if any(_TOKEN.fullmatch(t) is None for t in tokens if t) or b"upgrade" not in (
+        t.lower() for t in tokens
+    ):
+        return None
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            return None
+    except binascii.Error:
+        return None
+    accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+    response = (
+        b"HTTP/1.1 101 Switching Protocols\r\nDate: " + _http_date() + b"\r\nUpgrade: websocket"
+        b"\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+    return response, raw_request[end + 4 :]
+
+
+_TOKEN = re.compile(rb"[-!#$%&\'*+.^_`|~0-9a-zA-Z]+")
+_VALUE = re.compile(rb"[\x09\x20-\x7e\x80-\xff]*")
+_HANDSHAKE_HEADERS = frozenset(
+    (b"upgrade", b"connection", b"sec-websocket-version", b"sec-websocket-key")
+)
 
 
 class WsHandler(typing.Protocol):
@@ -307,7 +400,7 @@ class WsConnection(asyncio.Protocol):
         # Frames queued during this event-loop iteration; written with one call at its end.
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._proto = ServerProtocol(max_size=door.max_ws_message, logger=_ws_logger)
+        self._proto: ServerProtocol  # made by :meth:`handshake`
         self._open = False
         self._opened = False
         self._notified = False
@@ -493,18 +586,32 @@ class WsConnection(asyncio.Protocol):
         Args:
             raw_request: The upgrade request's head and whatever the client sent after it.
         """
-        proto = self._proto
-        proto.receive_data(raw_request)
-        events = proto.events_received()
-        if not events or not isinstance(events[0], Request):
-            self._flush()  # websockets could not parse it and already sent EOF
-            return
-        response = proto.accept(events[0])
-        proto.send_response(response)
-        self._open = proto.state is _OPEN
-        self._flush()
-        if not self._open:
-            return
+        max_size = self._door.max_ws_message
+        fast = fast_handshake(raw_request)
+        if fast is not None:
+            # The common request: answered here; websockets takes over from the first frame.
+            response, rest = fast
+            self._proto = proto = ServerProtocol(max_size=max_size, logger=_ws_logger, state=_OPEN)
+            self._transport.write(response)
+            self._open = True
+            later: list[Event] = []
+            if rest:
+                proto.receive_data(rest)
+                later = proto.events_received()
+        else:
+            self._proto = proto = ServerProtocol(max_size=max_size, logger=_ws_logger)
+            proto.receive_data(raw_request)
+            events = proto.events_received()
+            if not events or not isinstance(events[0], Request):
+                self._flush()  # websockets could not parse it and already sent EOF
+                return
+            response_obj = proto.accept(events[0])
+            proto.send_response(response_obj)
+            self._open = proto.state is _OPEN
+            self._flush()
+            if not self._open:
+                return
+            later = events[1:]
         self._opened = True
         self._transport.set_write_buffer_limits(high=self._door.ws_high_water)
         try:
@@ -513,8 +620,8 @@ class WsConnection(asyncio.Protocol):
             log.exception("ws_open handler failed for connection %d", self.id)
             self._fail(1011, "internal error")
             return
-        if len(events) > 1:
-            self._dispatch(events[1:])
+        if later:
+            self._dispatch(later)
             self._flush()
 
     # -- internals ---------------------------------------------------------------------------
