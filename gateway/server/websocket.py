@@ -592,7 +592,10 @@ class WsConnection(asyncio.Protocol):
             # The common request: answered here; websockets takes over from the first frame.
             response, rest = fast
             self._proto = proto = ServerProtocol(max_size=max_size, logger=_ws_logger, state=_OPEN)
-            self._transport.write(response)
+            # Queued like a frame: written together with connection_established, one write.
+            self._pending.append(response)
+            self._pending_bytes += len(response)
+            self._writes.add(self)
             self._open = True
             later: list[Event] = []
             if rest:
