@@ -21,7 +21,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from gateway.server.frontdoor import FrontDoor, start_frontdoor
+from gateway.server.frontdoor import FrontDoor, listen_backlog, start_frontdoor
 from gateway.server.httpconn import HttpRequest, HttpResponse, split_target
 from gateway.server.websocket import (
     WsConnection,
@@ -643,3 +643,14 @@ def _split_responses(data: bytes) -> list[bytes]:
 async def _closed_soon(app: App, conn_id: int) -> dict[int, int | None]:
     await app.wait_closed(conn_id)
     return app.closed
+
+
+def test_listen_backlog_is_the_kernels_cap() -> None:
+    # A storm of reconnects must not overflow a short accept queue (the kernel drops the
+    # excess and clients retry only after 1 s): the backlog asked for is the kernel's cap.
+    try:
+        with open("/proc/sys/net/core/somaxconn", encoding="ascii") as f:
+            expected = max(128, min(65_535, int(f.read())))
+    except OSError:
+        expected = 4096
+    assert listen_backlog() == expected

@@ -35,7 +35,7 @@ from gateway.server.websocket import (
     WsHandler,
 )
 
-__all__ = ["FrontDoor", "start_frontdoor"]
+__all__ = ["FrontDoor", "listen_backlog", "start_frontdoor"]
 
 log = logging.getLogger("gateway.server.frontdoor")
 
@@ -234,6 +234,20 @@ class FrontDoor:
         self._sweeper = loop.call_later(min(1.0, self.http_idle_timeout / 4), self._sweep)
 
 
+def listen_backlog() -> int:
+    """The listen backlog: the kernel's cap (``net.core.somaxconn``), 4096 if unknown.
+
+    A node that dies leaves thousands of clients reconnecting to the others within a second;
+    connections beyond the backlog are dropped by the kernel and the clients' TCP retries
+    only after 1 s, then 3 s. So the queue is as long as the kernel allows.
+    """
+    try:
+        with open("/proc/sys/net/core/somaxconn", encoding="ascii") as f:
+            return max(128, min(65_535, int(f.read().strip())))
+    except (OSError, ValueError):
+        return 4096
+
+
 async def start_frontdoor(
     host: str,
     port: int,
@@ -245,7 +259,7 @@ async def start_frontdoor(
     ws_high_water: int = 1_048_576,
     ws_close_timeout: float = 5.0,
     http_idle_timeout: float = 60.0,
-    backlog: int = 2048,
+    backlog: int | None = None,
     admission: Admission | None = None,
     work_budget: int = 1_000_000,
     ssl_context: ssl.SSLContext | None = None,
@@ -266,7 +280,7 @@ async def start_frontdoor(
         ws_high_water: Write-buffer size in bytes above which a socket is closed with 4100.
         ws_close_timeout: Seconds to wait for the client's side of a closing handshake.
         http_idle_timeout: Seconds after which an idle keep-alive connection is closed.
-        backlog: Listen backlog.
+        backlog: Listen backlog (default: :func:`listen_backlog`).
         admission: Connection caps, per-address limits and handshake rates (default: none).
         work_budget: Client messages handled per event-loop iteration (see
             :class:`~gateway.server.admission.WorkBudget`).
@@ -297,7 +311,7 @@ async def start_frontdoor(
         lambda: HttpConnection(door),
         host,
         port,
-        backlog=backlog,
+        backlog=backlog if backlog is not None else listen_backlog(),
         reuse_address=True,
         ssl=ssl_context,
         ssl_handshake_timeout=5.0 if ssl_context is not None else None,

@@ -19,7 +19,7 @@ from gateway.metrics import Metrics
 from gateway.periodic import every
 from gateway.server.admission import Admission, AdmissionSettings
 from gateway.server.api import AdminApi, Api
-from gateway.server.frontdoor import FrontDoor, start_frontdoor
+from gateway.server.frontdoor import FrontDoor, listen_backlog, start_frontdoor
 from gateway.server.hub import Hub
 from gateway.server.overload import LoadGuard
 from gateway.server.webhooks import WebhookSender
@@ -251,7 +251,8 @@ class GatewayNode:
         ]
         log.info(
             "gateway node %s (owner %s) listening on %s:%d; up to %d connections "
-            "(open-file limit %d, %d reserved for Redis, Sentinel and webhooks)",
+            "(open-file limit %d, %d reserved for Redis, Sentinel and webhooks); "
+            "listen backlog %d (net.core.somaxconn)",
             self.config.node_id,
             self.owner,
             self.config.host,
@@ -259,6 +260,7 @@ class GatewayNode:
             self.admission.settings.max_connections,
             nofile_limit(),
             self.config.reserved_fds,
+            listen_backlog(),
         )
 
     def _tick(self) -> None:
