@@ -21,6 +21,8 @@ Usage: python bench/run.py [--quick]
   15 000 presence connections (2 000 with ``--quick``; fewer if the open-file limit does not
   allow them): connect + subscribe rate, node RSS per connection, Redis bytes per member, idle
   CPU, and delivery latency of events that reach every connection;
+* joins: presence joins+leaves per second on ONE node each (ours, sockudo local and redis),
+  with clients light enough that the servers are measured; node and Redis CPU per operation;
 * storm: kill -9 of a node holding 6 000 presence users (1 000 with ``--quick``) who rejoin the
   other node after a random 0-1 s delay, ours vs sockudo on Redis (two nodes each): seconds
   until all are back, join and delivery latency during the storm, false ``member_removed``,
@@ -95,6 +97,12 @@ def main() -> int:
             *(["--quick"] if args.quick else []),
             "--json",
             str(results / "capacity.json"),
+        ],
+        [
+            "bench_joins.py",
+            *(["--quick"] if args.quick else []),
+            "--json",
+            str(results / "joins.json"),
         ],
         [
             "bench_storm.py",
