@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import resource
 import sys
@@ -140,11 +141,10 @@ async def _churn(
     counts = {"joins": 0, "errors": 0}
     socks = []
     for i in users:
-        _t, proto = await loop.create_connection(
-            lambda i=i: Churner(port, f"presence-joins-{i % channels}", f"u{i}", counts),
-            "127.0.0.1",
-            port,
+        factory = functools.partial(
+            Churner, port, f"presence-joins-{i % channels}", f"u{i}", counts
         )
+        _t, proto = await loop.create_connection(factory, "127.0.0.1", port)
         socks.append(proto)
     await asyncio.sleep(WARMUP)
     j0, t0 = counts["joins"], time.monotonic()
