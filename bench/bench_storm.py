@@ -37,7 +37,8 @@ sockudo mode in which a user can move to another node and stay listed). Then, pe
    storm channel, sampled every second from the last user back until 15 s after the reap
    (ours) or 10 s after the last user came back (at least 25 s after the kill): whether
    every answer lists exactly the channel's users once the storm is over, and how many
-   answers listed fewer users than connected.
+   answers listed fewer users than connected; for ours also node B's anti-entropy checks (by
+   result) and re-assertions (by reason) from the kill to the end of the sampling.
 
 ``--lease-ms`` sets our nodes' lease (``GATEWAY_LEASE_MS``) to see how a longer lease moves the
 reap past a larger storm. Prints a table of the sides; ``--json`` writes the figures. Every loop is
@@ -75,7 +76,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 from bench_capacity import GROUP, PONG, Workers, _cpu_seconds  # noqa: E402
-from bench_gateway import APP_ID, KEY, SECRET, HttpConn, signed_head  # noqa: E402
+from bench_gateway import APP_ID, KEY, SECRET, HttpConn, _metrics, signed_head  # noqa: E402
 from bench_peer import (  # noqa: E402
     DEFAULT_SOCKUDO,
     WS_PATH,
@@ -551,6 +552,7 @@ def run_side(side: Side, opts: argparse.Namespace) -> dict[str, Any]:
         publisher.start()
         time.sleep(BEFORE_KILL)
 
+        healing0 = _healing(port_b) if side.name == "ours" else {}
         cpu_b0 = _cpu_seconds(pid_b)
         cpu_c0 = storm.cpu_seconds() + watch.cpu_seconds()
         machine0 = _machine_cpu()
@@ -605,6 +607,10 @@ def run_side(side: Side, opts: argparse.Namespace) -> dict[str, Any]:
             time.sleep(max(0.0, 1.0 - (time.time() - now)))
 
         t_reap = _first_reap(log_b, t_kill) if side.name == "ours" else None
+        if side.name == "ours":
+            after = _healing(port_b)
+            fig["healing_during"] = {k: after[k] - healing0.get(k, 0.0) for k in after
+                                     if after[k] - healing0.get(k, 0.0)}  # fmt: skip
         storm.send("report")
         watch.send("report")
         rep_s = storm.collect("report", 60)
@@ -629,6 +635,20 @@ def run_side(side: Side, opts: argparse.Namespace) -> dict[str, Any]:
                 with contextlib.suppress(Exception):
                     workers.stop()
         side.down()
+
+
+def _healing(port: int) -> dict[str, float]:
+    """Node ``port``'s anti-entropy checks by result and re-assertions by reason (summed over
+    shards): whether the digest check re-wrote state during the storm."""
+    out: dict[str, float] = {}
+    for key, value in _metrics(port).items():
+        for metric, label in (("pg_anti_entropy_checks_total", "result"),
+                              ("pg_reassertions_total", "reason")):  # fmt: skip
+            if key.startswith(metric + "{"):
+                what = key.split(f'{label}="', 1)[1].split('"', 1)[0]
+                name = f"{metric.removeprefix('pg_').removesuffix('_total')}.{what}"
+                out[name] = out.get(name, 0.0) + value
+    return out
 
 
 def _machine_cpu() -> tuple[int, int]:
@@ -791,6 +811,9 @@ def report(results: list[dict[str, Any]]) -> str:
             f"| {label} | " + " | ".join(f"{cell(r, a)} / {cell(r, b)}" for r in results) + " |"
         )
     for r in results:
+        if r.get("healing_during") is not None:
+            lines.append(f"{r['side']}: anti-entropy and re-assertions from the kill until the "
+                         f"end of sampling: {r['healing_during'] or 'none'}")  # fmt: skip
         if r.get("failed_attempts"):
             lines.append(f"{r['side']}: failed rejoin attempts {r['failed_attempts']}")
         if r.get("false_removal_examples"):
