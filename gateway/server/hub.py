@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, assert_never
 
+from gateway._native import member_frame
 from gateway.config import AppConfig, NodeConfig
 from gateway.metrics import Metrics
 from gateway.protocol import messages
@@ -250,7 +251,7 @@ class Hub:
             if client not in self.members.get(cid, ()):
                 return  # left meanwhile; nothing was changed yet
             self._schedule_count(cid)
-            roster: dict[str, str | None] | None = None
+            roster: Mapping[str, str | None] | None = None
             if member is not None and pres_key is not None:
                 # Counted before the await: a Leave arriving meanwhile undoes it in _leave.
                 local = self.presence.get(pres_key)
@@ -459,6 +460,12 @@ class Hub:
         cid = self._keys.get(key)
         if cid is None:
             return  # a channel this node no longer holds (released during the grace period)
+        # member_added/member_removed, built natively from the message (tests/test_native.py);
+        # None for the other kinds, decoded below.
+        member = member_frame(cid[1], data)
+        if member is not None:
+            self._deliver(cid, member[0], member[1])
+            return
         message = contract.decode_message(data)
         exclude: str | None = None
         match message:
