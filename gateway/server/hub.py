@@ -139,6 +139,7 @@ class Hub:
             subscribe_burst=config.subscribe_burst,
         )
         metrics.gauge("pg_connections", "Open WebSocket connections", self._conn_gauge)
+        self._delivered = metrics.series("pg_messages_delivered_total")
 
     def _conn_gauge(self) -> dict[tuple[tuple[str, str], ...], float]:
         return {(("app", app),): float(n) for app, n in self.by_app.items()}
@@ -574,7 +575,7 @@ class Hub:
             receivers[0].send_text(text)
         elif receivers:
             broadcast_frame(receivers, encode_text_frame(text))
-        self.metrics.inc("pg_messages_delivered_total", len(receivers))
+        self._delivered.inc(len(receivers))
 
     def _terminate(self, app_id: str, user_id: str) -> None:
         for client in list(self.users.get((app_id, user_id), ())):
