@@ -1,5 +1,5 @@
 """Stub of the Rust extension: slot hashing, write tags, RESP packing/parsing, per-shard batches,
-and the presence-subscribe fast path.
+the client-frame fast path and the presence frame builders.
 
 Exceptions::
 
@@ -35,9 +35,11 @@ __all__ = [
     "StaleEpochError",
     "WrongShardError",
     "build_batches",
+    "client_frame",
     "key_slot",
+    "member_frame",
     "pack_command",
-    "presence_subscribe",
+    "presence_succeeded",
     "write_tag",
 ]
 
@@ -50,7 +52,7 @@ def write_tag(uuid: str, epoch: int, key: bytes) -> str:
 def pack_command(args: Sequence[bytes | str | int]) -> bytes:
     """One command as a RESP2 array of bulk strings (``str`` UTF-8, ``int`` decimal)."""
 
-def presence_subscribe(
+def client_frame(
     text: str,
     socket_id: str,
     key: str,
@@ -60,12 +62,31 @@ def presence_subscribe(
     max_channel_name_length: int,
     max_user_id_length: int,
     max_user_info_bytes: int,
-) -> tuple[str, str, str | None] | None:
-    """``(channel, user_id, user_info)`` of a ``pusher:subscribe`` frame to a presence channel
-    with ``channel_data``, correctly signed for ``socket_id`` with the app's ``key`` and
-    ``secret``, within the limits; ``user_info`` as :func:`gateway.protocol.messages.compact_json`
-    writes it. None when the frame is anything else or anything unusual: then
-    :mod:`gateway.protocol` decides. Never raises on ``text``."""
+) -> tuple[str, str, str | None] | str | None:
+    """The client frame ``text`` if it is one of the common ones, checked as
+    :mod:`gateway.protocol` checks it.
+
+    ``(channel, user_id, user_info)`` for a ``pusher:subscribe`` to a presence channel with
+    ``channel_data``, correctly signed for ``socket_id`` with the app's ``key`` and ``secret``,
+    within the limits (``user_info`` as :func:`gateway.protocol.messages.compact_json` writes
+    it); the channel (a ``str``) for a ``pusher:unsubscribe`` whose ``data`` is an object. None
+    when the frame is anything else or anything unusual: then :mod:`gateway.protocol` decides.
+    Never raises on ``text``."""
+
+def presence_succeeded(
+    channel: str, flat: object, user_id: str, user_info: str | None
+) -> str | None:
+    """``pusher_internal:subscription_succeeded`` of a presence channel, as
+    :func:`gateway.protocol.messages.subscription_succeeded` with
+    :func:`~gateway.protocol.messages.presence_data` builds it, from ``flat``, the roster of a
+    join reply (a list of ``bytes``: user id, ``user_info`` JSON text or ``b""``, ...), with the
+    member ``user_id`` added if missing. None when ``flat`` is not such a list of valid UTF-8."""
+
+def member_frame(channel: str, message: bytes) -> tuple[str, str | None] | None:
+    """The ``pusher_internal:member_added`` or ``member_removed`` frame of an ``M`` or ``R``
+    Pub/Sub message (:mod:`gateway.shards.contract`) for ``channel``, as
+    :func:`gateway.protocol.messages.member_added` / ``member_removed`` build it, and the socket
+    id it must not be sent to (None: none). None for any other message, or a malformed one."""
 
 @final
 class SlotTable:

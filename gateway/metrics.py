@@ -4,9 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["Metrics"]
+__all__ = ["CounterSeries", "Metrics"]
 
 _Labels = tuple[tuple[str, str], ...]
+
+
+class CounterSeries:
+    """One series of a counter, resolved once: :meth:`inc` costs one dict update.
+
+    Get one with :meth:`Metrics.series`; it counts exactly as :meth:`Metrics.inc` with the same
+    name and labels (the series appears once first incremented).
+    """
+
+    __slots__ = ("_counters", "_key", "_name", "_series")
+
+    def __init__(self, counters: dict[str, dict[_Labels, float]], name: str, key: _Labels) -> None:
+        self._counters = counters
+        self._name = name
+        self._key = key
+        self._series: dict[_Labels, float] | None = counters.get(name)
+
+    def inc(self, amount: float = 1) -> None:
+        """Add ``amount``."""
+        series = self._series
+        if series is None:
+            series = self._series = self._counters.setdefault(self._name, {})
+        key = self._key
+        series[key] = series.get(key, 0) + amount
 
 
 class Metrics:
@@ -30,6 +54,10 @@ class Metrics:
         series = self._counters.setdefault(name, {})
         key = tuple(sorted(labels.items()))
         series[key] = series.get(key, 0) + amount
+
+    def series(self, name: str, **labels: str) -> CounterSeries:
+        """A handle on one series of counter ``name``, for hot paths (:class:`CounterSeries`)."""
+        return CounterSeries(self._counters, name, tuple(sorted(labels.items())))
 
     def get(self, name: str, **labels: str) -> float:
         """Current value of one counter series (0 if never incremented)."""

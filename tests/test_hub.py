@@ -132,7 +132,7 @@ class Node:
         ]
 
     def idle(self) -> bool:
-        return not self.hub._tasks and (self.hub._count_task is None or self.hub._count_task.done())
+        return not self.hub._tasks and not self.hub._count_dirty
 
 
 class World:

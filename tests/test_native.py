@@ -35,10 +35,18 @@ from gateway.protocol.channels import channel_error, classify
 from gateway.protocol.limits import DEFAULT_LIMITS, Limits
 from gateway.protocol.messages import (
     ClientSubscribe,
+    ClientUnsubscribe,
+    FlatRoster,
     PresenceMember,
+    member_added,
+    member_removed,
     parse_channel_data,
     parse_client_message,
+    presence_data,
+    presence_succeeded,
+    subscription_succeeded,
 )
+from gateway.shards import contract
 from gateway.shards import reference as ref
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "key_slot.tsv"
@@ -578,7 +586,7 @@ def test_batches_against_redis_function(redis_port: int) -> None:
     assert results[0] is results[min(7, len(results) - 1)]
 
 
-# ------------------------------------------------- presence subscribe fast path vs reference
+# ------------------------------------------------------ client frame fast path vs reference
 
 _APP = AppConfig("1", "app-key", "sëcret")
 _SOCKET = "123.456"
@@ -602,8 +610,21 @@ def _reference_subscribe(text: str, limits: Limits) -> tuple[str, str, str | Non
     return name, member.user_id, member.user_info
 
 
+def _reference_frame(text: str, limits: Limits) -> tuple[str, str, str | None] | str | None:
+    """What gateway.protocol makes of a frame, in the fast path's terms."""
+    message = parse_client_message(text, limits)
+    if isinstance(message, ClientUnsubscribe):
+        return message.channel
+    return _reference_subscribe(text, limits)
+
+
 def _native_subscribe(text: str, limits: Limits) -> tuple[str, str, str | None] | None:
-    return native.presence_subscribe(
+    answer = _native_frame(text, limits)
+    return answer if isinstance(answer, tuple) else None
+
+
+def _native_frame(text: str, limits: Limits) -> tuple[str, str, str | None] | str | None:
+    return native.client_frame(
         text,
         _SOCKET,
         _APP.key,
@@ -680,10 +701,9 @@ def test_presence_subscribe_fast_path_agrees_with_the_reference(text: str, limit
 
 
 @given(st.text(max_size=300) | st.binary(max_size=300).map(lambda b: b.decode("latin-1")))
-def test_presence_subscribe_fast_path_never_accepts_junk(text: str) -> None:
-    assert _native_subscribe(text, DEFAULT_LIMITS) is None or _reference_subscribe(
-        text, DEFAULT_LIMITS
-    ) == _native_subscribe(text, DEFAULT_LIMITS)
+def test_client_frame_fast_path_never_accepts_junk(text: str) -> None:
+    answer = _native_frame(text, DEFAULT_LIMITS)
+    assert answer is None or answer == _reference_frame(text, DEFAULT_LIMITS)
 
 
 @pytest.mark.parametrize(
@@ -712,3 +732,110 @@ def test_presence_subscribe_fast_path_takes_the_common_frames(
     assert answer is not None
     assert answer == _reference_subscribe(text, DEFAULT_LIMITS)
     assert _native_subscribe(text + "\ud800", DEFAULT_LIMITS) is None  # no UTF-8 form: no answer
+
+
+@st.composite
+def _unsubscribe_frames(draw: st.DrawFn) -> str:
+    channel = draw(
+        st.text(max_size=8)
+        | st.sampled_from(["presence-room", "é\U0001f600", "\x00\n"])
+        | st.integers()
+        | st.none()
+    )
+    data: object = {"channel": channel}
+    if draw(st.booleans()):
+        data = {**draw(st.dictionaries(st.text(max_size=3), _json_values, max_size=2)), **data}
+    if not draw(st.integers(0, 4)):
+        data = json.dumps(data)
+    elif not draw(st.integers(0, 6)):
+        data = draw(_json_values)
+    frame = {"event": draw(st.sampled_from(["pusher:unsubscribe"] * 4 + ["pusher:ping"])),
+             "data": data}  # fmt: skip
+    text = json.dumps(frame, ensure_ascii=draw(st.booleans()))
+    if not draw(st.integers(0, 4)):  # a duplicate key, raw
+        text = text.replace('{"channel": ', '{"channel": "first", "channel": ', 1)
+    return text
+
+
+@given(_unsubscribe_frames(), st.sampled_from([DEFAULT_LIMITS, Limits(max_frame_bytes=40)]))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_unsubscribe_fast_path_agrees_with_the_reference(text: str, limits: Limits) -> None:
+    answer = _native_frame(text, limits)
+    if answer is not None:
+        assert answer == _reference_frame(text, limits)
+
+
+def test_unsubscribe_fast_path_takes_the_common_frame() -> None:
+    text = '{"event":"pusher:unsubscribe","data":{"channel":"presence-room"}}'
+    assert _native_frame(text, DEFAULT_LIMITS) == "presence-room"
+    assert _native_frame(text.replace("presence-", "é-"), DEFAULT_LIMITS) == "é-room"
+
+
+# ------------------------------------------------------------ presence frames vs reference
+
+_ids = st.text(max_size=6) | st.sampled_from(["u1", "u2", "é", "\U0001f600", '"\\', "\x7f"])
+_infos = st.none() | _json_values.map(
+    lambda v: json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+)
+
+
+def _reference_succeeded(
+    channel: str, flat: list[bytes], user_id: str, user_info: str | None
+) -> str:
+    """What the join path builds without the native builder: dict roster, member added."""
+    members = {flat[i].decode(): flat[i + 1].decode() or None for i in range(0, len(flat), 2)}
+    members.setdefault(user_id, user_info)
+    return subscription_succeeded(channel, presence_data(members))
+
+
+@given(
+    st.sampled_from(["presence-room", "presence-=@,.;_-9"]),
+    st.lists(st.tuples(_ids, _infos), max_size=8),
+    _ids,
+    _infos,
+)
+@settings(max_examples=300)
+def test_presence_succeeded_agrees_with_the_reference(
+    channel: str, roster: list[tuple[str, str | None]], user_id: str, user_info: str | None
+) -> None:
+    flat: list[bytes] = []
+    for uid, info in roster:
+        flat += [uid.encode(), (info or "").encode()]
+    expected = _reference_succeeded(channel, flat, user_id, user_info)
+    assert native.presence_succeeded(channel, flat, user_id, user_info) == expected
+    member = PresenceMember(user_id, user_info)
+    assert presence_succeeded(channel, FlatRoster(flat), member) == expected
+    assert presence_succeeded(channel, dict(FlatRoster(flat)), member) == expected
+    assert contract.decode_pjoin([1, 1, flat]).roster == dict(FlatRoster(flat))
+
+
+def test_presence_succeeded_leaves_the_unusual_to_the_reference() -> None:
+    assert native.presence_succeeded("presence-a", [b"u"], "v", None) is None
+    assert native.presence_succeeded("presence-a", [b"\xff", b""], "v", None) is None
+    assert native.presence_succeeded("presence-a", [b"u", "x"], "v", None) is None
+    assert native.presence_succeeded("presence-a", (b"u", b""), "v", None) is None
+    assert native.presence_succeeded("presence-\ud800", [], "v", None) is None
+
+
+_messages = (
+    st.builds(contract.encode_member_added, _ids, _infos, st.none() | st.sampled_from(["1.2"]))
+    | st.builds(contract.encode_member_removed, _ids)
+    | st.builds(contract.encode_event, st.text(max_size=5), st.none() | st.just("1.2"))
+    | st.builds(contract.encode_count, st.integers(0, 99))
+    | st.binary(max_size=12).map(lambda b: b"M" + b)
+    | st.binary(max_size=12).map(lambda b: b"R" + b)
+    | st.binary(max_size=12)
+)
+
+
+@given(st.sampled_from(["presence-room", "presence-é"]), _messages)
+@settings(max_examples=400)
+def test_member_frame_agrees_with_the_reference(channel: str, data: bytes) -> None:
+    message = contract.decode_message(data)
+    expected: tuple[str, str | None] | None = None
+    if isinstance(message, contract.MemberAdded):
+        frame = member_added(channel, message.user_id, message.user_info)
+        expected = frame, message.exclude
+    elif isinstance(message, contract.MemberRemoved):
+        expected = member_removed(channel, message.user_id), None
+    assert native.member_frame(channel, data) == expected

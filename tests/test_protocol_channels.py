@@ -13,6 +13,7 @@ from gateway.protocol.channels import (
     ChannelKind,
     channel_error,
     classify,
+    is_cache,
     server_to_user_channel,
     user_id_error,
 )
@@ -46,6 +47,7 @@ PUBLIC, PRIVATE, ENCRYPTED, PRESENCE, S2U = (
 def test_classify(name: str, kind: ChannelKind, cache: bool) -> None:
     channel = classify(name)
     assert channel == Channel(name, kind, cache)
+    assert is_cache(name) is cache
     assert channel_error(name) is None
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from gateway.config import AppConfig
 from gateway.protocol.auth import sign_channel, sign_user
 from gateway.protocol.limits import Limits
-from gateway.protocol.messages import PresenceMember
+from gateway.protocol.messages import FlatRoster, PresenceMember
 from gateway.protocol.session import (
     Action,
     Close,
@@ -223,6 +223,23 @@ def test_presence_vector_numeric_user_id() -> None:
         }
     }
     assert session.presence_member("presence-foobar") == member
+
+
+class _UndecodableRoster(FlatRoster):
+    def decode(self) -> dict[str, str | None]:
+        raise AssertionError("the join path decoded the flat roster")
+
+
+def test_presence_flat_roster_is_not_decoded() -> None:
+    session = make()
+    session.receive_text(subscribe("presence-foobar", PRESENCE_AUTH, PRESENCE_DATA), 1)
+    roster = _UndecodableRoster([b"7", b'{"name":"Bo"}', b"8", b""])
+    [frame] = frames(session.subscribed("presence-foobar", roster))
+    assert json.loads(frame["data"])["presence"] == {
+        "ids": ["7", "8", "10"],
+        "hash": {"7": {"name": "Bo"}, "8": None, "10": {"name": "Mr. Channels"}},
+        "count": 3,
+    }
 
 
 def test_presence_vector_python_spacing_signed_over_exact_text() -> None:

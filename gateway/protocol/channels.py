@@ -12,6 +12,7 @@ __all__ = [
     "ChannelKind",
     "channel_error",
     "classify",
+    "is_cache",
     "server_to_user_channel",
     "server_to_user_id",
     "user_id_error",
@@ -85,6 +86,14 @@ class Channel:
         refuses to trigger them.
         """
         return self.kind in (ChannelKind.PRIVATE, ChannelKind.PRESENCE)
+
+
+_CACHE_PREFIXES = tuple(prefix for prefix, _, cache in _PREFIXES if cache)
+
+
+def is_cache(name: str) -> bool:
+    """``classify(name).cache``, without building the :class:`Channel`."""
+    return name.startswith(_CACHE_PREFIXES)
 
 
 def classify(name: str) -> Channel:

@@ -11,10 +11,12 @@ which carry an object.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
+
+from gateway._native import presence_succeeded as _native_presence_succeeded
 
 from ._json import loads as _loads
 from .channels import user_id_error
@@ -31,6 +33,7 @@ __all__ = [
     "ClientSignin",
     "ClientSubscribe",
     "ClientUnsubscribe",
+    "FlatRoster",
     "PresenceMember",
     "UserData",
     "cache_miss",
@@ -44,6 +47,7 @@ __all__ = [
     "parse_client_message",
     "parse_user_data",
     "presence_data",
+    "presence_succeeded",
     "signin_success",
     "subscription_count",
     "subscription_error",
@@ -460,6 +464,75 @@ def presence_data(roster: Mapping[str, str | None]) -> str:
         + str(len(ids))
         + "}}"
     )
+
+
+class FlatRoster(Mapping[str, str | None]):
+    """A presence roster in the flat form the store replies with.
+
+    ``flat`` is ``[user_id, user_info, ...]`` as UTF-8 ``bytes``, ``b""`` for a member without
+    ``user_info``. As a mapping (user id -> ``user_info`` JSON text or None, a repeated id
+    keeping its first place and its last info, as in a dict built from the pairs) it is decoded
+    once, on first use; :func:`presence_succeeded` builds its frame without decoding it.
+
+    Args:
+        flat: The pairs, flat.
+    """
+
+    __slots__ = ("_decoded", "flat")
+
+    def __init__(self, flat: Sequence[bytes]) -> None:
+        self.flat = flat
+        self._decoded: dict[str, str | None] | None = None
+
+    def decode(self) -> dict[str, str | None]:
+        """The roster as a new dict.
+
+        Raises:
+            UnicodeDecodeError: An id or info is not UTF-8.
+            IndexError: ``flat`` has an odd length.
+        """
+        flat = self.flat
+        return {flat[i].decode(): (flat[i + 1].decode() or None) for i in range(0, len(flat), 2)}
+
+    def _members(self) -> dict[str, str | None]:
+        if self._decoded is None:
+            self._decoded = self.decode()
+        return self._decoded
+
+    def __getitem__(self, user_id: str) -> str | None:
+        return self._members()[user_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._members())
+
+    def __len__(self) -> int:
+        return len(self._members())
+
+    def __repr__(self) -> str:
+        return f"FlatRoster({self.flat!r})"
+
+
+def presence_succeeded(
+    channel: str, roster: Mapping[str, str | None], member: PresenceMember
+) -> str:
+    """``subscription_succeeded`` of a presence channel: ``roster`` with ``member`` added if
+    missing.
+
+    A :class:`FlatRoster` goes to the native builder, which answers the same text (see
+    tests/test_native.py) or None for what it leaves to the code here.
+
+    Args:
+        channel: The presence channel.
+        roster: The members, user id -> ``user_info`` JSON text or None.
+        member: The joining member.
+    """
+    if isinstance(roster, FlatRoster):
+        frame = _native_presence_succeeded(channel, roster.flat, member.user_id, member.user_info)
+        if frame is not None:
+            return frame
+    members = dict(roster)
+    members.setdefault(member.user_id, member.user_info)
+    return subscription_succeeded(channel, presence_data(members))
 
 
 def member_added(channel: str, user_id: str, user_info: str | None) -> str:

@@ -28,9 +28,10 @@ Contract for the I/O layer:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway._native import presence_subscribe
+from gateway._native import client_frame
 from gateway.config import AppConfig
 
 from . import messages
@@ -295,9 +296,10 @@ class Session:
         if not self._opened:
             return self._error(None, "Connection not established yet")
         limits = self._limits
-        # The common presence subscribe, parsed and verified in one native call; None for
-        # anything else, which the reference code below handles (tests/test_native.py).
-        fast = presence_subscribe(
+        # The common presence subscribe and unsubscribe, parsed (and verified) in one native
+        # call; None for anything else, which the reference code below handles
+        # (tests/test_native.py).
+        fast = client_frame(
             text,
             self._socket_id,
             self._app.key,
@@ -308,6 +310,8 @@ class Session:
             max_user_info_bytes=limits.max_user_info_bytes,
         )
         if fast is not None:
+            if isinstance(fast, str):
+                return self._unsubscribe(fast)
             return self._admit(fast[0], PresenceMember(fast[1], fast[2]), now)
         message = messages.parse_client_message(text, limits)
         if isinstance(message, FrameError):
@@ -348,7 +352,7 @@ class Session:
         self._closing = True
         return [Close(int(ProtocolCode.PONG_TIMEOUT), "Pong reply not received")]
 
-    def subscribed(self, channel: str, roster: dict[str, str | None] | None) -> list[Action]:
+    def subscribed(self, channel: str, roster: Mapping[str, str | None] | None) -> list[Action]:
         """The store confirmed a ``Join``.
 
         Args:
@@ -365,12 +369,15 @@ class Session:
         if channel in self._pending:
             member = self._pending.pop(channel)
             self._joined[channel] = member
-            data = "{}"
             if member is not None:
-                members = dict(roster or {})
-                members.setdefault(member.user_id, member.user_info)
-                data = messages.presence_data(members)
-            return [Send(messages.subscription_succeeded(channel, data))]
+                return [
+                    Send(
+                        messages.presence_succeeded(
+                            channel, {} if roster is None else roster, member
+                        )
+                    )
+                ]
+            return [Send(messages.subscription_succeeded(channel))]
         if channel in self._cancelled:
             return [Leave(channel, self._cancelled.pop(channel))]
         return []

@@ -12,24 +12,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, assert_never
 
+from gateway._native import member_frame
 from gateway.config import AppConfig, NodeConfig
 from gateway.metrics import Metrics
 from gateway.protocol import messages
-from gateway.protocol.channels import classify, server_to_user_channel, server_to_user_id
+from gateway.protocol.channels import is_cache, server_to_user_channel, server_to_user_id
 from gateway.protocol.limits import Limits
 from gateway.protocol.session import Action, Close, Join, Leave, Publish, Send, Session, SignIn
 from gateway.server.deadlines import Deadlines
 from gateway.server.websocket import WsConnection, broadcast_frame, encode_text_frame
 from gateway.shards import contract
-from gateway.shards.contract import channel_key
+from gateway.shards.contract import JoinResult, SubsResult, channel_key
 from gateway.shards.writer import WriteFailed
-from gateway.store.presence import Due, LocalChannel, LocalState, PresenceStore, Subscriptions
+from gateway.store.presence import (
+    Due,
+    LocalChannel,
+    LocalState,
+    PresenceStore,
+    Subscriptions,
+    SubsItem,
+)
 
 __all__ = ["Client", "Hub", "LocalMember", "WebhookQueue"]
 
@@ -116,8 +125,9 @@ class Hub:
         #: Open sockets by the second of their next heartbeat deadline (see :meth:`tick`).
         self.deadlines: Deadlines[Client] = Deadlines(clock())
         self._count_dirty: set[ChannelId] = set()
-        self._count_task: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._count_scheduled = False
+        #: Work in flight: tasks, and store writes until their result was handled.
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._keys: dict[bytes, ChannelId] = {}
         #: While draining, presence members whose last local socket closed are kept in the
         #: store (handed over): see :meth:`finish_handover`.
@@ -129,6 +139,7 @@ class Hub:
             subscribe_burst=config.subscribe_burst,
         )
         metrics.gauge("pg_connections", "Open WebSocket connections", self._conn_gauge)
+        self._delivered = metrics.series("pg_messages_delivered_total")
 
     def _conn_gauge(self) -> dict[tuple[tuple[str, str], ...], float]:
         return {(("app", app),): float(n) for app, n in self.by_app.items()}
@@ -204,8 +215,7 @@ class Hub:
                 case Send():
                     client.conn.send_text(action.text)
                 case Join():
-                    self._join_begin(client, action)
-                    self._track(self._join(client, action))
+                    self._join(client, action)
                 case Leave():
                     self._leave(client, action)
                 case Publish():
@@ -230,61 +240,107 @@ class Hub:
         if not task.cancelled() and task.exception() is not None:
             log.error("hub task failed", exc_info=task.exception())
 
-    def _join_begin(self, client: Client, action: Join) -> None:
+    def _join(self, client: Client, action: Join) -> None:
         cid = (client.app.id, action.channel)
-        self._keys[channel_key(*cid)] = cid
+        key = channel_key(*cid)
+        self._keys[key] = cid
         # Deliveries start before the state change so nothing published after it is missed;
         # they wait in client.pending until subscription_succeeded is sent.
         client.pending[action.channel] = []
         self.members.setdefault(cid, set()).add(client)
+        shard = self.store.shard_of(*cid)
+        if self.pubsub.listening(shard, key):
+            self._join_store(client, action)
+        else:
+            self._track(self._subscribe_then_join(client, action, shard, key))
 
-    async def _join(self, client: Client, action: Join) -> None:
+    async def _subscribe_then_join(
+        self, client: Client, action: Join, shard: int, key: bytes
+    ) -> None:
+        try:
+            await self.pubsub.subscribe(shard, key)
+        except (ConnectionError, TimeoutError) as exc:
+            self._join_failed(client, action, exc, counted=False)
+            return
+        self._join_store(client, action)
+
+    def _join_store(self, client: Client, action: Join) -> None:
+        """The node listens to the channel: count the socket, join its member in the store."""
         app, channel, member = client.app, action.channel, action.member
         cid = (app.id, channel)
-        pres_key = (app.id, channel, member.user_id) if member else None
-        counted = False
-        try:
-            await self.pubsub.subscribe(
-                self.store.shard_of(app.id, channel), channel_key(app.id, channel)
-            )
-            if client not in self.members.get(cid, ()):
-                return  # left meanwhile; nothing was changed yet
-            self._schedule_count(cid)
-            roster: dict[str, str | None] | None = None
-            if member is not None and pres_key is not None:
-                # Counted before the await: a Leave arriving meanwhile undoes it in _leave.
-                local = self.presence.get(pres_key)
-                if local is None:
-                    self.presence[pres_key] = LocalMember(1, member.user_info)
-                else:
-                    local.sockets += 1
-                counted = True
-                if local is None:
-                    result = await self.store.join(
-                        app.id, channel, member.user_id, member.user_info, client.session.socket_id
-                    )
-                    if result.roster is None:
-                        limit = self.store.max_members
-                        raise _Refused(4100, f"Presence channel is full ({limit} members)")
-                    if result.webhook:
-                        self._webhook(app, "member_added", channel, user_id=member.user_id)
-                    roster = result.roster
-                else:
-                    roster = await self.store.roster(app.id, channel)
-        except (_Refused, WriteFailed, ConnectionError, TimeoutError) as exc:
-            if client not in self.members.get(cid, ()):
-                return  # already left: _leave undid the local state
-            if counted and pres_key is not None:
-                self._drop_presence(pres_key)
-            self._undo_join(client, cid)
-            if isinstance(exc, _Refused):
-                code, message = exc.code, exc.message
-            else:
-                shard = self.store.shard_name(self.store.shard_of(app.id, channel))
-                code = 4200
-                message = f"State store unavailable for this channel ({shard}); retry later"
-            self._apply(client, client.session.subscribe_failed(channel, code, message))
+        if client not in self.members.get(cid, ()):
+            return  # left meanwhile; nothing was changed yet
+        self._schedule_count(cid)
+        if member is None:
+            self._join_done(client, channel, None)
             return
+        # Counted before the write: a Leave arriving meanwhile undoes it in _leave.
+        pres_key = (app.id, channel, member.user_id)
+        local = self.presence.get(pres_key)
+        if local is not None:
+            local.sockets += 1
+            self._track(self._join_known(client, action))
+            return
+        self.presence[pres_key] = LocalMember(1, member.user_info)
+        self._pending_write(
+            self.store.submit_join(
+                app.id,
+                channel,
+                member.user_id,
+                member.user_info,
+                client.session.socket_id,
+                functools.partial(self._joined, client, action),
+            )
+        )
+
+    def _joined(self, client: Client, action: Join, result: JoinResult | BaseException) -> None:
+        """The store answered the join of a member new on this node."""
+        if isinstance(result, BaseException):
+            self._join_failed(client, action, result, counted=True)
+        elif result.roster is None:
+            limit = self.store.max_members
+            refused = _Refused(4100, f"Presence channel is full ({limit} members)")
+            self._join_failed(client, action, refused, counted=True)
+        else:
+            if result.webhook and action.member is not None:
+                self._webhook(
+                    client.app, "member_added", action.channel, user_id=action.member.user_id
+                )
+            self._join_done(client, action.channel, result.roster)
+
+    async def _join_known(self, client: Client, action: Join) -> None:
+        """Another socket of the member holds it on this node: only the roster is needed."""
+        try:
+            roster = await self.store.roster(client.app.id, action.channel)
+        except (WriteFailed, ConnectionError, TimeoutError) as exc:
+            self._join_failed(client, action, exc, counted=True)
+            return
+        self._join_done(client, action.channel, roster)
+
+    def _join_failed(
+        self, client: Client, action: Join, exc: BaseException, *, counted: bool
+    ) -> None:
+        app, channel, member = client.app, action.channel, action.member
+        if not isinstance(exc, (_Refused, WriteFailed, ConnectionError, TimeoutError)):
+            log.error("hub task failed", exc_info=exc)
+            return
+        cid = (app.id, channel)
+        if client not in self.members.get(cid, ()):
+            return  # already left: _leave undid the local state
+        if counted and member is not None:
+            self._drop_presence((app.id, channel, member.user_id))
+        self._undo_join(client, cid)
+        if isinstance(exc, _Refused):
+            code, message = exc.code, exc.message
+        else:
+            shard = self.store.shard_name(self.store.shard_of(app.id, channel))
+            code = 4200
+            message = f"State store unavailable for this channel ({shard}); retry later"
+        self._apply(client, client.session.subscribe_failed(channel, code, message))
+
+    def _join_done(
+        self, client: Client, channel: str, roster: Mapping[str, str | None] | None
+    ) -> None:
         buffered = client.pending.pop(channel, [])
         actions = client.session.subscribed(channel, roster)
         self._apply(client, actions)
@@ -293,8 +349,8 @@ class Hub:
         client.joined.add(channel)
         for text in buffered:
             client.conn.send_text(text)
-        if classify(channel).cache:
-            await self._send_cache(client, channel)
+        if is_cache(channel):
+            self._track(self._send_cache(client, channel))
 
     def _undo_join(self, client: Client, cid: ChannelId) -> None:
         client.pending.pop(cid[1], None)
@@ -349,17 +405,18 @@ class Hub:
                 if self.handing_over:
                     self._handed.add(pres_key)
                 else:
-                    self._track(self._store_call(self.store.leave(app.id, channel, pres_key[2])))
+                    self._pending_write(
+                        self.store.submit_leave(app.id, channel, pres_key[2], _leave_written)
+                    )
         if not members:
             del self.members[cid]
             self._release(cid)
         self._schedule_count(cid)
 
-    async def _store_call(self, coro: Any) -> None:
-        try:
-            await coro
-        except (WriteFailed, ConnectionError, TimeoutError) as exc:
-            log.warning("store write failed: %s", exc)
+    def _pending_write(self, future: asyncio.Future[Any]) -> None:
+        """Keep a store write in flight in :attr:`_tasks` (for :meth:`drain`) until done."""
+        self._tasks.add(future)
+        future.add_done_callback(self._tasks.discard)
 
     async def _publish(self, client: Client, action: Publish) -> None:
         app = client.app
@@ -394,38 +451,44 @@ class Hub:
 
     def _schedule_count(self, cid: ChannelId) -> None:
         self._count_dirty.add(cid)
-        if self._count_task is None or self._count_task.done():
-            self._count_task = asyncio.ensure_future(self._write_counts())
+        if not self._count_scheduled:
+            self._count_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_counts)
 
-    async def _write_counts(self) -> None:
-        # Coalesces count changes of one loop tick; each write carries the absolute count.
-        await asyncio.sleep(0)
-        while self._count_dirty:
-            dirty, self._count_dirty = self._count_dirty, set()
-            results = await asyncio.gather(
-                *(self._write_count(cid) for cid in dirty), return_exceptions=True
-            )
-            for cid, result in zip(dirty, results, strict=True):
-                if isinstance(result, BaseException):
-                    log.warning("subscriber count of %s not written: %s", cid, result)
+    def _write_counts(self) -> None:
+        # Coalesces count changes of one loop tick in one submission; each write carries the
+        # absolute count, and the writer keeps a shard's writes in order.
+        self._count_scheduled = False
+        dirty, self._count_dirty = self._count_dirty, set()
+        apps: list[AppConfig] = []
+        items: list[SubsItem] = []
+        for app_id, channel in dirty:
+            app = self.config.app_by_id(app_id)
+            if app is None:
+                continue
+            count = len(self.members.get((app_id, channel), ()))
+            publish = app.subscription_count and not channel.startswith("presence-")
+            apps.append(app)
+            items.append((app_id, channel, count, publish))
+        if items:
+            done = functools.partial(self._counts_written, apps, items)
+            self._pending_write(self.store.submit_subscribers(items, done))
 
-    async def _write_count(self, cid: ChannelId) -> None:
-        app = self.config.app_by_id(cid[0])
-        if app is None:
-            return
-        count = len(self.members.get(cid, ()))
-        kind = classify(cid[1])
-        publish = app.subscription_count and kind.kind != "presence"
-        result = await self.store.set_subscribers(cid[0], cid[1], count, publish_count=publish)
-        if result.occupied_webhook:
-            self._webhook(app, "channel_occupied", cid[1])
-        if (
-            app.subscription_count
-            and result.after != result.before
-            and result.after > 0  # going to 0 is announced by channel_vacated
-            and kind.kind != "presence"
-        ):
-            self._webhook(app, "subscription_count", cid[1], subscription_count=result.after)
+    def _counts_written(
+        self,
+        apps: list[AppConfig],
+        items: list[SubsItem],
+        results: list[SubsResult | BaseException],
+    ) -> None:
+        for app, (_, channel, _, publish), result in zip(apps, items, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("subscriber count of %s not written: %s", (app.id, channel), result)
+                continue
+            if result.occupied_webhook:
+                self._webhook(app, "channel_occupied", channel)
+            # Going to 0 is announced by channel_vacated; presence channels have no count.
+            if publish and result.after != result.before and result.after > 0:
+                self._webhook(app, "subscription_count", channel, subscription_count=result.after)
 
     # -- signed-in users -----------------------------------------------------------------------
 
@@ -459,6 +522,12 @@ class Hub:
         cid = self._keys.get(key)
         if cid is None:
             return  # a channel this node no longer holds (released during the grace period)
+        # member_added/member_removed, built natively from the message (tests/test_native.py);
+        # None for the other kinds, decoded below.
+        member = member_frame(cid[1], data)
+        if member is not None:
+            self._deliver(cid, member[0], member[1])
+            return
         message = contract.decode_message(data)
         exclude: str | None = None
         match message:
@@ -506,7 +575,7 @@ class Hub:
             receivers[0].send_text(text)
         elif receivers:
             broadcast_frame(receivers, encode_text_frame(text))
-        self.metrics.inc("pg_messages_delivered_total", len(receivers))
+        self._delivered.inc(len(receivers))
 
     def _terminate(self, app_id: str, user_id: str) -> None:
         for client in list(self.users.get((app_id, user_id), ())):
@@ -610,23 +679,30 @@ class Hub:
         handed, self._handed = self._handed, set()
         self.handing_over = False
         leaves = [
-            self._store_call(self.store.leave(app_id, channel, user))
+            self.store.submit_leave(app_id, channel, user, _leave_written)
             for app_id, channel, user in handed
             if (app_id, channel, user) not in self.presence
         ]
         if leaves:
-            await asyncio.gather(*leaves)
+            await asyncio.gather(*leaves, return_exceptions=True)
         return len(leaves)
 
     async def drain(self) -> None:
         """Leave every channel (graceful shutdown): other nodes see the leaves at once."""
         for client in list(self.clients.values()):
             self.ws_closed(client.conn, None)
+        if self._count_dirty:
+            self._write_counts()  # now rather than at the next loop tick
         with contextlib.suppress(Exception):
             if self._tasks:
                 await asyncio.wait(set(self._tasks), timeout=5)
-            if self._count_task is not None:
-                await asyncio.wait_for(self._count_task, 5)
+
+
+def _leave_written(result: bool | BaseException) -> None:
+    if isinstance(result, (WriteFailed, ConnectionError, TimeoutError)):
+        log.warning("store write failed: %s", result)
+    elif isinstance(result, BaseException):
+        log.error("hub task failed", exc_info=result)
 
 
 class _Refused(Exception):

@@ -32,7 +32,7 @@ know, so a node of version 3 meeting ``M`` during an upgrade skips it instead of
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -45,6 +45,7 @@ from gateway._native import (
     StaleEpochError,
     WrongShardError,
 )
+from gateway.protocol.messages import FlatRoster
 
 __all__ = [
     "ERRORS",
@@ -215,12 +216,13 @@ class JoinResult:
         webhook: A ``member_added`` webhook is due (false when the join cancelled a held
             ``member_removed``: the user came back within the hold).
         roster: The channel's members, user id to ``user_info`` JSON text (None if none);
-            None when the channel is full and the join was refused.
+            None when the channel is full and the join was refused. From a shard, a
+            :class:`~gateway.protocol.messages.FlatRoster` (decoded only when read).
     """
 
     added: bool
     webhook: bool
-    roster: dict[str, str | None] | None
+    roster: Mapping[str, str | None] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,8 +258,7 @@ Due = tuple[str, str | None]
 
 
 def _flat_roster(flat: object) -> dict[str, str | None]:
-    items = cast(list[bytes], flat)
-    return {items[i].decode(): (items[i + 1].decode() or None) for i in range(0, len(items), 2)}
+    return FlatRoster(cast(list[bytes], flat)).decode()
 
 
 # -- write operations ------------------------------------------------------------------------
@@ -374,7 +375,7 @@ def decode_pjoin(reply: object) -> JoinResult:
     items = cast(list[object], reply)
     if items[0] == -1:
         return JoinResult(False, False, None)
-    return JoinResult(items[0] == 1, items[1] == 1, _flat_roster(items[2]))
+    return JoinResult(items[0] == 1, items[1] == 1, FlatRoster(cast(list[bytes], items[2])))
 
 
 def pleave(key: bytes, *, owner: bytes, user: str, hold_ms: int) -> Op:

@@ -252,6 +252,18 @@ class PubSub:
                 _unsubscribe(proto, [channel])
             return
 
+    def listening(self, shard: int, channel: bytes) -> bool:
+        """True when ``channel`` is wanted and confirmed on a live connection: :meth:`subscribe`
+        would return at once."""
+        state = self._shards[shard]
+        proto = state.proto
+        return (
+            proto is not None
+            and channel in proto.confirmed
+            and channel in state.wanted
+            and not proto.lost.done()
+        )
+
     def unsubscribe(self, shard: int, channel: bytes) -> None:
         """Stop listening to ``channel`` (fire and forget)."""
         state = self._shards[shard]

@@ -20,7 +20,7 @@ from gateway._native import (
     build_batches,
 )
 from gateway.logs import fields
-from gateway.metrics import Metrics
+from gateway.metrics import CounterSeries, Metrics
 from gateway.shards.connection import ConnectionLost
 from gateway.shards.contract import Op, error_reason
 from gateway.shards.shardset import ShardLink, ShardSet
@@ -147,6 +147,7 @@ class BatchWriter:
         self._seq = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._shard_series: dict[tuple[str, str], CounterSeries] = {}
         shards.on_link_up(self._link_up)
         m = self.metrics
         m.describe("pg_writes_applied_total", "Writes applied by the right shard")
@@ -277,9 +278,17 @@ class BatchWriter:
             if not link.usable or conn is None or self._held[batch.shard]:
                 self._hold(batch.shard, batch.op_indices, writes)
                 continue
-            self.metrics.inc("pg_write_batches_total", shard=link.spec.name)
+            self._series("pg_write_batches_total", link).inc()
             fut = conn.send(batch.payload, batch.n_commands)
             fut.add_done_callback(functools.partial(self._done, batch, link.generation, writes))
+
+    def _series(self, name: str, link: ShardLink) -> CounterSeries:
+        """Counter ``name`` of ``link``'s shard, resolved once."""
+        shard = link.spec.name
+        series = self._shard_series.get((name, shard))
+        if series is None:
+            series = self._shard_series[(name, shard)] = self.metrics.series(name, shard=shard)
+        return series
 
     def _hold(self, shard: int, indices: Sequence[int], writes: _Writes) -> None:
         self._held[shard].extend(map(writes.__getitem__, indices))
@@ -329,7 +338,7 @@ class BatchWriter:
             applied += 1
             self._set(requests[i], positions[i], result)
         if applied:
-            self.metrics.inc("pg_writes_applied_total", applied, shard=link.spec.name)
+            self._series("pg_writes_applied_total", link).inc(applied)
             if not rerouted:
                 self.shards.mark_healthy(batch.shard)
         if rerouted:

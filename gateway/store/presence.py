@@ -25,9 +25,10 @@ The semantics, decided atomically per channel on the channel's shard:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.shards.contract import ChannelCounts, Due, DueWebhook, JoinResult, SubsResult
 
@@ -39,6 +40,7 @@ __all__ = [
     "LocalChannel",
     "LocalState",
     "PresenceStore",
+    "SubsItem",
     "SubsResult",
     "Subscriptions",
 ]
@@ -61,6 +63,10 @@ class LocalChannel:
 
 #: (app id, channel) -> what the node holds there.
 LocalState = dict[tuple[str, str], LocalChannel]
+
+#: One subscriber count to write: (app id, channel, count, publish_count), as
+#: :meth:`PresenceStore.set_subscribers` takes them.
+SubsItem = tuple[str, str, int, bool]
 
 
 class PresenceStore(Protocol):
@@ -100,6 +106,36 @@ class PresenceStore(Protocol):
         self, app_id: str, channel: str, count: int, *, publish_count: bool
     ) -> SubsResult:
         """This node's absolute socket count in ``channel``."""
+        ...
+
+    def submit_join(
+        self,
+        app_id: str,
+        channel: str,
+        user_id: str,
+        user_info: str | None,
+        exclude: str,
+        done: Callable[[JoinResult | BaseException], None],
+    ) -> asyncio.Future[Any]:
+        """:meth:`join` without a coroutine: ``done`` gets its result or its error.
+
+        Returns a future that completes once ``done`` was called (to wait for the write).
+        """
+        ...
+
+    def submit_leave(
+        self, app_id: str, channel: str, user_id: str, done: Callable[[bool | BaseException], None]
+    ) -> asyncio.Future[Any]:
+        """:meth:`leave` without a coroutine (see :meth:`submit_join`)."""
+        ...
+
+    def submit_subscribers(
+        self,
+        items: Sequence[SubsItem],
+        done: Callable[[list[SubsResult | BaseException]], None],
+    ) -> asyncio.Future[Any]:
+        """:meth:`set_subscribers` for several channels in one batch, without a coroutine:
+        ``done`` gets one result or error per item, in order (see :meth:`submit_join`)."""
         ...
 
     async def sync_many(
@@ -178,6 +214,11 @@ class Subscriptions(Protocol):
 
     async def subscribe(self, shard: int, key: bytes) -> None:
         """Listen to ``key`` on ``shard`` (returns once the shard confirmed it)."""
+        ...
+
+    def listening(self, shard: int, key: bytes) -> bool:
+        """True when :meth:`subscribe` of ``key`` would return at once: the caller may skip
+        it."""
         ...
 
     def unsubscribe(self, shard: int, key: bytes) -> None:

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from gateway._native import SlotTable
 from gateway.shards import contract as c
@@ -38,8 +39,26 @@ from gateway.store.presence import (
     DueWebhook,
     JoinResult,
     LocalChannel,
+    SubsItem,
     SubsResult,
 )
+
+_T = TypeVar("_T")
+
+
+def _submit(work: Awaitable[_T], done: Callable[[_T | BaseException], None]) -> asyncio.Task[None]:
+    """Run ``work`` in a task that hands its result or its error to ``done``."""
+
+    async def run() -> None:
+        try:
+            result = await work
+        except Exception as exc:
+            done(exc)
+            return
+        done(result)
+
+    return asyncio.ensure_future(run())
+
 
 __all__ = ["Gate", "MemoryPresenceStore", "MemoryShards", "MemorySubscriptions"]
 
@@ -406,6 +425,44 @@ class MemoryPresenceStore:
         added, webhook = ops.add_member(key, self.owner, user_id, user_info or "", exclude)
         return JoinResult(added, webhook, ops.roster(chan))
 
+    def submit_join(
+        self,
+        app_id: str,
+        channel: str,
+        user_id: str,
+        user_info: str | None,
+        exclude: str,
+        done: Callable[[JoinResult | BaseException], None],
+    ) -> asyncio.Future[Any]:
+        """See :meth:`PresenceStore.submit_join` (a task here, so the gates apply)."""
+        return _submit(self.join(app_id, channel, user_id, user_info, exclude), done)
+
+    def submit_leave(
+        self, app_id: str, channel: str, user_id: str, done: Callable[[bool | BaseException], None]
+    ) -> asyncio.Future[Any]:
+        """See :meth:`PresenceStore.submit_leave`."""
+        return _submit(self.leave(app_id, channel, user_id), done)
+
+    def submit_subscribers(
+        self,
+        items: Sequence[SubsItem],
+        done: Callable[[list[SubsResult | BaseException]], None],
+    ) -> asyncio.Future[Any]:
+        """See :meth:`PresenceStore.submit_subscribers`: the writes one after the other."""
+
+        async def run() -> list[SubsResult | BaseException]:
+            out: list[SubsResult | BaseException] = []
+            for app_id, channel, count, publish in items:
+                try:
+                    out.append(
+                        await self.set_subscribers(app_id, channel, count, publish_count=publish)
+                    )
+                except Exception as exc:
+                    out.append(exc)
+            return out
+
+        return _submit(run(), lambda results: done(_as_list(results, len(items))))
+
     async def leave(self, app_id: str, channel: str, user_id: str) -> bool:
         """See :meth:`PresenceStore.leave`."""
         ops, key = await self._ops("pleave", app_id, channel)
@@ -593,6 +650,12 @@ class MemoryPresenceStore:
         return [c.parse_channel_key(k) for k in ops.shard.owner_index.get(self.owner, set())]
 
 
+def _as_list(
+    results: list[SubsResult | BaseException] | BaseException, n: int
+) -> list[SubsResult | BaseException]:
+    return results if isinstance(results, list) else [results] * n
+
+
 class MemorySubscriptions:
     """One node's Pub/Sub on a :class:`MemoryShards` deployment (see
     :class:`~gateway.store.presence.Subscriptions`)."""
@@ -613,6 +676,10 @@ class MemorySubscriptions:
             raise ConnectionError(f"memory-{shard}: down")
         self.keys.add((shard, key))
         self.shards.listen(shard, key, self.on_message)
+
+    def listening(self, shard: int, key: bytes) -> bool:
+        """Always False: every subscribe passes the gates (tests hold them)."""
+        return False
 
     def unsubscribe(self, shard: int, key: bytes) -> None:
         """Stop listening to ``key``."""

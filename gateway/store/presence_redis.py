@@ -9,7 +9,10 @@ docs/store.md.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from gateway._native import ReplyError
 from gateway.shards import contract as c
@@ -22,8 +25,52 @@ from gateway.store.presence import (
     DueWebhook,
     JoinResult,
     LocalChannel,
+    SubsItem,
     SubsResult,
 )
+
+_T = TypeVar("_T")
+
+
+def _settle_one(
+    decode: Callable[[object], _T],
+    done: Callable[[_T | BaseException], None],
+    future: asyncio.Future[list[object]],
+) -> None:
+    """Hand the decoded reply of a one-op submission, or its error, to ``done``."""
+    done(_decoded(decode, future, 1)[0])
+
+
+def _settle_many(
+    decode: Callable[[object], _T],
+    done: Callable[[list[_T | BaseException]], None],
+    n: int,
+    future: asyncio.Future[list[object]],
+) -> None:
+    """Hand the decoded replies of an ``n``-op submission, or their errors, to ``done``."""
+    done(_decoded(decode, future, n))
+
+
+def _decoded(
+    decode: Callable[[object], _T], future: asyncio.Future[list[object]], n: int
+) -> list[_T | BaseException]:
+    """The ``n`` replies of a submission, decoded, or the error of each op."""
+    if future.cancelled():
+        return [asyncio.CancelledError() for _ in range(n)]
+    exc = future.exception()
+    if exc is not None:
+        return [exc] * n
+    out: list[_T | BaseException] = []
+    for reply in future.result():
+        if isinstance(reply, BaseException):
+            out.append(reply)
+            continue
+        try:
+            out.append(decode(reply))
+        except Exception as error:  # a reply of the wrong shape
+            out.append(error)
+    return out
+
 
 __all__ = ["RedisPresenceStore"]
 
@@ -97,6 +144,62 @@ class RedisPresenceStore:
             ttl_ms=self.ttl_ms,
         )
         return c.decode_pjoin(await self._write(op))
+
+    def submit_join(
+        self,
+        app_id: str,
+        channel: str,
+        user_id: str,
+        user_info: str | None,
+        exclude: str,
+        done: Callable[[JoinResult | BaseException], None],
+    ) -> asyncio.Future[Any]:
+        """See :meth:`PresenceStore.submit_join`: straight to the writer, no task."""
+        op = c.pjoin(
+            c.channel_key(app_id, channel),
+            owner=self.owner,
+            user=user_id,
+            info=user_info,
+            exclude=exclude,
+            max_members=self.max_members,
+            hold_ms=self.hold_ms,
+            ttl_ms=self.ttl_ms,
+        )
+        future = self.writer.submit_many((op,))
+        future.add_done_callback(functools.partial(_settle_one, c.decode_pjoin, done))
+        return future
+
+    def submit_leave(
+        self, app_id: str, channel: str, user_id: str, done: Callable[[bool | BaseException], None]
+    ) -> asyncio.Future[Any]:
+        """See :meth:`PresenceStore.submit_leave`."""
+        op = c.pleave(
+            c.channel_key(app_id, channel), owner=self.owner, user=user_id, hold_ms=self.hold_ms
+        )
+        future = self.writer.submit_many((op,))
+        future.add_done_callback(functools.partial(_settle_one, c.decode_pleave, done))
+        return future
+
+    def submit_subscribers(
+        self,
+        items: Sequence[SubsItem],
+        done: Callable[[list[SubsResult | BaseException]], None],
+    ) -> asyncio.Future[Any]:
+        """See :meth:`PresenceStore.submit_subscribers`: one submission for all items."""
+        ops = [
+            c.subs(
+                c.channel_key(app_id, channel),
+                owner=self.owner,
+                count=count,
+                hold_ms=self.hold_ms,
+                publish=publish,
+                ttl_ms=self.ttl_ms,
+            )
+            for app_id, channel, count, publish in items
+        ]
+        future = self.writer.submit_many(ops)
+        future.add_done_callback(functools.partial(_settle_many, c.decode_subs, done, len(ops)))
+        return future
 
     async def leave(self, app_id: str, channel: str, user_id: str) -> bool:
         """See :meth:`PresenceStore.leave <gateway.store.presence.PresenceStore.leave>`."""

@@ -3,6 +3,7 @@
 //! the pyo3 glue that maturin builds as `gateway._native`.
 
 pub mod batch;
+pub mod frames;
 pub mod hashing;
 pub mod resp;
 pub mod slots;
@@ -15,8 +16,8 @@ mod glue {
 
     use crate::batch::{self, CallReply, Op};
     use crate::resp::{self, Builder, Cursor, Decimal, ErrorKind, FeedError, Parser};
-    use crate::subscribe::{self, SubscribeLimits};
-    use crate::{hashing, slots, tag};
+    use crate::subscribe::{self, ClientFrame, SubscribeLimits};
+    use crate::{frames, hashing, slots, tag};
     use pyo3::create_exception;
     use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
     use pyo3::prelude::*;
@@ -191,8 +192,9 @@ mod glue {
         Ok(String::from_utf8_lossy(&tag).into_owned())
     }
 
-    /// The `(channel, user_id, user_info)` of a signed `pusher:subscribe` frame to a presence
-    /// channel with `channel_data`, or `None` when `gateway.protocol` must decide (see
+    /// A client frame the fast path understood: `(channel, user_id, user_info)` of a signed
+    /// `pusher:subscribe` frame to a presence channel with `channel_data`, the channel (a
+    /// `str`) of a `pusher:unsubscribe`, or `None` when `gateway.protocol` must decide (see
     /// `subscribe.rs`). Never raises on `text`.
     #[pyfunction]
     #[pyo3(signature = (
@@ -200,8 +202,9 @@ mod glue {
         max_user_id_length, max_user_info_bytes
     ))]
     #[allow(clippy::too_many_arguments)]
-    fn presence_subscribe(
-        text: &Bound<'_, PyString>,
+    fn client_frame<'py>(
+        py: Python<'py>,
+        text: &Bound<'py, PyString>,
         socket_id: &str,
         key: &str,
         secret: &str,
@@ -209,17 +212,66 @@ mod glue {
         max_channel_name_length: usize,
         max_user_id_length: usize,
         max_user_info_bytes: usize,
-    ) -> Option<(String, String, Option<String>)> {
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         // A str with lone surrogates has no UTF-8 form: the reference refuses it.
-        let text = text.to_str().ok()?;
+        let Ok(text) = text.to_str() else {
+            return Ok(None);
+        };
         let limits = SubscribeLimits {
             max_frame_bytes,
             max_channel_name_length,
             max_user_id_length,
             max_user_info_bytes,
         };
-        subscribe::presence_subscribe(text, socket_id, key, secret.as_bytes(), &limits)
-            .map(|m| (m.channel, m.user_id, m.user_info))
+        Ok(
+            match subscribe::client_frame(text, socket_id, key, secret.as_bytes(), &limits) {
+                Some(ClientFrame::Subscribe(m)) => Some(
+                    (m.channel, m.user_id, m.user_info)
+                        .into_pyobject(py)?
+                        .into_any(),
+                ),
+                Some(ClientFrame::Unsubscribe(channel)) => {
+                    Some(PyString::new(py, &channel).into_any())
+                }
+                None => None,
+            },
+        )
+    }
+
+    /// The `subscription_succeeded` frame of a presence channel from the flat roster of a join
+    /// reply (a list of `bytes`), with the joining member added if missing; `None` when the
+    /// reference must build it (see `frames.rs`).
+    #[pyfunction]
+    #[pyo3(signature = (channel, flat, user_id, user_info))]
+    fn presence_succeeded(
+        channel: &Bound<'_, PyString>,
+        flat: &Bound<'_, PyAny>,
+        user_id: &Bound<'_, PyString>,
+        user_info: Option<&Bound<'_, PyString>>,
+    ) -> Option<String> {
+        let items = flat.cast::<PyList>().ok()?;
+        let items: Vec<Bound<'_, PyBytes>> = items
+            .iter()
+            .map(|item| item.cast_into::<PyBytes>().ok())
+            .collect::<Option<_>>()?;
+        let flat: Vec<&[u8]> = items.iter().map(PyBytesMethods::as_bytes).collect();
+        let info = match user_info {
+            Some(info) => Some(info.to_str().ok()?),
+            None => None,
+        };
+        frames::presence_succeeded(channel.to_str().ok()?, &flat, user_id.to_str().ok()?, info)
+    }
+
+    /// The frame of a `member_added` (`M`) or `member_removed` (`R`) Pub/Sub message for
+    /// `channel`, and the socket id it must not go to; `None` for anything else (see
+    /// `frames.rs`).
+    #[pyfunction]
+    #[pyo3(signature = (channel, message))]
+    fn member_frame(
+        channel: &Bound<'_, PyString>,
+        message: &[u8],
+    ) -> Option<(String, Option<String>)> {
+        frames::member_frame(channel.to_str().ok()?, message)
     }
 
     /// Packs one command as a RESP2 array of bulk strings (`str` as UTF-8, `int` in decimal).
@@ -702,7 +754,9 @@ mod glue {
         m.add_function(wrap_pyfunction!(write_tag, m)?)?;
         m.add_function(wrap_pyfunction!(pack_command, m)?)?;
         m.add_function(wrap_pyfunction!(build_batches, m)?)?;
-        m.add_function(wrap_pyfunction!(presence_subscribe, m)?)?;
+        m.add_function(wrap_pyfunction!(client_frame, m)?)?;
+        m.add_function(wrap_pyfunction!(presence_succeeded, m)?)?;
+        m.add_function(wrap_pyfunction!(member_frame, m)?)?;
         m.add_class::<PySlotTable>()?;
         m.add_class::<PyShardBatch>()?;
         m.add_class::<PyReplyReader>()?;

@@ -1,5 +1,6 @@
-//! The presence-subscribe fast path: one `pusher:subscribe` text frame in, the verified member
-//! out, or `None` to let the Python protocol code handle the frame.
+//! The client-frame fast path: one text frame in; out the verified member of a presence
+//! `pusher:subscribe`, or the channel of a `pusher:unsubscribe`, or `None` to let the Python
+//! protocol code handle the frame.
 //!
 //! The Python code (`gateway.protocol`) stays the reference: this module only accepts frames it
 //! can prove the reference accepts, and answers exactly what the reference would produce. Any
@@ -261,7 +262,7 @@ impl Parser<'_> {
 }
 
 /// Appends `text` as Python's `json.dumps` quotes it with `ensure_ascii` (the default).
-fn quote_ascii(out: &mut String, text: &str) {
+pub(crate) fn quote_ascii(out: &mut String, text: &str) {
     out.push('"');
     for c in text.chars() {
         match c {
@@ -364,6 +365,45 @@ fn is_presence_channel(name: &str, max_length: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_-=@,.;".contains(&b))
 }
 
+/// A client frame the fast path understood.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientFrame {
+    /// A verified `pusher:subscribe` to a presence channel (see [`presence_subscribe`]).
+    Subscribe(PresenceSubscribe),
+    /// A `pusher:unsubscribe` with object `data`: the channel as received (not validated, as
+    /// in the reference).
+    Unsubscribe(String),
+}
+
+/// The frame as the fast path understands it, or `None` when the Python reference must decide
+/// (see the module documentation): a presence subscribe as [`presence_subscribe`] accepts it,
+/// or a `pusher:unsubscribe` whose `data` is an object with a string `channel`.
+pub fn client_frame(
+    text: &str,
+    socket_id: &str,
+    key: &str,
+    secret: &[u8],
+    limits: &SubscribeLimits,
+) -> Option<ClientFrame> {
+    if text.len() > limits.max_frame_bytes {
+        return None;
+    }
+    let frame = Parser::document(text)?;
+    let Json::Str(event) = frame.get("event")? else {
+        return None;
+    };
+    match event.as_str() {
+        "pusher:subscribe" => {
+            subscribe_of(&frame, socket_id, key, secret, limits).map(ClientFrame::Subscribe)
+        }
+        "pusher:unsubscribe" => match frame.get("data")?.get("channel")? {
+            Json::Str(channel) => Some(ClientFrame::Unsubscribe(channel.clone())),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// The member of a `pusher:subscribe` frame to a presence channel with `channel_data`, signed
 /// for `socket_id` with the app's `key` and `secret`; `None` when the Python reference must
 /// decide (see the module documentation).
@@ -374,14 +414,20 @@ pub fn presence_subscribe(
     secret: &[u8],
     limits: &SubscribeLimits,
 ) -> Option<PresenceSubscribe> {
-    if text.len() > limits.max_frame_bytes {
-        return None;
+    match client_frame(text, socket_id, key, secret, limits)? {
+        ClientFrame::Subscribe(member) => Some(member),
+        ClientFrame::Unsubscribe(_) => None,
     }
-    let frame = Parser::document(text)?;
-    match frame.get("event")? {
-        Json::Str(event) if event == "pusher:subscribe" => {}
-        _ => return None,
-    }
+}
+
+/// The verified member of a parsed `pusher:subscribe` frame (see [`presence_subscribe`]).
+fn subscribe_of(
+    frame: &Json,
+    socket_id: &str,
+    key: &str,
+    secret: &[u8],
+    limits: &SubscribeLimits,
+) -> Option<PresenceSubscribe> {
     let data = frame.get("data")?;
     let (Some(Json::Str(channel)), Some(Json::Str(auth)), Some(Json::Str(channel_data))) = (
         data.get("channel"),
@@ -566,5 +612,28 @@ mod tests {
             ..LIMITS
         };
         assert!(presence_subscribe(&text, "1.2", "key", b"s", &tight).is_none());
+    }
+
+    #[test]
+    fn unsubscribe_frames() {
+        let take = |text: &str| client_frame(text, "1.2", "key", b"s", &LIMITS);
+        assert_eq!(
+            take(r#"{"event":"pusher:unsubscribe","data":{"channel":"presence-a"}}"#),
+            Some(ClientFrame::Unsubscribe("presence-a".into()))
+        );
+        assert_eq!(
+            take(r#"{"data":{"channel":"x","channel":"y\u00e9"},"event":"pusher:unsubscribe"}"#),
+            Some(ClientFrame::Unsubscribe("y\u{e9}".into()))
+        );
+        for text in [
+            r#"{"event":"pusher:unsubscribe","data":"{\"channel\":\"a\"}"}"#,
+            r#"{"event":"pusher:unsubscribe","data":{"channel":1}}"#,
+            r#"{"event":"pusher:unsubscribe","data":{}}"#,
+            r#"{"event":"pusher:unsubscribe"}"#,
+            r#"{"event":"pusher:unsubscribe","data":{"channel":"a","x":1.5}}"#,
+            r#"{"event":"pusher:ping","data":{"channel":"a"}}"#,
+        ] {
+            assert_eq!(take(text), None, "{text}");
+        }
     }
 }
