@@ -278,14 +278,23 @@ async def _hold(
     out.put({"proc": k, "kind": "closed", "closed": len(sockets)})
 
 
-def _client_main(k: int, args: dict[str, Any], out: Any, cmd: Any) -> None:
-    """Entry point of client process ``k``."""
+def client_process(
+    main: Any, k: int, args: dict[str, Any], out: Any, cmd: Any, limit: float = CLIENT_LIMIT
+) -> None:
+    """Run coroutine function ``main(k, out=out, cmd=cmd, **args)`` in client process ``k``
+    (uvloop, the open-file soft limit raised to the hard one, at most ``limit``
+    seconds); an error is reported on ``out`` for the parent to raise."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
-        uvloop.run(asyncio.wait_for(_hold(k, out=out, cmd=cmd, **args), CLIENT_LIMIT))
+        uvloop.run(asyncio.wait_for(main(k, out=out, cmd=cmd, **args), limit))
     except BaseException as exc:  # reported to the parent, which raises it
         out.put({"proc": k, "kind": "error", "error": repr(exc)})
+
+
+def _client_main(k: int, args: dict[str, Any], out: Any, cmd: Any) -> None:
+    """Entry point of client process ``k``."""
+    client_process(_hold, k, args, out, cmd)
 
 
 class Workers:

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -40,17 +39,16 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import uvloop
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_capacity import Workers, _cpu_seconds  # noqa: E402
+from bench_capacity import Workers, _cpu_seconds, client_process  # noqa: E402
 from bench_gateway import KEY, SECRET  # noqa: E402
 from bench_peer import DEFAULT_SOCKUDO, WS_PATH, Ours, Procs, Side, Sockudo  # noqa: E402
-from bench_storm import _REQUEST, PONG_FRAME, _frame  # noqa: E402
+from bench_storm import _REQUEST, PONG_FRAME, _frame, server_frames  # noqa: E402
 
 from gateway.protocol.auth import sign  # noqa: E402
 
@@ -97,25 +95,12 @@ class Churner(asyncio.Protocol):
                 return
             self.upgraded = True
             buf = buf[end + 4 :]
-        pos = 0
-        while len(buf) - pos >= 2:
-            n, at = buf[pos + 1] & 0x7F, pos + 2
-            if n == 126:
-                if len(buf) - at < 2:
-                    break
-                n, at = int.from_bytes(buf[at : at + 2], "big"), at + 2
-            elif n == 127:
-                if len(buf) - at < 8:
-                    break
-                n, at = int.from_bytes(buf[at : at + 8], "big"), at + 8
-            if len(buf) - at < n:
-                break
-            opcode, payload, pos = buf[pos] & 0x0F, buf[at : at + n], at + n
+        frames, self.buf = server_frames(buf)
+        for _fin, opcode, payload in frames:
             if opcode == 1:
                 self._text(payload)
             elif opcode == 8:
                 self.counts["errors"] += 1
-        self.buf = buf[pos:]
 
     def _text(self, payload: bytes) -> None:
         if b"subscription_succeeded" in payload:
@@ -159,12 +144,8 @@ async def _churn(
 
 
 def _client_main(k: int, args: dict[str, Any], out: Any, cmd: Any) -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        uvloop.run(asyncio.wait_for(_churn(k, out=out, cmd=cmd, **args), CLIENT_LIMIT))
-    except BaseException as exc:
-        out.put({"proc": k, "kind": "error", "error": repr(exc)})
+    """Entry point of client process ``k``."""
+    client_process(_churn, k, args, out, cmd, CLIENT_LIMIT)
 
 
 # -- one side ----------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_capacity import GROUP, PONG, Workers, _cpu_seconds  # noqa: E402
+from bench_capacity import GROUP, PONG, Workers, _cpu_seconds, client_process  # noqa: E402
 from bench_gateway import APP_ID, KEY, SECRET, HttpConn, _metrics, signed_head  # noqa: E402
 from bench_peer import (  # noqa: E402
     DEFAULT_SOCKUDO,
@@ -148,6 +148,28 @@ def _frame(opcode: int, payload: bytes) -> bytes:
 PONG_FRAME = _frame(1, PONG.encode())
 
 
+def server_frames(buf: bytes) -> tuple[list[tuple[bool, int, bytes]], bytes]:
+    """The whole (unmasked) server frames at the start of ``buf`` as ``(fin, opcode,
+    payload)``, and the bytes left (an incomplete frame)."""
+    frames = []
+    pos = 0
+    while len(buf) - pos >= 2:
+        b0, n, at = buf[pos], buf[pos + 1] & 0x7F, pos + 2
+        if n == 126:
+            if len(buf) - at < 2:
+                break
+            n, at = int.from_bytes(buf[at : at + 2], "big"), at + 2
+        elif n == 127:
+            if len(buf) - at < 8:
+                break
+            n, at = int.from_bytes(buf[at : at + 8], "big"), at + 8
+        if len(buf) - at < n:
+            break
+        frames.append((bool(b0 & 0x80), b0 & 0x0F, buf[at : at + n]))
+        pos = at + n
+    return frames, buf[pos:]
+
+
 class JoinFailed(RuntimeError):
     """The handshake was refused, the server sent an error, or the socket closed early."""
 
@@ -207,25 +229,11 @@ class Member(asyncio.Protocol):
             self.upgraded = True
             self.stamps.append(time.time())
             buf = buf[end + 4 :]
-        pos = 0
-        while len(buf) - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            n, at = b1 & 0x7F, pos + 2
-            if n == 126:
-                if len(buf) - at < 2:
-                    break
-                n, at = int.from_bytes(buf[at : at + 2], "big"), at + 2
-            elif n == 127:
-                if len(buf) - at < 8:
-                    break
-                n, at = int.from_bytes(buf[at : at + 8], "big"), at + 8
-            if len(buf) - at < n:
-                break
-            payload, pos = buf[at : at + n], at + n
-            opcode = b0 & 0x0F
+        frames, self.buf = server_frames(buf)
+        for fin, opcode, payload in frames:
             if opcode in (0, 1):
                 self.fragments.append(payload)
-                if b0 & 0x80:
+                if fin:
                     text = b"".join(self.fragments).decode()
                     self.fragments = []
                     self._text(text)
@@ -235,7 +243,6 @@ class Member(asyncio.Protocol):
                 return
             elif opcode == 9 and self.transport is not None:
                 self.transport.write(_frame(10, payload))
-        self.buf = buf[pos:]
 
     def _text(self, text: str) -> None:
         if self.joined.done():
@@ -418,12 +425,7 @@ async def _clients(
 
 def _client_main(k: int, args: dict[str, Any], out: Any, cmd: Any) -> None:
     """Entry point of client process ``k``."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        uvloop.run(asyncio.wait_for(_clients(k, out=out, cmd=cmd, **args), CLIENT_LIMIT))
-    except BaseException as exc:  # reported to the parent, which raises it
-        out.put({"proc": k, "kind": "error", "error": repr(exc)})
+    client_process(_clients, k, args, out, cmd, CLIENT_LIMIT)
 
 
 # -- the parent's own loops ----------------------------------------------------------------------

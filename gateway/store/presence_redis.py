@@ -133,7 +133,14 @@ class RedisPresenceStore:
         self, app_id: str, channel: str, user_id: str, user_info: str | None, exclude: str
     ) -> JoinResult:
         """See :meth:`PresenceStore.join <gateway.store.presence.PresenceStore.join>`."""
-        op = c.pjoin(
+        return c.decode_pjoin(
+            await self._write(self._join_op(app_id, channel, user_id, user_info, exclude))
+        )
+
+    def _join_op(
+        self, app_id: str, channel: str, user_id: str, user_info: str | None, exclude: str
+    ) -> c.Op:
+        return c.pjoin(
             c.channel_key(app_id, channel),
             owner=self.owner,
             user=user_id,
@@ -143,7 +150,11 @@ class RedisPresenceStore:
             hold_ms=self.hold_ms,
             ttl_ms=self.ttl_ms,
         )
-        return c.decode_pjoin(await self._write(op))
+
+    def _leave_op(self, app_id: str, channel: str, user_id: str) -> c.Op:
+        return c.pleave(
+            c.channel_key(app_id, channel), owner=self.owner, user=user_id, hold_ms=self.hold_ms
+        )
 
     def submit_join(
         self,
@@ -155,16 +166,7 @@ class RedisPresenceStore:
         done: Callable[[JoinResult | BaseException], None],
     ) -> asyncio.Future[Any]:
         """See :meth:`PresenceStore.submit_join`: straight to the writer, no task."""
-        op = c.pjoin(
-            c.channel_key(app_id, channel),
-            owner=self.owner,
-            user=user_id,
-            info=user_info,
-            exclude=exclude,
-            max_members=self.max_members,
-            hold_ms=self.hold_ms,
-            ttl_ms=self.ttl_ms,
-        )
+        op = self._join_op(app_id, channel, user_id, user_info, exclude)
         future = self.writer.submit_many((op,))
         future.add_done_callback(functools.partial(_settle_one, c.decode_pjoin, done))
         return future
@@ -173,10 +175,7 @@ class RedisPresenceStore:
         self, app_id: str, channel: str, user_id: str, done: Callable[[bool | BaseException], None]
     ) -> asyncio.Future[Any]:
         """See :meth:`PresenceStore.submit_leave`."""
-        op = c.pleave(
-            c.channel_key(app_id, channel), owner=self.owner, user=user_id, hold_ms=self.hold_ms
-        )
-        future = self.writer.submit_many((op,))
+        future = self.writer.submit_many((self._leave_op(app_id, channel, user_id),))
         future.add_done_callback(functools.partial(_settle_one, c.decode_pleave, done))
         return future
 
@@ -203,10 +202,7 @@ class RedisPresenceStore:
 
     async def leave(self, app_id: str, channel: str, user_id: str) -> bool:
         """See :meth:`PresenceStore.leave <gateway.store.presence.PresenceStore.leave>`."""
-        op = c.pleave(
-            c.channel_key(app_id, channel), owner=self.owner, user=user_id, hold_ms=self.hold_ms
-        )
-        return c.decode_pleave(await self._write(op))
+        return c.decode_pleave(await self._write(self._leave_op(app_id, channel, user_id)))
 
     async def set_subscribers(
         self, app_id: str, channel: str, count: int, *, publish_count: bool
