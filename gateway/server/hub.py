@@ -653,18 +653,14 @@ class Hub:
         """
         now = self.clock()
         for client in self.deadlines.pop_due(now):
-            session = client.session
-            deadline = session.deadline()
-            if deadline is not None and deadline <= now:
-                actions = session.tick(now)
-                if actions:
-                    self._apply(client, actions)
-                deadline = session.deadline()
-            # None once closing (4201 sent, or the socket is gone): not filed again.
-            if deadline is not None:
-                self.deadlines.schedule(client, deadline)
+            actions = client.session.tick(now)  # nothing before the session's deadline
+            if actions:
+                self._apply(client, actions)
+            self._schedule(client)
 
     def _schedule(self, client: Client) -> None:
+        """File ``client`` under its session's deadline; not once it is closing (4201 sent,
+        or the socket gone)."""
         deadline = client.session.deadline()
         if deadline is not None:
             self.deadlines.schedule(client, deadline)

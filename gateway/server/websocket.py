@@ -27,6 +27,7 @@ import asyncio
 import base64
 import binascii
 import email.utils
+import functools
 import hashlib
 import itertools
 import logging
@@ -87,16 +88,12 @@ class _QuietLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 _ws_logger = _QuietLogger(logging.getLogger("websockets.server"), {})
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_date: list[Any] = [0, b""]  # second, its Date header value
 
 
-def _http_date() -> bytes:
-    """The ``Date`` header value, formatted once a second."""
-    now = int(time.time())
-    if _date[0] != now:
-        _date[:] = [now, email.utils.formatdate(now, usegmt=True).encode()]
-    value: bytes = _date[1]
-    return value
+@functools.lru_cache(maxsize=1)
+def _http_date(second: int) -> bytes:
+    """The ``Date`` header value of ``second`` (formatted once a second)."""
+    return email.utils.formatdate(second, usegmt=True).encode()
 
 
 def fast_handshake(raw_request: bytes) -> tuple[bytes, bytes] | None:
@@ -161,7 +158,9 @@ def fast_handshake(raw_request: bytes) -> tuple[bytes, bytes] | None:
         return None
     accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
     response = (
-        b"HTTP/1.1 101 Switching Protocols\r\nDate: " + _http_date() + b"\r\nUpgrade: websocket"
+        b"HTTP/1.1 101 Switching Protocols\r\nDate: "
+        + _http_date(int(time.time()))
+        + b"\r\nUpgrade: websocket"
         b"\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
     )
     return response, raw_request[end + 4 :]
@@ -592,11 +591,9 @@ class WsConnection(asyncio.Protocol):
             # The common request: answered here; websockets takes over from the first frame.
             response, rest = fast
             self._proto = proto = ServerProtocol(max_size=max_size, logger=_ws_logger, state=_OPEN)
-            # Queued like a frame: written together with connection_established, one write.
-            self._pending.append(response)
-            self._pending_bytes += len(response)
-            self._writes.add(self)
             self._open = True
+            # Queued like a frame: written together with connection_established, one write.
+            self.queue_frame(response)
             later: list[Event] = []
             if rest:
                 proto.receive_data(rest)
