@@ -45,6 +45,9 @@ class AppConfig:
         max_connections: Connections this app may hold on one node (0 = unlimited).
         webhook_batching: Send several webhook events per request (Pusher's "batch webhooks"
             option); off: one event per request.
+        watchlist_events: Whether signed-in users are tracked as online across the cluster
+            and watchlists get ``pusher_internal:watchlist_events`` (one store write per
+            user's first and last signed-in socket on a node).
     """
 
     id: str
@@ -55,6 +58,7 @@ class AppConfig:
     subscription_count: bool = True
     max_connections: int = 0
     webhook_batching: bool = False
+    watchlist_events: bool = True
 
 
 #: The app ``presence-gateway dev`` serves (numeric id: the official Python library requires it).
@@ -352,7 +356,7 @@ def _apps_from_toml(raw: Any, source: str) -> tuple[AppConfig, ...]:
         values: dict[str, Any] = {
             k: (str(v) if k == "id" and isinstance(v, int) else v) for k, v in entry.items()
         }
-        for flag in ("client_events", "subscription_count", "webhook_batching"):
+        for flag in ("client_events", "subscription_count", "webhook_batching", "watchlist_events"):
             if flag in values and not isinstance(values[flag], bool):
                 raise ConfigError(f"{where}.{flag}: must be true or false")
         try:

@@ -489,7 +489,9 @@ class AuthServer(_Background):
 
     def user_auth(self, params: dict[str, str]) -> dict[str, Any]:
         user_id = params.get("user_id") or self.default_user
-        data = {"id": user_id, "user_info": {"name": f"user {user_id}"}}
+        data: dict[str, Any] = {"id": user_id, "user_info": {"name": f"user {user_id}"}}
+        if params.get("watchlist"):
+            data["watchlist"] = params["watchlist"].split(",")
         result: dict[str, Any] = self._pusher.authenticate_user(params["socket_id"], data)
         return result
 

@@ -65,6 +65,8 @@ def test_env_apps_and_webhook() -> None:
         ("[[apps]]\nid = 1\nkey = 'k'\n", {}, "apps[0]: missing ['secret']"),
         ("[[apps]]\nid = 1\nkey = 'k'\nsecret = 's'\nclient_events = 'yes'\n", {},
          "client_events"),
+        ("[[apps]]\nid = 1\nkey = 'k'\nsecret = 's'\nwatchlist_events = 1\n", {},
+         "apps[0].watchlist_events: must be true or false"),
         ("[[apps]]\nid = 1\nkey = 'k'\nsecret = 's'\nwebhook_url = 'ftp:'\n", {},
          "webhook_url"),
         ("[[apps]]\nid = 1\nkey = 'k'\nsecret = 's'\n[[apps]]\nid = 2\nkey = 'k'\nsecret = 't'\n",

@@ -47,14 +47,22 @@ class JsClient:
     """One pusher-js client in a Node subprocess."""
 
     def __init__(
-        self, port: int, auth: AuthServer, user_id: str, *, tls_ca: Path | None = None
+        self,
+        port: int,
+        auth: AuthServer,
+        user_id: str,
+        *,
+        tls_ca: Path | None = None,
+        watchlist: tuple[str, ...] = (),
     ) -> None:
         self.user_id = user_id
         self.seen: list[dict[str, Any]] = []
         self.stderr: list[str] = []
-        env = None
+        env = dict(os.environ)
         if tls_ca is not None:
-            env = {**os.environ, "PG_TLS": "1", "NODE_EXTRA_CA_CERTS": str(tls_ca)}
+            env.update(PG_TLS="1", NODE_EXTRA_CA_CERTS=str(tls_ca))
+        if watchlist:
+            env["PG_WATCHLIST"] = ",".join(watchlist)
         self.proc = subprocess.Popen(
             ["node", str(JS_DIR / "client.mjs"), str(port), auth.url, user_id],
             stdin=subprocess.PIPE,
@@ -147,8 +155,8 @@ def node(cluster: Any, hooks: WebhookReceiver) -> Iterator[NodeProcess]:
 def clients(node: NodeProcess, auth: AuthServer) -> Iterator[Any]:
     started: list[JsClient] = []
 
-    def factory(user_id: str, port: int | None = None) -> JsClient:
-        client = JsClient(port or node.port, auth, user_id)
+    def factory(user_id: str, port: int | None = None, **options: Any) -> JsClient:
+        client = JsClient(port or node.port, auth, user_id, **options)
         started.append(client)
         return client
 
@@ -240,6 +248,33 @@ def test_signin_then_server_to_user_event(clients: Any, node: NodeProcess) -> No
     wait_until(delivered, 10, "a server-to-user event delivered", step=0.2)
     got = client.wait_for("user_event", event="notice")
     assert got["data"] == {"n": 1}
+
+
+def test_watchlist_online_and_offline_across_two_nodes(
+    clients: Any, cluster: Any, node: NodeProcess
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    alice, bob, carol = (f"{n}-{tag}" for n in ("alice", "bob", "carol"))
+    with running_node(cluster.topology_path, node_id="js-b") as node_b:
+        early = clients(carol, node_b.port)  # online on the other node before alice signs in
+        early.connected()
+        early.send("signin")
+        early.wait_for("signin")
+        watcher = clients(alice, watchlist=(bob, carol))
+        watcher.connected()
+        watcher.send("signin")
+        watcher.wait_for("signin")
+        assert watcher.wait_for("watchlist", name="online")["user_ids"] == [carol]
+        late = clients(bob, node_b.port)
+        late.connected()
+        late.send("signin")
+        late.wait_for("signin")
+        watcher.wait_for("watchlist", name="online", user_ids=[bob])
+        late.close()  # bob's only socket: offline after the hold (3 s by default)
+        watcher.wait_for("watchlist", name="offline", user_ids=[bob], timeout=20)
+        # Each change once: carol online, bob online, bob offline.
+        assert len(watcher.matching("watchlist", user_ids=[carol])) == 1
+        assert len(watcher.matching("watchlist")) == 3, watcher.matching("watchlist")
 
 
 def test_subscription_count_on_a_public_channel(clients: Any) -> None:

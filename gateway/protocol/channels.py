@@ -7,12 +7,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 __all__ = [
+    "ONLINE_PREFIX",
     "SERVER_TO_USER_PREFIX",
     "Channel",
     "ChannelKind",
     "channel_error",
     "classify",
     "is_cache",
+    "online_channel",
+    "online_user_id",
     "server_to_user_channel",
     "server_to_user_id",
     "user_id_error",
@@ -20,6 +23,9 @@ __all__ = [
 
 #: Prefix of the reserved per-user channel (``#server-to-user-{user_id}``).
 SERVER_TO_USER_PREFIX = "#server-to-user-"
+#: Prefix of the internal channel whose one presence member is a user while signed in
+#: anywhere (``#online-{user_id}``, watchlist events); never subscribable by clients.
+ONLINE_PREFIX = "#online-"
 
 _NAME = re.compile(r"[A-Za-z0-9_\-=@,.;]+")
 _BAD_CHAR = re.compile(r"[^A-Za-z0-9_\-=@,.;]")
@@ -178,4 +184,16 @@ def server_to_user_id(channel: str) -> str | None:
     """The user id of a ``#server-to-user-{user_id}`` channel; None for any other channel."""
     if channel.startswith(SERVER_TO_USER_PREFIX):
         return channel[len(SERVER_TO_USER_PREFIX) :]
+    return None
+
+
+def online_channel(user_id: str) -> str:
+    """The internal channel that holds ``user_id`` while it is signed in on any node."""
+    return ONLINE_PREFIX + user_id
+
+
+def online_user_id(channel: str) -> str | None:
+    """The user id of an ``#online-{user_id}`` channel; None for any other channel."""
+    if channel.startswith(ONLINE_PREFIX):
+        return channel[len(ONLINE_PREFIX) :]
     return None

@@ -23,10 +23,18 @@ from gateway._native import member_frame
 from gateway.config import AppConfig, NodeConfig
 from gateway.metrics import Metrics
 from gateway.protocol import messages
-from gateway.protocol.channels import is_cache, server_to_user_channel, server_to_user_id
+from gateway.protocol.channels import (
+    ONLINE_PREFIX,
+    is_cache,
+    online_channel,
+    online_user_id,
+    server_to_user_channel,
+    server_to_user_id,
+)
 from gateway.protocol.limits import Limits
 from gateway.protocol.session import Action, Close, Join, Leave, Publish, Send, Session, SignIn
 from gateway.server.deadlines import Deadlines
+from gateway.server.watchlist import Watchlists
 from gateway.server.websocket import WsConnection, broadcast_frame, encode_text_frame
 from gateway.shards import contract
 from gateway.shards.contract import JoinResult, SubsResult, channel_key
@@ -137,6 +145,15 @@ class Hub:
             activity_timeout=config.activity_timeout,
             subscribes_per_second=config.subscribes_per_second,
             subscribe_burst=config.subscribe_burst,
+        )
+        self.watchlists = Watchlists(
+            store,
+            pubsub,
+            self._keys,
+            lambda client: client.conn.id in self.clients,
+            metrics,
+            hold=config.webhook_hold_ms / 1000,
+            grace=UNSUBSCRIBE_GRACE,
         )
         metrics.gauge("pg_connections", "Open WebSocket connections", self._conn_gauge)
         self._delivered = metrics.series("pg_messages_delivered_total")
@@ -493,24 +510,57 @@ class Hub:
     # -- signed-in users -----------------------------------------------------------------------
 
     async def _sign_in(self, client: Client, user_id: str, then: Sequence[Action]) -> None:
-        ukey = (client.app.id, user_id)
-        self.users.setdefault(ukey, set()).add(client)
+        app = client.app
+        if client.conn.id not in self.clients:
+            return  # closed before this ran: nothing to register
+        ukey = (app.id, user_id)
+        sockets = self.users.setdefault(ukey, set())
+        if client not in sockets:
+            sockets.add(client)
+            if app.watchlist_events:
+                self._online(app.id, user_id)
         channel = server_to_user_channel(user_id)
-        key = channel_key(client.app.id, channel)
-        self._keys[key] = (client.app.id, channel)
+        key = channel_key(app.id, channel)
+        self._keys[key] = (app.id, channel)
         try:
-            await self.pubsub.subscribe(self.store.shard_of(client.app.id, channel), key)
+            await self.pubsub.subscribe(self.store.shard_of(app.id, channel), key)
         except (ConnectionError, TimeoutError) as exc:
             log.warning("user channel of %s not subscribed: %s", user_id, exc)
-        if client.conn.id in self.clients:
-            self._apply(client, then)
+        if client.conn.id not in self.clients:
+            return
+        self._apply(client, then)
+        user = client.session.user
+        if app.watchlist_events and user is not None and client.conn.id in self.clients:
+            await self.watchlists.watch(client, user.watchlist)
+
+    def _online(self, app_id: str, user_id: str) -> None:
+        """One more signed-in socket of the user on this node: the first one holds the user
+        in ``#online-{user_id}`` (watchlist events; see :mod:`gateway.server.watchlist`)."""
+        pres_key = (app_id, online_channel(user_id), user_id)
+        local = self.presence.get(pres_key)
+        if local is not None:
+            local.sockets += 1
+            return
+        self.presence[pres_key] = LocalMember(1, None)
+        self._pending_write(
+            self.store.submit_join(app_id, pres_key[1], user_id, None, "", _online_written)
+        )
 
     def _unregister_user(self, client: Client, user_id: str) -> None:
         ukey = (client.app.id, user_id)
         sockets = self.users.get(ukey)
-        if sockets is None:
+        if sockets is None or client not in sockets:
             return
         sockets.discard(client)
+        self.watchlists.unwatch(client)
+        pres_key = (client.app.id, online_channel(user_id), user_id)
+        if pres_key in self.presence and self._drop_presence(pres_key) == 0:
+            if self.handing_over:
+                self._handed.add(pres_key)
+            else:
+                self._pending_write(
+                    self.store.submit_leave(client.app.id, pres_key[1], user_id, _leave_written)
+                )
         if not sockets:
             del self.users[ukey]
             self._forget((client.app.id, server_to_user_channel(user_id)))
@@ -522,6 +572,9 @@ class Hub:
         cid = self._keys.get(key)
         if cid is None:
             return  # a channel this node no longer holds (released during the grace period)
+        if cid[1].startswith(ONLINE_PREFIX):
+            self.watchlists.on_message(cid[0], data)
+            return
         # member_added/member_removed, built natively from the message (tests/test_native.py);
         # None for the other kinds, decoded below.
         member = member_frame(cid[1], data)
@@ -600,12 +653,20 @@ class Hub:
             out[(app_id, channel)] = LocalChannel(len(sockets), {}, publish)
         for (app_id, channel, user), local in self.presence.items():
             state = out.get((app_id, channel))
+            if state is None and channel.startswith(ONLINE_PREFIX):
+                if self.store.shard_of(app_id, channel) != shard:
+                    continue
+                state = out[(app_id, channel)] = LocalChannel(0, {}, False)
             if state is not None:
                 state.members[user] = local.info
         return out
 
     def local_channel(self, app_id: str, channel: str) -> LocalChannel:
         """What this node really holds in one channel (empty when nothing)."""
+        user = online_user_id(channel)
+        if user is not None:
+            local = self.presence.get((app_id, channel, user))
+            return LocalChannel(0, {} if local is None else {user: local.info}, False)
         sockets = self.members.get((app_id, channel))
         if not sockets:
             return LocalChannel(0, {}, False)
@@ -692,6 +753,10 @@ class Hub:
         with contextlib.suppress(Exception):
             if self._tasks:
                 await asyncio.wait(set(self._tasks), timeout=5)
+
+
+def _online_written(result: JoinResult | BaseException) -> None:
+    _leave_written(result if isinstance(result, BaseException) else True)
 
 
 def _leave_written(result: bool | BaseException) -> None:

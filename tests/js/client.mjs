@@ -2,7 +2,7 @@
 //
 // Usage: node client.mjs <ws-port> <auth-base-url> <user-id> [label]
 // With PG_TLS=1 in the environment it connects with forceTLS (trust the CA with
-// NODE_EXTRA_CA_CERTS).
+// NODE_EXTRA_CA_CERTS). PG_WATCHLIST=a,b asks the auth endpoint for that watchlist at sign-in.
 //
 // Commands (one JSON object per stdin line):
 //   {"op":"subscribe","channel":"presence-x","events":["client-hi"]}  ("events": bound one by
@@ -12,7 +12,7 @@
 //   {"op":"signin"}   {"op":"disconnect"}   {"op":"connect"}   {"op":"exit"}
 //   {"op":"members","channel":"presence-x"}   (reports the current member list)
 // Every output line has "type": state | subscribed | subscription_error | event | member_added |
-// member_removed | user_event | signin | error | members | ack | fatal.
+// member_removed | user_event | signin | watchlist | error | members | ack | fatal.
 import { createRequire } from "node:module";
 import readline from "node:readline";
 
@@ -30,6 +30,7 @@ function emit(type, fields = {}) {
 }
 
 const params = { user_id: userId, user_info: JSON.stringify({ name: `user ${userId}` }) };
+if (process.env.PG_WATCHLIST) params.watchlist = process.env.PG_WATCHLIST;
 const tls = process.env.PG_TLS === "1";
 const pusher = new Pusher("app-key", {
   cluster: "x",
@@ -51,6 +52,11 @@ pusher.connection.bind("error", (err) => {
 });
 pusher.bind("pusher:signin_success", (data) => emit("signin", { data }));
 pusher.user.bind_global((event, data) => emit("user_event", { event, data }));
+for (const name of ["online", "offline"]) {
+  pusher.user.watchlist.bind(name, (event) => {
+    emit("watchlist", { name: event.name, user_ids: event.user_ids });
+  });
+}
 
 function membersOf(channel) {
   const members = [];
