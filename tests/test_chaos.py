@@ -438,6 +438,73 @@ def test_kill_node(fresh_cluster: LocalCluster) -> None:
             fleet.close()
 
 
+def _signed_in(node: NodeProcess, user: str, watchlist: list[str] | None = None) -> WsClient:
+    ws = WsClient(node.ws_url())
+    data: dict[str, Any] = {"id": user}
+    if watchlist is not None:
+        data["watchlist"] = watchlist
+    signed = official_client(node.port).authenticate_user(ws.socket_id, data)
+    ws.send({"event": "pusher:signin", "data": signed})
+    ws.expect("pusher:signin_success")
+    return ws
+
+
+def _watch_events(frames: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    out = []
+    for f in frames:
+        if f.get("event") == "pusher_internal:watchlist_events":
+            for e in json.loads(f["data"])["events"]:
+                out += [(e["name"], u) for u in e["user_ids"]]
+    return out
+
+
+def test_kill_node_watchlist(fresh_cluster: LocalCluster) -> None:
+    """kill -9 of a node with signed-in users: the ones only it held go offline once, after
+    its lease lapsed and the hold; users also signed in elsewhere never go offline."""
+    b_only, both = ["wb-1", "wb-2", "wb-3"], ["wboth-1"]
+    with two_nodes(fresh_cluster, tag="killwatch", hold_ms=1000) as (a, b):
+        socks = [_signed_in(b, u) for u in b_only + both] + [_signed_in(a, u) for u in both]
+        watcher = _signed_in(a, "watcher", b_only + both)
+        seen: list[dict[str, Any]] = []
+
+        def online() -> bool:
+            seen.extend(watcher.quiet(0.1))
+            return {u for n, u in _watch_events(seen) if n == "online"} == set(b_only + both)
+
+        wait_until(online, 10, "every watched user online")
+        b.kill()
+        t_kill = time.monotonic()
+        gone: dict[str, float] = {}
+
+        def offline() -> bool:
+            for f in watcher.quiet(0.1):
+                seen.append(f)
+                for n, u in _watch_events([f]):
+                    if n == "offline":
+                        gone.setdefault(u, time.monotonic() - t_kill)
+            return set(gone) >= set(b_only)
+
+        wait_until(offline, 25, "the dead node's users offline")
+        seen.extend(watcher.quiet(1.5))  # a second or wrong offline would show now
+        events = _watch_events(seen)
+        report(
+            "kill_node_watchlist",
+            {
+                "lease_ms": 10000,
+                "hold_ms": 1000,
+                "offline_first_s": round(min(gone.values()), 2),
+                "offline_last_s": round(max(gone.values()), 2),
+                "offline_events": sum(n == "offline" for n, _ in events),
+                "wrong_offline": [u for n, u in events if n == "offline" and u not in b_only],
+            },
+        )
+        assert sorted(u for n, u in events if n == "offline") == sorted(b_only)
+        assert sorted(u for n, u in events if n == "online") == sorted(b_only + both)
+        for ws in [*socks, watcher]:
+            with contextlib.suppress(Exception):
+                ws.close()
+
+
 # --------------------------------------------------------------------------- 3. lossy failover
 
 

@@ -165,3 +165,19 @@ async def test_an_app_without_watchlist_events_writes_nothing() -> None:
     await world.quiet()
     assert await a.store.user_ids(APP.id, online_channel("u1")) == []
     assert not a.hub.watchlists.watching
+
+
+async def test_a_watchlist_over_the_limit_watches_the_first_100_and_says_so() -> None:
+    world = World()
+    a, b = await _node(world, "a"), await _node(world, "b")
+    ids = [f"u{i}" for i in range(150)]
+    watcher = await _signed_in(b, "w", ids)
+    [error] = [f for f in watcher.frames if f.get("event") == "pusher:error"]
+    assert error["data"]["code"] == 4302
+    assert b.hub.watchlists.watching[b.hub.clients[watcher.id]][0] == tuple(ids[:100])
+    await _signed_in(a, "u99")
+    await _signed_in(a, "u100")  # beyond the limit: not watched
+    await settle(lambda: _watch_events(watcher) == [("online", ["u99"])])
+    await _delivered(world)
+    assert _watch_events(watcher) == [("online", ["u99"])]
+    assert watcher.closed is None
