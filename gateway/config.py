@@ -6,6 +6,7 @@ file given with ``--config``, built-in defaults. Every error names the setting a
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -14,9 +15,13 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.protocol.limits import Limits
 
 __all__ = [
+    "APP_LIMITS",
     "DEFAULT_APP",
     "AppConfig",
     "ConfigError",
@@ -42,12 +47,23 @@ class AppConfig:
         client_events: Whether ``client-*`` events are accepted.
         subscription_count: Whether subscription counting (``pusher_internal:subscription_count``
             events and the ``subscription_count`` attribute) is on.
-        max_connections: Connections this app may hold on one node (0 = unlimited).
+        max_connections: Connections this app may hold on all nodes together, counted in the
+            store (0 = unlimited). Over it a connection is closed with 4100.
         webhook_batching: Send several webhook events per request (Pusher's "batch webhooks"
             option); off: one event per request.
         watchlist_events: Whether signed-in users are tracked as online across the cluster
             and watchlists get ``pusher_internal:watchlist_events`` (one store write per
             user's first and last signed-in socket on a node).
+        max_presence_members: Distinct users per presence channel (subscription_error 4100).
+        max_user_info_bytes: Largest presence or sign-in ``user_info`` as compact JSON.
+        max_event_payload_bytes: Largest event ``data``: HTTP 413 for triggers, ``pusher:error``
+            for client events.
+        max_channels_per_trigger: Channels in one ``POST events`` (HTTP 400 above).
+        max_channel_name_length: Longest channel name (subscription refused, HTTP 400).
+        client_events_per_second: Client events per connection per sliding second
+            (``pusher:error`` 4301 above).
+        api_requests_per_second: HTTP API requests per second for the app over all nodes
+            (HTTP 429 above; 0 = unlimited).
     """
 
     id: str
@@ -59,6 +75,55 @@ class AppConfig:
     max_connections: int = 0
     webhook_batching: bool = False
     watchlist_events: bool = True
+    max_presence_members: int = 100
+    max_user_info_bytes: int = 1_024
+    max_event_payload_bytes: int = 10_240
+    max_channels_per_trigger: int = 100
+    max_channel_name_length: int = 200
+    client_events_per_second: int = 10
+    api_requests_per_second: int = 0
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest client text frame parsed for this app: 32 KiB, or more when the app's
+        payload or ``user_info`` limit needs it (JSON escaping can double them)."""
+        return max(32_768, 2 * max(self.max_event_payload_bytes, self.max_user_info_bytes) + 4096)
+
+    def limits(self, base: Limits | None = None) -> Limits:
+        """``base`` (the node's protocol limits; default: the documented defaults) with this
+        app's limits in force."""
+        if base is None:
+            from gateway.protocol.limits import DEFAULT_LIMITS
+
+            base = DEFAULT_LIMITS
+        return _app_limits(self, base)
+
+
+#: Per-app limits: (lowest, highest) accepted value. 0 means "unlimited" where it is allowed.
+APP_LIMITS: dict[str, tuple[int, int]] = {
+    "max_connections": (0, 100_000_000),
+    "max_presence_members": (1, 10_000),
+    "max_user_info_bytes": (2, 65_536),
+    "max_event_payload_bytes": (1, 1_048_576),
+    "max_channels_per_trigger": (1, 1_000),
+    "max_channel_name_length": (1, 200),
+    "client_events_per_second": (1, 10_000),
+    "api_requests_per_second": (0, 1_000_000),
+}
+
+
+@functools.lru_cache(maxsize=4096)
+def _app_limits(app: AppConfig, base: Limits) -> Limits:
+    return replace(
+        base,
+        max_frame_bytes=max(base.max_frame_bytes, app.max_frame_bytes),
+        max_event_data_bytes=app.max_event_payload_bytes,
+        max_presence_members=app.max_presence_members,
+        max_user_info_bytes=app.max_user_info_bytes,
+        max_channel_name_length=app.max_channel_name_length,
+        client_events_per_second=app.client_events_per_second,
+        max_channels_per_trigger=app.max_channels_per_trigger,
+    )
 
 
 #: The app ``presence-gateway dev`` serves (numeric id: the official Python library requires it).
@@ -77,8 +142,10 @@ def _check_app(app: AppConfig, where: str) -> AppConfig:
             raise ConfigError(f"{where}: app {name} must match [A-Za-z0-9_.-]+, got {value!r}")
     if app.webhook_url is not None and not re.match(r"\Ahttps?://[^\s/]+", app.webhook_url):
         raise ConfigError(f"{where}: webhook_url must be an http(s) URL, got {app.webhook_url!r}")
-    if not isinstance(app.max_connections, int) or app.max_connections < 0:
-        raise ConfigError(f"{where}: max_connections must be an integer >= 0")
+    for name, (low, high) in APP_LIMITS.items():
+        value = getattr(app, name)
+        if type(value) is not int or not low <= value <= high:
+            raise ConfigError(f"{where}.{name}: must be an integer {low}..{high}, got {value!r}")
     return app
 
 
@@ -245,6 +312,19 @@ class NodeConfig:
         ):
             raise ConfigError("entry_ttl_ms: must exceed 2 x anti_entropy_interval")
         self._check_limits()
+        for i, app in enumerate(self.apps):
+            if app.max_frame_bytes > self.max_message_bytes:
+                raise ConfigError(
+                    f"apps[{i}].max_event_payload_bytes/max_user_info_bytes: frames of up to "
+                    f"{app.max_frame_bytes} bytes need max_message_bytes >= "
+                    f"{app.max_frame_bytes} (now {self.max_message_bytes})"
+                )
+            if 2 * app.max_event_payload_bytes + 4096 > self.max_request_bytes:
+                raise ConfigError(
+                    f"apps[{i}].max_event_payload_bytes: {app.max_event_payload_bytes} needs "
+                    f"max_request_bytes >= {2 * app.max_event_payload_bytes + 4096} "
+                    f"(now {self.max_request_bytes})"
+                )
 
     def _check_limits(self) -> None:
         def integer(name: str, low: int, high: int | None = None) -> None:

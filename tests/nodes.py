@@ -243,8 +243,12 @@ def start_node(
     init: bool = True,
     ready: bool = True,
     tls: Any = None,
+    app_settings: dict[str, Any] | None = None,
 ) -> NodeProcess:
     """Start a node on ``topology_path`` and wait for ``/health`` 200.
+
+    ``app_settings`` (per-app settings such as limits) configures the test app in the config
+    file instead of with ``--app``.
 
     ``extra_toml`` is appended to the ``[node]`` table of the generated config (so plain
     ``key = value`` lines are node settings; it may open further tables such as ``[[apps]]``).
@@ -257,7 +261,11 @@ def start_node(
     if init:
         init_shards_once(topology_path)
     config = Path(tempfile.mkstemp(prefix=f"node-{node_id}-", suffix=".toml")[1])
-    config.write_text(f"[node]\nwebhook_hold_ms = {hold_ms}\n{extra_toml}\n")
+    text = f"[node]\nwebhook_hold_ms = {hold_ms}\n{extra_toml}\n"
+    if app_settings is not None:
+        entry = {"id": APP_ID, "key": APP_KEY, "secret": APP_SECRET, **app_settings}
+        text += "\n[[apps]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in entry.items())
+    config.write_text(text)
     attempts = 1 if port is not None else 3
     for attempt in range(attempts):
         chosen = port if port is not None else find_free_port_range(1)
@@ -276,9 +284,9 @@ def start_node(
             str(chosen),
             "--node-id",
             node_id,
-            "--app",
-            f"{APP_ID}:{APP_KEY}:{APP_SECRET}",
         ]
+        if app_settings is None:
+            args += ["--app", f"{APP_ID}:{APP_KEY}:{APP_SECRET}"]
         if webhook_url is not None:
             args += ["--webhook-url", webhook_url]
         if tls is not None:

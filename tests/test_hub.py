@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import json
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -337,7 +338,7 @@ async def test_a_dead_owner_reaped_announces_its_users_once() -> None:
 async def test_a_full_channel_refuses_with_the_configured_limit() -> None:
     world = World()
     a = await world.node("a")
-    a.store.max_members = 2
+    a.hub.config = replace(CONFIG, apps=(replace(APP, max_presence_members=2),))
     socks = [a.connect() for _ in range(3)]
     for i, sock in enumerate(socks):
         a.subscribe(sock, f"u{i}")

@@ -145,6 +145,12 @@ class Api:
         )
         if isinstance(app, ApiError):
             return self._count(found.endpoint, _error(app))
+        if not self.hub.quotas.admit_request(app):
+            limit = app.api_requests_per_second
+            body = {"error": f"Too many requests: app {app.id} is limited to {limit} per second"}
+            refused = _json(429, body)
+            refused.headers["Retry-After"] = "1"
+            return self._count(found.endpoint, refused)
         try:
             response = await self._dispatch(found, app, request, query)
         except WriteFailed as exc:
@@ -190,7 +196,9 @@ class Api:
         ep = http_api.Endpoint
         if found.endpoint == ep.TRIGGER:
             trigger = http_api.parse_trigger(
-                request.body, subscription_count_enabled=app.subscription_count
+                request.body,
+                app.limits(self.hub.limits),
+                subscription_count_enabled=app.subscription_count,
             )
             if isinstance(trigger, ApiError):
                 return _error(trigger)
@@ -200,7 +208,9 @@ class Api:
             return _json(200, {"channels": await self._infos(app, trigger)})
         if found.endpoint == ep.BATCH:
             batch = http_api.parse_batch(
-                request.body, subscription_count_enabled=app.subscription_count
+                request.body,
+                app.limits(self.hub.limits),
+                subscription_count_enabled=app.subscription_count,
             )
             if isinstance(batch, ApiError):
                 return _error(batch)

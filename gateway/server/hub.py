@@ -34,6 +34,7 @@ from gateway.protocol.channels import (
 from gateway.protocol.limits import Limits
 from gateway.protocol.session import Action, Close, Join, Leave, Publish, Send, Session, SignIn
 from gateway.server.deadlines import Deadlines
+from gateway.server.quotas import CONNECTIONS_CHANNEL, QUOTA_CHANNELS, Quotas
 from gateway.server.watchlist import Watchlists
 from gateway.server.websocket import WsConnection, broadcast_frame, encode_text_frame
 from gateway.shards import contract
@@ -155,6 +156,14 @@ class Hub:
             hold=config.webhook_hold_ms / 1000,
             grace=UNSUBSCRIBE_GRACE,
         )
+        self.quotas = Quotas(
+            store,
+            lambda: self.config.apps,
+            lambda app_id: self.by_app.get(app_id, 0),
+            self._schedule_count,
+            metrics,
+            clock=clock,
+        )
         metrics.gauge("pg_connections", "Open WebSocket connections", self._conn_gauge)
         self._delivered = metrics.series("pg_messages_delivered_total")
 
@@ -177,20 +186,22 @@ class Hub:
         if protocol is not None and (not protocol.isdigit() or not 4 <= int(protocol) <= 7):
             self._refuse(conn, 4007, f"Unsupported protocol version {protocol}")
             return
-        if app.max_connections and self.by_app.get(app.id, 0) >= app.max_connections:
-            self._refuse(conn, 4100, "Over connection quota")
+        if not self.quotas.admit_connection(app):
+            self._refuse(conn, 4100, f"Over connection quota ({app.max_connections})")
             return
         session = Session(
             app=app,
             socket_id=new_socket_id(),
             now=self.clock(),
-            limits=self.limits,
+            limits=app.limits(self.limits),
             client_events=app.client_events,
             subscription_count=app.subscription_count,
         )
         client = Client(conn, app, session)
         self.clients[conn.id] = client
         self.by_app[app.id] = self.by_app.get(app.id, 0) + 1
+        if app.max_connections:
+            self._schedule_count((app.id, CONNECTIONS_CHANNEL))
         self.metrics.inc("pg_connections_opened_total")
         self._apply(client, session.open())
         self._schedule(client)
@@ -213,6 +224,8 @@ class Hub:
         if client is None:
             return
         self.by_app[client.app.id] -= 1
+        if client.app.max_connections:
+            self._schedule_count((client.app.id, CONNECTIONS_CHANNEL))
         self.deadlines.discard(client)
         user = client.session.user_id
         if user is not None:
@@ -307,6 +320,7 @@ class Hub:
                 member.user_info,
                 client.session.socket_id,
                 functools.partial(self._joined, client, action),
+                max_members=app.max_presence_members,
             )
         )
 
@@ -315,7 +329,7 @@ class Hub:
         if isinstance(result, BaseException):
             self._join_failed(client, action, result, counted=True)
         elif result.roster is None:
-            limit = self.store.max_members
+            limit = client.app.max_presence_members
             refused = _Refused(4100, f"Presence channel is full ({limit} members)")
             self._join_failed(client, action, refused, counted=True)
         else:
@@ -483,8 +497,11 @@ class Hub:
             app = self.config.app_by_id(app_id)
             if app is None:
                 continue
-            count = len(self.members.get((app_id, channel), ()))
-            publish = app.subscription_count and not channel.startswith("presence-")
+            if channel in QUOTA_CHANNELS:
+                count, publish = self.quotas.own(app_id, channel), False
+            else:
+                count = len(self.members.get((app_id, channel), ()))
+                publish = app.subscription_count and not channel.startswith("presence-")
             apps.append(app)
             items.append((app_id, channel, count, publish))
         if items:
@@ -497,9 +514,12 @@ class Hub:
         items: list[SubsItem],
         results: list[SubsResult | BaseException],
     ) -> None:
-        for app, (_, channel, _, publish), result in zip(apps, items, results, strict=True):
+        for app, (_, channel, count, publish), result in zip(apps, items, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("subscriber count of %s not written: %s", (app.id, channel), result)
+                continue
+            if channel in QUOTA_CHANNELS:
+                self.quotas.written(app.id, channel, count)
                 continue
             if result.occupied_webhook:
                 self._webhook(app, "channel_occupied", channel)
@@ -651,6 +671,9 @@ class Hub:
             app = self.config.app_by_id(app_id)
             publish = bool(app and app.subscription_count) and not channel.startswith("presence-")
             out[(app_id, channel)] = LocalChannel(len(sockets), {}, publish)
+        for app_id, channel, count in self.quotas.local_channels():
+            if count and self.store.shard_of(app_id, channel) == shard:
+                out[(app_id, channel)] = LocalChannel(count, {}, False)
         for (app_id, channel, user), local in self.presence.items():
             state = out.get((app_id, channel))
             if state is None and channel.startswith(ONLINE_PREFIX):
@@ -667,6 +690,10 @@ class Hub:
         if user is not None:
             local = self.presence.get((app_id, channel, user))
             return LocalChannel(0, {} if local is None else {user: local.info}, False)
+        if channel in QUOTA_CHANNELS:
+            mine = ((a, c) == (app_id, channel) for a, c, _ in self.quotas.local_channels())
+            count = self.quotas.own(app_id, channel) if any(mine) else 0
+            return LocalChannel(count, {}, False)
         sockets = self.members.get((app_id, channel))
         if not sockets:
             return LocalChannel(0, {}, False)

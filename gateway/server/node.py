@@ -240,6 +240,7 @@ class GatewayNode:
         self._loops = [
             asyncio.create_task(every(1.0, self._tick, name="activity", run_first=False)),
             asyncio.create_task(every(0.25, self._claim_due, name="webhook-claim")),
+            asyncio.create_task(every(0.5, self.hub.quotas.refresh, name="quotas")),
             asyncio.create_task(
                 every(
                     self.config.housekeeping_interval,

@@ -92,10 +92,20 @@ class PresenceStore(Protocol):
     # -- writes ------------------------------------------------------------------------------
 
     async def join(
-        self, app_id: str, channel: str, user_id: str, user_info: str | None, exclude: str
+        self,
+        app_id: str,
+        channel: str,
+        user_id: str,
+        user_info: str | None,
+        exclude: str,
+        *,
+        max_members: int | None = None,
     ) -> JoinResult:
         """This node holds ``user_id`` in presence ``channel`` (``exclude``: the joining
-        socket, which gets ``subscription_succeeded`` rather than ``member_added``)."""
+        socket, which gets ``subscription_succeeded`` rather than ``member_added``).
+
+        ``max_members``: the channel's member limit (default :attr:`max_members`); a new user
+        over it gets a result without roster."""
         ...
 
     async def leave(self, app_id: str, channel: str, user_id: str) -> bool:
@@ -116,6 +126,8 @@ class PresenceStore(Protocol):
         user_info: str | None,
         exclude: str,
         done: Callable[[JoinResult | BaseException], None],
+        *,
+        max_members: int | None = None,
     ) -> asyncio.Future[Any]:
         """:meth:`join` without a coroutine: ``done`` gets its result or its error.
 

@@ -415,12 +415,20 @@ class MemoryPresenceStore:
     # -- writes ------------------------------------------------------------------------------
 
     async def join(
-        self, app_id: str, channel: str, user_id: str, user_info: str | None, exclude: str
+        self,
+        app_id: str,
+        channel: str,
+        user_id: str,
+        user_info: str | None,
+        exclude: str,
+        *,
+        max_members: int | None = None,
     ) -> JoinResult:
         """See :meth:`PresenceStore.join <gateway.store.presence.PresenceStore.join>`."""
         ops, key = await self._ops("pjoin", app_id, channel)
         chan = ops.channel(key)
-        if user_id not in chan.users and len(chan.users) >= self.max_members:
+        limit = self.max_members if max_members is None else max_members
+        if user_id not in chan.users and len(chan.users) >= limit:
             return JoinResult(False, False, None)
         added, webhook = ops.add_member(key, self.owner, user_id, user_info or "", exclude)
         return JoinResult(added, webhook, ops.roster(chan))
@@ -433,9 +441,12 @@ class MemoryPresenceStore:
         user_info: str | None,
         exclude: str,
         done: Callable[[JoinResult | BaseException], None],
+        *,
+        max_members: int | None = None,
     ) -> asyncio.Future[Any]:
         """See :meth:`PresenceStore.submit_join` (a task here, so the gates apply)."""
-        return _submit(self.join(app_id, channel, user_id, user_info, exclude), done)
+        join = self.join(app_id, channel, user_id, user_info, exclude, max_members=max_members)
+        return _submit(join, done)
 
     def submit_leave(
         self, app_id: str, channel: str, user_id: str, done: Callable[[bool | BaseException], None]

@@ -130,15 +130,27 @@ class RedisPresenceStore:
     # -- writes ------------------------------------------------------------------------------
 
     async def join(
-        self, app_id: str, channel: str, user_id: str, user_info: str | None, exclude: str
+        self,
+        app_id: str,
+        channel: str,
+        user_id: str,
+        user_info: str | None,
+        exclude: str,
+        *,
+        max_members: int | None = None,
     ) -> JoinResult:
         """See :meth:`PresenceStore.join <gateway.store.presence.PresenceStore.join>`."""
-        return c.decode_pjoin(
-            await self._write(self._join_op(app_id, channel, user_id, user_info, exclude))
-        )
+        op = self._join_op(app_id, channel, user_id, user_info, exclude, max_members)
+        return c.decode_pjoin(await self._write(op))
 
     def _join_op(
-        self, app_id: str, channel: str, user_id: str, user_info: str | None, exclude: str
+        self,
+        app_id: str,
+        channel: str,
+        user_id: str,
+        user_info: str | None,
+        exclude: str,
+        max_members: int | None,
     ) -> c.Op:
         return c.pjoin(
             c.channel_key(app_id, channel),
@@ -146,7 +158,7 @@ class RedisPresenceStore:
             user=user_id,
             info=user_info,
             exclude=exclude,
-            max_members=self.max_members,
+            max_members=self.max_members if max_members is None else max_members,
             hold_ms=self.hold_ms,
             ttl_ms=self.ttl_ms,
         )
@@ -164,9 +176,11 @@ class RedisPresenceStore:
         user_info: str | None,
         exclude: str,
         done: Callable[[JoinResult | BaseException], None],
+        *,
+        max_members: int | None = None,
     ) -> asyncio.Future[Any]:
         """See :meth:`PresenceStore.submit_join`: straight to the writer, no task."""
-        op = self._join_op(app_id, channel, user_id, user_info, exclude)
+        op = self._join_op(app_id, channel, user_id, user_info, exclude, max_members)
         future = self.writer.submit_many((op,))
         future.add_done_callback(functools.partial(_settle_one, c.decode_pjoin, done))
         return future
