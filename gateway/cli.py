@@ -7,11 +7,11 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gateway import __version__
-from gateway.config import ConfigError, NodeConfig, load_config, parse_app
+from gateway.config import ConfigError, NodeConfig, load_apps_file, load_config, parse_app
 from gateway.shards.topology import TopologyConfig, TopologyError, load_topology
 
 __all__ = ["main"]
@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="overwrite different existing identities (new topology epoch)",
     )
+    apps = sub.add_parser("apps", help="apps files")
+    asub = apps.add_subparsers(dest="action", required=True)
+    check = asub.add_parser(
+        "check", help="validate an apps file (as a node would on reload); exit 2 if refused"
+    )
+    check.add_argument("file", help="TOML file of [[apps]] tables")
     audit = sub.add_parser(
         "audit",
         help="report wrong-shard keys, dead owners, mismatches, keys without expiry, memory",
@@ -160,17 +166,29 @@ def _local_cluster(args: argparse.Namespace) -> object:
     )
 
 
-def _run_serve(config: NodeConfig, topology: TopologyConfig, *, verbose: bool = False) -> None:
+def _run_serve(
+    config: NodeConfig,
+    topology: TopologyConfig,
+    *,
+    verbose: bool = False,
+    reload: Callable[[], NodeConfig] | None = None,
+    config_path: str | None = None,
+) -> None:
     import uvloop
 
     from gateway import logs
     from gateway.server.node import run_node
+    from gateway.server.reload import AppsSource
 
     logs.setup("debug" if verbose else config.log_level, config.log_format, config.node_id)
+    apps = None
+    if reload is not None:
+        paths = tuple(p for p in (config_path, config.apps_file) if p)
+        apps = AppsSource(reload, paths)
 
     # run_node handles SIGINT/SIGTERM itself; KeyboardInterrupt can only come before that.
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(run_node(config, topology))
+        uvloop.run(run_node(config, topology, apps))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,7 +225,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = _node_config(args, args.topology)
             if config.topology is None:
                 raise ConfigError("topology: give --topology, GATEWAY_TOPOLOGY or [node] topology")
-            _run_serve(config, load_topology(config.topology), verbose=args.verbose)
+            _run_serve(
+                config,
+                load_topology(config.topology),
+                verbose=args.verbose,
+                reload=lambda: _node_config(args, args.topology),
+                config_path=args.config,
+            )
+            return 0
+        if args.command == "apps":
+            apps = load_apps_file(args.file)
+            print(f"{args.file}: {len(apps)} apps, ids {', '.join(a.id for a in apps)}")
             return 0
         if args.command == "dev":
             return _dev(args)
@@ -241,7 +269,13 @@ def _dev(args: argparse.Namespace) -> int:
             f"(app id {app.id}, secret {app.secret}); topology {topology_file}; Ctrl-C stops",
             flush=True,
         )
-        _run_serve(config, topo, verbose=args.verbose)
+        _run_serve(
+            config,
+            topo,
+            verbose=args.verbose,
+            reload=lambda: _node_config(args, str(topology_file)),
+            config_path=args.config,
+        )
     finally:
         lc.down()
     return 0

@@ -26,6 +26,7 @@ __all__ = [
     "AppConfig",
     "ConfigError",
     "NodeConfig",
+    "load_apps_file",
     "load_config",
     "parse_app",
 ]
@@ -275,6 +276,15 @@ class NodeConfig:
     admin_host: str | None = None
     log_level: str = "info"
     log_format: str = "text"
+    apps_file: str | None = None
+    apps_watch_interval: float = 2.0
+    # Indexes of the apps (built in __post_init__).
+    _by_key: dict[str, AppConfig] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _by_id: dict[str, AppConfig] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:
@@ -285,12 +295,7 @@ class NodeConfig:
             raise ConfigError(f"node_id: 1-64 characters of [A-Za-z0-9_.-], got {self.node_id!r}")
         if not self.apps:
             raise ConfigError("apps: at least one app is required")
-        for label, values in (
-            ("key", [a.key for a in self.apps]),
-            ("id", [a.id for a in self.apps]),
-        ):
-            if len(set(values)) != len(values):
-                raise ConfigError(f"apps: two apps share an {label}")
+        _check_unique(self.apps)
         if not isinstance(self.activity_timeout, int) or not 1 <= self.activity_timeout <= 3600:
             raise ConfigError("activity_timeout: must be an integer 1..3600 (seconds)")
         if not isinstance(self.write_timeout, (int, float)) or self.write_timeout <= 0:
@@ -384,23 +389,72 @@ class NodeConfig:
                     f"trusted_proxies: {item!r} is not an address or network"
                 ) from exc
         object.__setattr__(self, "trusted_proxies", tuple(str(p) for p in proxies))
+        if self.apps_file is not None and (
+            not isinstance(self.apps_file, str) or not self.apps_file
+        ):
+            raise ConfigError(f"apps_file: must be a file path, got {self.apps_file!r}")
+        value = self.apps_watch_interval
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(
+                f"apps_watch_interval: must be a number of seconds >= 0 (0 = off), got {value!r}"
+            )
+        object.__setattr__(self, "_by_key", {a.key: a for a in self.apps})
+        object.__setattr__(self, "_by_id", {a.id: a for a in self.apps})
 
     def app_by_key(self, key: str) -> AppConfig | None:
         """The app with this public key, if any."""
-        for app in self.apps:
-            if app.key == key:
-                return app
-        return None
+        return self._by_key.get(key)
 
     def app_by_id(self, app_id: str) -> AppConfig | None:
         """The app with this id, if any."""
-        for app in self.apps:
-            if app.id == app_id:
-                return app
-        return None
+        return self._by_id.get(app_id)
 
 
-_NODE_FIELDS = {f.name: f for f in fields(NodeConfig) if f.name != "apps"}
+_NODE_FIELDS = {
+    f.name: f for f in fields(NodeConfig) if f.name != "apps" and not f.name.startswith("_")
+}
+
+
+def _check_unique(apps: tuple[AppConfig, ...], source: str = "") -> None:
+    """Two apps with one id or one key: the message names both entries (``source``: the
+    file, as a prefix)."""
+    for label in ("id", "key"):
+        seen: dict[str, int] = {}
+        for i, app in enumerate(apps):
+            value = getattr(app, label)
+            if value in seen:
+                raise ConfigError(
+                    f"{source}apps[{i}]: app {label} {value!r} is already used by "
+                    f"apps[{seen[value]}]"
+                )
+            seen[value] = i
+
+
+def load_apps_file(path: str | Path) -> tuple[AppConfig, ...]:
+    """The apps of an apps file: a TOML file of ``[[apps]]`` tables only.
+
+    Raises:
+        ConfigError: Unreadable, not TOML (a key given twice in one table is reported with
+            its line), another section, no app, a bad app, or two apps sharing an id or key;
+            the message names the file and the entry.
+    """
+    source = str(path)
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    unknown = set(data) - {"apps"}
+    if unknown:
+        raise ConfigError(f"{source}: only [[apps]] tables belong here, found {sorted(unknown)}")
+    apps = _apps_from_toml(data.get("apps", []), source)
+    if not apps:
+        raise ConfigError(f"{source}: no [[apps]] entry")
+    _check_unique(apps, f"{source}: ")
+    return apps
+
+
 _APP_FIELDS = {f.name for f in fields(AppConfig)}
 
 
@@ -490,6 +544,12 @@ def load_config(
         var = f"GATEWAY_{name.upper()}"
         if var in env:
             values[name] = _coerce(var, env[var], spec.type)
+    if values.get("apps_file"):
+        if apps:
+            raise ConfigError(
+                f"{path}: [[apps]] and apps_file both give apps; keep them in one place"
+            )
+        apps = load_apps_file(values["apps_file"])
     if "GATEWAY_APPS" in env:
         apps = tuple(
             parse_app(item.strip(), where="GATEWAY_APPS")

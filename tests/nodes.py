@@ -244,11 +244,13 @@ def start_node(
     ready: bool = True,
     tls: Any = None,
     app_settings: dict[str, Any] | None = None,
+    app_flag: bool = True,
 ) -> NodeProcess:
     """Start a node on ``topology_path`` and wait for ``/health`` 200.
 
     ``app_settings`` (per-app settings such as limits) configures the test app in the config
-    file instead of with ``--app``.
+    file instead of with ``--app``; ``app_flag=False`` gives no app at all (the config's
+    own, e.g. an ``apps_file`` in ``extra_toml``).
 
     ``extra_toml`` is appended to the ``[node]`` table of the generated config (so plain
     ``key = value`` lines are node settings; it may open further tables such as ``[[apps]]``).
@@ -285,7 +287,7 @@ def start_node(
             "--node-id",
             node_id,
         ]
-        if app_settings is None:
+        if app_settings is None and app_flag:
             args += ["--app", f"{APP_ID}:{APP_KEY}:{APP_SECRET}"]
         if webhook_url is not None:
             args += ["--webhook-url", webhook_url]

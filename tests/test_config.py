@@ -88,7 +88,7 @@ def test_env_apps_and_webhook() -> None:
         ("[[apps]]\nid = 1\nkey = 'k'\nsecret = 's'\nwebhook_url = 'ftp:'\n", {},
          "webhook_url"),
         ("[[apps]]\nid = 1\nkey = 'k'\nsecret = 's'\n[[apps]]\nid = 2\nkey = 'k'\nsecret = 't'\n",
-         {}, "share an key"),
+         {}, "apps[1]: app key 'k' is already used by apps[0]"),
         ("not toml [", {}, "not valid TOML"),
         ("", {"GATEWAY_PORT": "many"}, "GATEWAY_PORT"),
         ("", {"GATEWAY_APPS": "1:k"}, "GATEWAY_APPS"),

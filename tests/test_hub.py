@@ -104,8 +104,8 @@ class Node:
         for shard in range(len(world.shards)):
             await self.store.lease(shard, LEASE_MS, first=False, gap_ms=0, grace_ms=0)
 
-    def connect(self) -> FakeSocket:
-        sock = FakeSocket()
+    def connect(self, key: str = APP.key) -> FakeSocket:
+        sock = FakeSocket(key)
         self.hub.ws_open(sock)  # type: ignore[arg-type]
         return sock
 

@@ -207,6 +207,14 @@ class Session:
         self._subscribe_tokens = float(limits.subscribe_burst)
         self._subscribe_refill = now
 
+    def set_app(self, app: AppConfig, limits: Limits) -> None:
+        """The app's settings changed (apps reloaded: a rotated secret, new limits or flags);
+        they apply from the next frame. The key and id stay the same."""
+        self._app = app
+        self._limits = limits
+        self._client_events = app.client_events
+        self._subscription_count = app.subscription_count
+
     # -- read-only state ----------------------------------------------------------------------
 
     @property

@@ -232,6 +232,27 @@ class Hub:
             self._unregister_user(client, user)
         self._apply(client, client.session.closed())
 
+    def set_apps(self, config: NodeConfig) -> dict[str, int]:
+        """Put ``config``'s apps in force (apps reloaded).
+
+        Sockets of an app that is gone, or whose key changed, get ``pusher:error`` 4001 and
+        are closed with 4001 (they leave their channels as any closed socket); sockets of a
+        changed app (a rotated secret, new limits) get its new settings from their next
+        frame. Returns the number of sockets closed per app id.
+        """
+        self.config = config
+        closed: dict[str, int] = {}
+        for client in list(self.clients.values()):
+            app = config.app_by_id(client.app.id)
+            if app is None or app.key != client.app.key:
+                closed[client.app.id] = closed.get(client.app.id, 0) + 1
+                self._refuse(client.conn, 4001, f"App key {client.app.key} not in this cluster")
+                self.ws_closed(client.conn, 4001)  # leaves its channels now; nothing more read
+            elif app is not client.app:
+                client.app = app
+                client.session.set_app(app, app.limits(self.limits))
+        return closed
+
     @staticmethod
     def _refuse(conn: WsConnection, code: int, message: str) -> None:
         conn.send_text(messages.error(code, message))

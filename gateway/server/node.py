@@ -22,6 +22,7 @@ from gateway.server.api import AdminApi, Api
 from gateway.server.frontdoor import FrontDoor, listen_backlog, start_frontdoor
 from gateway.server.hub import Hub
 from gateway.server.overload import LoadGuard
+from gateway.server.reload import AppsReloader, AppsSource
 from gateway.server.webhooks import WebhookSender
 from gateway.shards.pubsub import PubSub
 from gateway.shards.shardset import ShardSet
@@ -47,7 +48,9 @@ class GatewayNode:
             this node writes, so a restarted node never mistakes old entries for its own.
     """
 
-    def __init__(self, config: NodeConfig, topology: TopologyConfig) -> None:
+    def __init__(
+        self, config: NodeConfig, topology: TopologyConfig, apps: AppsSource | None = None
+    ) -> None:
         self.config = config
         self.incarnation = secrets.token_hex(4)
         self.owner = f"{config.node_id}@{self.incarnation}"
@@ -111,6 +114,12 @@ class GatewayNode:
             self.healer,
             readiness=self.readiness_problems,
         )
+        #: Reloads the apps (SIGHUP, a watched file); None when they cannot be read again.
+        self.apps = (
+            AppsReloader(apps, lambda: self.config, self._set_apps, self.metrics)
+            if apps is not None
+            else None
+        )
         self._door: FrontDoor | None = None
         self._admin: FrontDoor | None = None
         #: Set when SIGTERM started the drain (readiness is off from then on).
@@ -119,6 +128,11 @@ class GatewayNode:
 
     def _on_message(self, shard: int, key: bytes, data: bytes) -> None:
         self.hub.on_message(shard, key, data)
+
+    def _set_apps(self, config: NodeConfig) -> dict[str, int]:
+        self.config = config
+        self.api.config = config
+        return self.hub.set_apps(config)
 
     def _lag(self) -> float:
         return self.guard.worst_lag()
@@ -237,7 +251,12 @@ class GatewayNode:
             "Sockets whose input waits for the next event-loop iteration (work budget)",
             lambda: {(): float(door.work.waiting)},
         )
-        self._loops = [
+        watch = self.config.apps_watch_interval
+        if self.apps is not None and self.apps.source.paths and watch:
+            self._loops.append(
+                asyncio.create_task(every(watch, self.apps.poll, name="apps", run_first=False))
+            )
+        self._loops += [
             asyncio.create_task(every(1.0, self._tick, name="activity", run_first=False)),
             asyncio.create_task(every(0.25, self._claim_due, name="webhook-claim")),
             asyncio.create_task(every(0.5, self.hub.quotas.refresh, name="quotas")),
@@ -369,8 +388,11 @@ def _server_tls(config: NodeConfig) -> ssl.SSLContext | None:
     return context
 
 
-async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
-    """Run a node until SIGINT or SIGTERM, then shut it down (bounded in time)."""
+async def run_node(
+    config: NodeConfig, topology: TopologyConfig, apps: AppsSource | None = None
+) -> None:
+    """Run a node until SIGINT or SIGTERM, then shut it down (bounded in time); SIGHUP
+    reloads the apps from ``apps``."""
     stop = asyncio.Event()
     drain = False
     drain_task: asyncio.Task[None] | None = None
@@ -389,7 +411,10 @@ async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
     loop.add_signal_handler(signal.SIGINT, on_signal, False)
     loop.add_signal_handler(signal.SIGTERM, on_signal, True)
     raise_nofile()
-    node = GatewayNode(config, topology)
+    node = GatewayNode(config, topology, apps)
+    reloader = node.apps
+    if reloader is not None:
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
     try:
         try:
             await node.start()
@@ -425,5 +450,5 @@ async def run_node(config: NodeConfig, topology: TopologyConfig) -> None:
             await asyncio.wait_for(node.close(), 15)
         except TimeoutError:
             log.error("gateway node %s: shutdown took longer than 15 s", config.node_id)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -125,6 +125,9 @@ class WebhookSender:
         target = self._targets.get(key)
         if target is None:
             target = self._targets[key] = _Target(app, url, self.max_batch)
+        elif target.app is not app:  # apps reloaded: a rotated secret signs from now on
+            target.app = app
+            target.max_batch = self.max_batch if app.webhook_batching else 1
         if len(target.events) >= self.max_queue:
             target.events.popleft()
             self.metrics.inc(DROPPED, reason="queue_full")
