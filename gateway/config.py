@@ -23,9 +23,11 @@ if TYPE_CHECKING:
 __all__ = [
     "APP_LIMITS",
     "DEFAULT_APP",
+    "WEBHOOK_EVENTS",
     "AppConfig",
     "ConfigError",
     "NodeConfig",
+    "WebhookEndpoint",
     "load_apps_file",
     "load_config",
     "parse_app",
@@ -36,6 +38,82 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the setting."""
 
 
+#: Webhook events an endpoint can subscribe to.
+WEBHOOK_EVENTS = (
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "client_event",
+    "cache_miss",
+    "subscription_count",
+)
+#: Header fields the gateway sets itself on a webhook request (lower case).
+_RESERVED_HEADERS = frozenset(
+    {"content-type", "content-length", "host", "connection", "transfer-encoding",
+     "x-pusher-key", "x-pusher-signature"}
+)  # fmt: skip
+_HEADER_NAME = re.compile(r"\A[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}\Z")
+
+
+@dataclass(frozen=True)
+class WebhookEndpoint:
+    """One place an app's webhooks go.
+
+    Attributes:
+        url: Where they are POSTed (http or https).
+        event_types: Events sent there (empty: every event).
+        channel_prefixes: Only events of channels starting with one of these (empty: all).
+        headers: Extra header fields sent with each request (their values are never logged).
+    """
+
+    url: str
+    event_types: tuple[str, ...] = ()
+    channel_prefixes: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def wants(self, event: str, channel: str) -> bool:
+        """Whether ``event`` on ``channel`` goes to this endpoint."""
+        if self.event_types and event not in self.event_types:
+            return False
+        return not self.channel_prefixes or channel.startswith(self.channel_prefixes)
+
+
+def _endpoint(raw: Any, where: str) -> WebhookEndpoint:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table (url, event_types, channel_prefixes, headers)")
+    unknown = set(raw) - {"url", "event_types", "channel_prefixes", "headers"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {sorted(unknown)}")
+    url = raw.get("url")
+    if not isinstance(url, str) or not re.match(r"\Ahttps?://[^\s/]+\S*\Z", url):
+        raise ConfigError(f"{where}.url: must be an http(s) URL, got {url!r}")
+    events = raw.get("event_types", [])
+    if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+        raise ConfigError(f"{where}.event_types: must be a list of event names")
+    bad = sorted(set(events) - set(WEBHOOK_EVENTS))
+    if bad:
+        raise ConfigError(f"{where}.event_types: unknown {bad}; known: {', '.join(WEBHOOK_EVENTS)}")
+    prefixes = raw.get("channel_prefixes", [])
+    if not isinstance(prefixes, list) or not all(isinstance(x, str) and x for x in prefixes):
+        raise ConfigError(f"{where}.channel_prefixes: must be a list of non-empty strings")
+    headers = raw.get("headers", {})
+    if not isinstance(headers, dict):
+        raise ConfigError(f"{where}.headers: must be a table of header fields")
+    for name, value in headers.items():
+        if not _HEADER_NAME.match(name):
+            raise ConfigError(f"{where}.headers: {name!r} is not a header field name")
+        if name.lower() in _RESERVED_HEADERS:
+            raise ConfigError(f"{where}.headers: {name} is set by the gateway")
+        if not isinstance(value, str) or len(value) > 8192 or any(ch in value for ch in "\r\n\0"):
+            raise ConfigError(
+                f"{where}.headers.{name}: must be text of at most 8192 characters on one line"
+            )
+    return WebhookEndpoint(
+        url, tuple(events), tuple(prefixes), tuple(sorted((str(k), v) for k, v in headers.items()))
+    )
+
+
 @dataclass(frozen=True)
 class AppConfig:
     """One Pusher app.
@@ -44,14 +122,15 @@ class AppConfig:
         id: Numeric app id (the official Python server library accepts only digits).
         key: Public key, used by clients in ``/app/{key}``.
         secret: Signing secret.
-        webhook_url: Where webhooks are POSTed; None disables webhooks.
+        webhook_url: Where webhooks are POSTed (every event); None: only ``webhooks``.
         client_events: Whether ``client-*`` events are accepted.
         subscription_count: Whether subscription counting (``pusher_internal:subscription_count``
             events and the ``subscription_count`` attribute) is on.
         max_connections: Connections this app may hold on all nodes together, counted in the
             store (0 = unlimited). Over it a connection is closed with 4100.
-        webhook_batching: Send several webhook events per request (Pusher's "batch webhooks"
-            option); off: one event per request.
+        webhook_batching: Send up to 20 webhook events per request, collected for up to
+            250 ms (what Pusher does); off: one event per request.
+        webhooks: More endpoints, each with its own filters and headers.
         watchlist_events: Whether signed-in users are tracked as online across the cluster
             and watchlists get ``pusher_internal:watchlist_events`` (one store write per
             user's first and last signed-in socket on a node).
@@ -74,7 +153,7 @@ class AppConfig:
     client_events: bool = True
     subscription_count: bool = True
     max_connections: int = 0
-    webhook_batching: bool = False
+    webhook_batching: bool = True
     watchlist_events: bool = True
     max_presence_members: int = 100
     max_user_info_bytes: int = 1_024
@@ -83,6 +162,14 @@ class AppConfig:
     max_channel_name_length: int = 200
     client_events_per_second: int = 10
     api_requests_per_second: int = 0
+    webhooks: tuple[WebhookEndpoint, ...] = ()
+
+    @property
+    def endpoints(self) -> tuple[WebhookEndpoint, ...]:
+        """Every webhook endpoint: ``webhook_url`` (all events) and ``webhooks``."""
+        if self.webhook_url is None:
+            return self.webhooks
+        return (WebhookEndpoint(self.webhook_url), *self.webhooks)
 
     @property
     def max_frame_bytes(self) -> int:
@@ -278,6 +365,7 @@ class NodeConfig:
     log_format: str = "text"
     apps_file: str | None = None
     apps_watch_interval: float = 2.0
+    webhook_lease_ms: int = 30_000
     # Indexes of the apps (built in __post_init__).
     _by_key: dict[str, AppConfig] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -345,6 +433,7 @@ class NodeConfig:
                 raise ConfigError(f"{name}: must be a number > {low:g}, got {value!r}")
 
         integer("reap_grace_ms", 0, 600_000)
+        integer("webhook_lease_ms", 1_000, 600_000)
         seconds("loop_stall_limit", 1.0)
         integer("max_client_connections", 0)
         integer("reserved_fds", 16)
@@ -493,6 +582,15 @@ def _apps_from_toml(raw: Any, source: str) -> tuple[AppConfig, ...]:
         for flag in ("client_events", "subscription_count", "webhook_batching", "watchlist_events"):
             if flag in values and not isinstance(values[flag], bool):
                 raise ConfigError(f"{where}.{flag}: must be true or false")
+        if "webhooks" in values:
+            hooks = values["webhooks"]
+            if not isinstance(hooks, list):
+                raise ConfigError(
+                    f"{where}.webhooks: must be an array of tables ([[apps.webhooks]])"
+                )
+            values["webhooks"] = tuple(
+                _endpoint(h, f"{where}.webhooks[{j}]") for j, h in enumerate(hooks)
+            )
         try:
             app = AppConfig(**values)
         except TypeError as exc:

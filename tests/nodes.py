@@ -367,6 +367,7 @@ class Webhook:
     body: bytes
     validated: dict[str, Any] | None
     received: float = field(default_factory=time.monotonic)
+    status: int = 200
 
 
 class _WebhookHandler(BaseHTTPRequestHandler):
@@ -377,24 +378,36 @@ class _WebhookHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", "0"))
         body = self.rfile.read(length)
         receiver: WebhookReceiver = self.server.owner  # type: ignore[attr-defined]
-        receiver._record(dict(self.headers.items()), body)
-        self.send_response(200)
+        status = receiver.status
+        hang = receiver.hang
+        # A request left hanging is recorded as never answered (599).
+        receiver._record(dict(self.headers.items()), body, 599 if hang else status)
+        if hang:
+            time.sleep(hang)  # longer than the sender waits: a hanging endpoint
+            return
+        self.send_response(status)
         self.send_header("Content-Length", "2")
         self.end_headers()
         self.wfile.write(b"{}")
 
 
 class WebhookReceiver(_Background):
-    """Records webhooks; ``validated`` is the official library's verdict (None = rejected)."""
+    """Records webhooks; ``validated`` is the official library's verdict (None = rejected).
+
+    ``status`` is what it answers (set it to 500 for a failing endpoint); ``hang`` seconds it
+    waits before answering. :meth:`events` counts only requests answered with 2xx.
+    """
 
     def __init__(self) -> None:
+        self.status = 200
+        self.hang = 0.0
         self.requests: list[Webhook] = []
         self._lock = threading.Lock()
         self._validator = _signer()
         super().__init__(_WebhookHandler)
         self.url = f"http://127.0.0.1:{self.port}/hooks"
 
-    def _record(self, headers: dict[str, str], body: bytes) -> None:
+    def _record(self, headers: dict[str, str], body: bytes, status: int = 200) -> None:
         lowered = {k.lower(): v for k, v in headers.items()}
         try:
             validated = self._validator.validate_webhook(
@@ -403,7 +416,7 @@ class WebhookReceiver(_Background):
         except Exception:
             validated = None
         with self._lock:
-            self.requests.append(Webhook(lowered, body, validated))
+            self.requests.append(Webhook(lowered, body, validated, status=status))
 
     def events(self, channel: str | None = None) -> list[dict[str, Any]]:
         """Events of every *valid* request so far, optionally only those of one channel."""
@@ -411,7 +424,7 @@ class WebhookReceiver(_Background):
             found = [
                 event
                 for request in self.requests
-                if request.validated is not None
+                if request.validated is not None and 200 <= request.status < 300
                 for event in request.validated["events"]
             ]
         return [e for e in found if channel is None or e.get("channel") == channel]

@@ -505,6 +505,66 @@ def test_kill_node_watchlist(fresh_cluster: LocalCluster) -> None:
                 ws.close()
 
 
+def test_kill_node_webhooks(fresh_cluster: LocalCluster) -> None:
+    """kill -9 of a node while its webhooks wait for a failing endpoint: another node delivers
+    every one of them once the endpoint is back, with the ids they were recorded with."""
+    ch = f"presence-hook-{uuid.uuid4().hex[:8]}"
+    lease = "webhook_lease_ms = 3000\n"
+    with WebhookReceiver() as hooks:
+        hooks.status = 500
+        with running_node(
+            fresh_cluster.topology_path,
+            node_id="hooks-a",
+            webhook_url=hooks.url,
+            hold_ms=500,
+            extra_toml=lease,
+        ) as a:
+            ws = WsClient(a.ws_url())
+            ws.subscribe(ch, "u1")
+            ws.close()  # member_removed and channel_vacated, held 500 ms
+            # a has claimed all four and is retrying against the failing endpoint.
+            wait_until(lambda: a.metric("pg_webhooks_claimed_total") >= 4, 15, "a claimed")
+            wait_until(
+                lambda: a.metric("pg_webhook_failures_total") >= 2, 15, "a's failed attempts"
+            )
+            with running_node(
+                fresh_cluster.topology_path,
+                node_id="hooks-b",
+                webhook_url=hooks.url,
+                hold_ms=500,
+                extra_toml=lease,
+            ) as b:
+                a.kill()
+                t_kill = time.monotonic()
+                hooks.status = 200
+                want = {"member_added", "member_removed", "channel_occupied", "channel_vacated"}
+                got = hooks.wait_for(lambda evs: {e["name"] for e in evs} >= want, ch, timeout=30)
+                delivered = time.monotonic() - t_kill
+                time.sleep(1.0)  # a duplicate would show now
+                events = hooks.events(ch)
+                ids = {e["name"]: e["id"] for e in got}
+                failed = [r for r in hooks.requests if r.status != 200]
+                report(
+                    "kill_node_webhooks",
+                    {
+                        "webhook_lease_ms": 3000,
+                        "failed_attempts_before_kill": len(failed),
+                        "all_delivered_after_kill_s": round(delivered, 2),
+                        "events_delivered": len(events),
+                        "distinct_events": len({e["id"] for e in events}),
+                        "lost": sorted(want - {e["name"] for e in events}),
+                        "delivered_by_b": b.metric("pg_webhooks_sent_total"),
+                    },
+                )
+                assert {e["name"] for e in events} == want
+                # What a had tried to send arrives with the same ids: stable across nodes.
+                tried = [e for r in failed if r.validated for e in r.validated["events"]]
+                assert tried and {e["id"] for e in tried if e["channel"] == ch} <= set(ids.values())
+                assert len({e["id"] for e in events}) == 4
+                assert b.metric("pg_webhooks_sent_total") >= 4
+                assert hooks.invalid() == []
+
+
 # --------------------------------------------------------------------------- 3. lossy failover
 
 

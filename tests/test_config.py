@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,43 @@ def test_missing_file_and_bad_app_flag(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml", env={})
     with pytest.raises(ConfigError, match="--app: expected ID:KEY:SECRET"):
         parse_app("1:2")
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ('url = "ftp://x"', "apps[0].webhooks[0].url: must be an http(s) URL"),
+        ('url = "https://h/x"\nevent_types = ["member_joined"]',
+         "apps[0].webhooks[0].event_types: unknown ['member_joined']"),
+        ('url = "https://h/x"\nheaders = { "X-Pusher-Signature" = "x" }',
+         "apps[0].webhooks[0].headers: X-Pusher-Signature is set by the gateway"),
+        ('url = "https://h/x"\nheaders = { Auth = "a\\nb" }',
+         "apps[0].webhooks[0].headers.Auth: must be text of at most 8192 characters on one line"),
+        ('url = "https://h/x"\nchannel_prefixes = [""]',
+         "apps[0].webhooks[0].channel_prefixes: must be a list of non-empty strings"),
+        ('url = "https://h/x"\nretries = 3', "apps[0].webhooks[0]: unknown setting(s) ['retries']"),
+    ],
+)  # fmt: skip
+def test_bad_webhook_endpoints_are_named(tmp_path: Path, entry: str, message: str) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(f"[[apps]]\nid = 1\nkey = 'k'\nsecret = 's'\n[[apps.webhooks]]\n{entry}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path, env={})
+
+
+def test_webhook_endpoints_and_their_filters(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        "[[apps]]\nid = 1\nkey = 'k'\nsecret = 's'\nwebhook_url = 'https://all.example/h'\n"
+        "[[apps.webhooks]]\nurl = 'https://p.example/h'\nevent_types = ['member_added']\n"
+        "channel_prefixes = ['presence-', 'private-']\nheaders = { Authorization = 'Bearer t' }\n"
+    )
+    (app,) = load_config(path, env={}).apps
+    everything, presence = app.endpoints
+    assert everything.wants("channel_vacated", "x") and everything.url == "https://all.example/h"
+    assert presence.wants("member_added", "presence-a")
+    assert not presence.wants("member_added", "a") and not presence.wants(
+        "member_removed", "presence-a"
+    )
+    assert presence.headers == (("Authorization", "Bearer t"),)
+    assert app.webhook_batching  # Pusher batches by default

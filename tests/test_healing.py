@@ -32,7 +32,6 @@ def _healer(
         store.shards,
         local_state,
         local_channel,
-        lambda *_: None,
         Metrics(),
         HealingSettings(confirm_delay=0.05, **settings),  # type: ignore[arg-type]
     )

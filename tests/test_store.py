@@ -13,11 +13,11 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import pytest
 from polling import settle
-from support import ShardStack, raw_client, shard_stack
+from support import ShardStack, StoreFactory, raw_client, shard_stack
 
 from gateway.localcluster import LocalCluster
 from gateway.shards import contract
@@ -39,6 +39,21 @@ class Node:
     store: PresenceStore
     pubsub: Subscriptions
     heard: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+def _every_hook(app_id: str, channel: str) -> str:
+    """Every webhook kind is wanted (the tests look at the outbox)."""
+    return "amovcex"
+
+
+async def _claims(ch: str, *nodes: Node) -> list[tuple[str, str | None]]:
+    """Claim and acknowledge every due outbox entry; those of ``ch`` as (name, rest)."""
+    out: list[tuple[str, str | None]] = []
+    for node in nodes:
+        for shard, _now, entries in await node.store.claim_outbox(1000, 60_000):
+            await node.store.ack_outbox(shard, [e.id for e in entries])
+            out += [(e.name, e.rest.decode() or None) for e in entries if e.channel == ch]
+    return out
 
 
 class Backend(Protocol):
@@ -66,7 +81,7 @@ class RedisBackend:
 
     async def node(self, owner: str, *, lease_ms: int = 60_000) -> Node:
         stack = await self.opened.enter_async_context(
-            shard_stack(self.topology, owner=owner, hold_ms=HOLD_MS)
+            shard_stack(self.topology, owner=owner, hold_ms=HOLD_MS, hooks=_every_hook)
         )
         self.stacks.append(stack)
         store = stack.store
@@ -99,7 +114,7 @@ class MemoryBackend:
         self.shards = MemoryShards(2, clock=lambda: self.now)
 
     async def node(self, owner: str, *, lease_ms: int = 60_000) -> Node:
-        store = self.shards.store(owner, hold_ms=HOLD_MS)
+        store = self.shards.store(owner, hold_ms=HOLD_MS, hooks=_every_hook)
         node = Node(store, self.shards.subscriptions(lambda _s, k, d: node.heard.append((k, d))))
         for shard in range(len(self.shards.shards)):
             await store.lease(shard, lease_ms, first=True, gap_ms=0, grace_ms=0)
@@ -189,6 +204,9 @@ async def test_occupied_vacated_and_held_webhooks(backend: Backend) -> None:
     await a.pubsub.subscribe(shard, channel_key("1", ch))
     r1 = await a.store.set_subscribers("1", ch, 2, publish_count=True)
     assert (r1.before, r1.after, r1.occupied_webhook) == (0, 2, True)
+    # Recorded in the same call, due at once, and claimed by one node only.
+    assert await _claims(ch, b, a) == [("channel_occupied", None), ("subscription_count", "2")]
+    assert await _claims(ch, a, b) == []
     r2 = await b.store.set_subscribers("1", ch, 1, publish_count=True)
     assert (r2.before, r2.after, r2.occupied_webhook) == (2, 3, False)
     assert (await b.store.counts("1", ch)).subscription_count == 3
@@ -200,11 +218,9 @@ async def test_occupied_vacated_and_held_webhooks(backend: Backend) -> None:
     assert r3.after == 0
     assert ch not in await a.store.channels("1", "room-")
     # The vacated webhook is held, then claimed by exactly one node.
-    assert not [d for d in await a.store.claim_due() if d.channel == ch]  # still held
+    assert await _claims(ch, a) == [("subscription_count", "3"), ("subscription_count", "1")]
     await backend.elapse(HOLD_MS + 100)
-    claims = await a.store.claim_due() + await b.store.claim_due()
-    vacated = [d for d in claims if d.channel == ch]
-    assert [(d.name, d.app_id) for d in vacated] == [("channel_vacated", "1")]
+    assert await _claims(ch, a, b) == [("channel_vacated", None)]
 
 
 async def test_quick_return_cancels_held_webhooks(backend: Backend) -> None:
@@ -220,8 +236,8 @@ async def test_quick_return_cancels_held_webhooks(backend: Backend) -> None:
     occ = await b.store.set_subscribers("1", ch, 1, publish_count=False)
     assert occ.after == 1 and not occ.occupied_webhook
     await backend.elapse(HOLD_MS + 100)
-    claims = [d for d in await a.store.claim_due() + await b.store.claim_due() if d.channel == ch]
-    assert claims == []
+    # Only the first join's member_added and occupied: the flap sent nothing.
+    assert await _claims(ch, a, b) == [("channel_occupied", None), ("member_added", "u1")]
 
 
 async def test_cache_and_publish(backend: Backend) -> None:
@@ -268,8 +284,8 @@ async def test_dead_owner_invisible_at_once_then_reaped(backend: Backend) -> Non
     assert removed >= 2  # b's presence entry and its count, at least
     await settle(lambda: b"Rghost" in _heard(a, ch)(), what="member_removed of ghost published")
     await backend.elapse(HOLD_MS + 100)
-    due = [d for d in await a.store.claim_due() if d.channel == ch]
-    assert [(d.name, d.user_id) for d in due] == [("member_removed", "ghost")]
+    due = [d for d in await _claims(ch, a) if d[0] in ("member_removed", "channel_vacated")]
+    assert due == [("member_removed", "ghost")]
     assert ("1", ch) not in await b.store.owned(shard)  # nothing of b is left on the shard
     assert ("1", ch) in await a.store.owned(shard)
 
@@ -311,3 +327,32 @@ async def test_sync_reasserts_absolute_state_and_digest_agrees(backend: Backend)
     # A user the node no longer holds is removed (member_removed), absolutely.
     await a.store.sync_many([("1", ch, LocalChannel(1, {"u1": '{"n":1}'}, False))])
     assert await a.store.roster("1", ch) == {"u1": '{"n":1}'}
+
+
+async def test_nodes_of_library_version_4_keep_working_during_an_upgrade(
+    store_factory: StoreFactory, cluster: LocalCluster
+) -> None:
+    """A version-4 node (no ``hooks``; ``claim`` with a limit only) against the version-5
+    library: its held webhooks are recorded and claimed its way; entries left by the
+    version-4 library (a name without payload) are delivered by version-5 nodes."""
+    store = await store_factory(f"old@{_uid()}", lease_ms=60_000, hold_ms=HOLD_MS)
+    ch = f"presence-v4-{_uid()}"
+    key = channel_key("1", ch)
+    writer = store.writer
+    owner = store.owner
+    reply = await writer.write(b"pjoin", key, owner, b"u1", b"", b"1.1", b"100", b"300", b"60000")
+    assert cast(list[object], reply)[:2] == [1, 1]  # added; the webhook is the caller's to send
+    assert await writer.write(b"pleave", key, owner, b"u1", b"300") == 1
+    tag = store.shard_tag(store.shard_of("1", ch))
+    assert tag is not None
+    await asyncio.sleep(HOLD_MS / 1000 + 0.1)
+    names = cast(list[bytes], await writer.write(b"claim", tag, b"1000"))
+    assert key + b"\0m\0u1" in names  # the version-4 claim: names, removed
+    # An entry the version-4 library left (no payload) goes out through version 5's claim.
+    shard = store.shard_of("1", ch)
+    raw = raw_client(cluster.masters()[shard].addr)
+    raw.zadd(tag + b":due", {key + b"\0m\0u2": 1})
+    claims = await store.claim_outbox(1000, 60_000)
+    mine = [e for _s, _n, entries in claims for e in entries if e.channel == ch]
+    assert [(e.name, e.rest) for e in mine] == [("member_removed", b"u2")]
+    await store.ack_outbox(shard, [e.id for e in mine])

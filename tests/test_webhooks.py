@@ -17,7 +17,7 @@ from gateway.server import httpclient
 from gateway.server.webhooks import WebhookSender, sign_webhook
 
 APP = AppConfig(id="1", key="app-key", secret="app-secret", webhook_batching=True)
-SINGLE = AppConfig(id="2", key="app-key-2", secret="app-secret-2")
+SINGLE = AppConfig(id="2", key="app-key-2", secret="app-secret-2", webhook_batching=False)
 
 
 class Receiver:
@@ -253,3 +253,59 @@ async def test_http_client_times_out() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+# --------------------------------------------------------------------------- endpoints, e2e
+
+
+def test_endpoints_filters_headers_and_a_hanging_endpoint(cluster: Any) -> None:
+    from nodes import APP_ID, APP_KEY, APP_SECRET, WebhookReceiver, WsClient, running_node
+    from polling import wait_until
+
+    with WebhookReceiver() as presence_only, WebhookReceiver() as everything:
+        everything.hang = 6.0  # longer than the 4 s a node waits for an answer
+        extra = f"""
+[[apps]]
+id = "{APP_ID}"
+key = "{APP_KEY}"
+secret = "{APP_SECRET}"
+
+[[apps.webhooks]]
+url = "{presence_only.url}"
+event_types = ["member_added", "member_removed"]
+channel_prefixes = ["presence-"]
+headers = {{ Authorization = "Bearer s3cr3t-t0ken" }}
+
+[[apps.webhooks]]
+url = "{everything.url}"
+"""
+        with running_node(
+            cluster.topology_path, node_id="hooks-ep", extra_toml=extra, app_flag=False, hold_ms=200
+        ) as node:
+            ws = WsClient(node.ws_url())
+            ws.subscribe("presence-ep", "u1")
+            ws.subscribe("public-ep")
+            ws.close()
+            got = presence_only.wait_for(
+                lambda evs: [e["name"] for e in evs] == ["member_added", "member_removed"],
+                "presence-ep",
+                timeout=15,
+            )
+            assert all(e["id"] for e in got)
+            assert presence_only.events("public-ep") == []  # filtered by prefix
+            assert all(r.headers["authorization"] == "Bearer s3cr3t-t0ken"
+                       for r in presence_only.requests)  # fmt: skip
+            # The hanging endpoint held nothing up; once it answers, it gets everything.
+            everything.hang = 0.0
+            names = {"member_added", "member_removed", "channel_occupied", "channel_vacated"}
+            wait_until(
+                lambda: (
+                    {e["name"] for e in everything.events("presence-ep")} == names
+                    and {e["name"] for e in everything.events("public-ep")}
+                    >= {"channel_occupied", "channel_vacated", "subscription_count"}
+                ),
+                30,
+                "the hanging endpoint's events after it recovered",
+            )
+            assert node.metric("pg_webhook_failures_total") >= 1
+            assert "s3cr3t-t0ken" not in node.output

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, assert_never
+from typing import Any, assert_never
 
 from gateway._native import member_frame
 from gateway.config import AppConfig, NodeConfig
@@ -41,7 +42,6 @@ from gateway.shards import contract
 from gateway.shards.contract import JoinResult, SubsResult, channel_key
 from gateway.shards.writer import WriteFailed
 from gateway.store.presence import (
-    Due,
     LocalChannel,
     LocalState,
     PresenceStore,
@@ -49,7 +49,7 @@ from gateway.store.presence import (
     SubsItem,
 )
 
-__all__ = ["Client", "Hub", "LocalMember", "WebhookQueue"]
+__all__ = ["Client", "Hub", "LocalMember"]
 
 log = logging.getLogger("gateway.hub")
 
@@ -67,14 +67,6 @@ def new_socket_id() -> str:
     import secrets
 
     return f"{secrets.randbelow(10**10)}.{secrets.randbelow(10**10)}"
-
-
-class WebhookQueue(Protocol):
-    """Where the hub's webhook events go (:class:`~gateway.server.webhooks.WebhookSender`)."""
-
-    def enqueue(self, app: AppConfig, url: str, event: dict[str, Any]) -> None:
-        """Queue one event for ``app``'s webhook ``url``."""
-        ...
 
 
 @dataclass(slots=True)
@@ -114,7 +106,6 @@ class Hub:
         config: NodeConfig,
         store: PresenceStore,
         pubsub: Subscriptions,
-        webhooks: WebhookQueue,
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -122,7 +113,7 @@ class Hub:
         self.config = config
         self.store = store
         self.pubsub = pubsub
-        self.webhooks = webhooks
+        self._hooks: dict[ChannelId, str] = {}
         self.metrics = metrics
         self.clock = clock
         self.clients: dict[int, Client] = {}
@@ -241,6 +232,7 @@ class Hub:
         frame. Returns the number of sockets closed per app id.
         """
         self.config = config
+        self._hooks.clear()
         closed: dict[str, int] = {}
         for client in list(self.clients.values()):
             app = config.app_by_id(client.app.id)
@@ -354,10 +346,6 @@ class Hub:
             refused = _Refused(4100, f"Presence channel is full ({limit} members)")
             self._join_failed(client, action, refused, counted=True)
         else:
-            if result.webhook and action.member is not None:
-                self._webhook(
-                    client.app, "member_added", action.channel, user_id=action.member.user_id
-                )
             self._join_done(client, action.channel, result.roster)
 
     async def _join_known(self, client: Client, action: Join) -> None:
@@ -486,7 +474,7 @@ class Hub:
         }
         if action.user_id is not None:
             extra["user_id"] = action.user_id
-        self._webhook(app, "client_event", action.channel, **extra)
+        self._webhook(app, "e", action.channel, extra)
 
     async def _send_cache(self, client: Client, channel: str) -> None:
         try:
@@ -497,7 +485,7 @@ class Hub:
             client.conn.send_text(frame)
         else:
             client.conn.send_text(messages.cache_miss(channel))
-            self._webhook(client.app, "cache_miss", channel)
+            self._webhook(client.app, "x", channel, None)
 
     # -- subscription counts -------------------------------------------------------------------
 
@@ -535,18 +523,13 @@ class Hub:
         items: list[SubsItem],
         results: list[SubsResult | BaseException],
     ) -> None:
-        for app, (_, channel, count, publish), result in zip(apps, items, results, strict=True):
+        for app, (_, channel, count, _publish), result in zip(apps, items, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("subscriber count of %s not written: %s", (app.id, channel), result)
                 continue
-            if channel in QUOTA_CHANNELS:
+            elif channel in QUOTA_CHANNELS:
                 self.quotas.written(app.id, channel, count)
-                continue
-            if result.occupied_webhook:
-                self._webhook(app, "channel_occupied", channel)
-            # Going to 0 is announced by channel_vacated; presence channels have no count.
-            if publish and result.after != result.before and result.after > 0:
-                self._webhook(app, "subscription_count", channel, subscription_count=result.after)
+        # Their webhooks (channel_occupied, subscription_count) are in the outbox already.
 
     # -- signed-in users -----------------------------------------------------------------------
 
@@ -677,11 +660,36 @@ class Hub:
 
     # -- webhooks and periodic work ------------------------------------------------------------
 
-    def _webhook(self, app: AppConfig, name: str, channel: str, **fields: Any) -> None:
-        # '#' channels (#server-to-user-{id}) are internal: apps get no webhooks for them.
-        if app.webhook_url and not channel.startswith("#"):
-            event = {"name": name, "channel": channel, **fields}
-            self.webhooks.enqueue(app, app.webhook_url, event)
+    def hooks_for(self, app_id: str, channel: str) -> str:
+        """The webhook kinds (letters of :data:`~gateway.shards.contract.HOOK_KINDS`) the app's
+        endpoints want on ``channel``: what its store writes record in the outbox."""
+        cid = (app_id, channel)
+        kinds = self._hooks.get(cid)
+        if kinds is None:
+            app = self.config.app_by_id(app_id)
+            # '#' channels (#server-to-user-{id}, #online-...) are internal: no webhooks.
+            if app is None or not app.endpoints or channel.startswith("#"):
+                kinds = ""
+            else:
+                wanted = {
+                    letter
+                    for name, letter in contract.HOOK_LETTERS.items()
+                    if any(e.wants(name, channel) for e in app.endpoints)
+                }
+                if not app.subscription_count:
+                    wanted.discard("c")
+                kinds = "".join(sorted(wanted))
+            if len(self._hooks) >= 65_536:
+                self._hooks.clear()
+            self._hooks[cid] = kinds
+        return kinds
+
+    def _webhook(self, app: AppConfig, kind: str, channel: str, fields: Any) -> None:
+        """A webhook that is no transition (``e`` client_event, ``x`` cache_miss): into the
+        channel's outbox when an endpoint wants it."""
+        if kind in self.hooks_for(app.id, channel):
+            rest = "" if fields is None else json.dumps(fields, separators=(",", ":"))
+            self._pending_write(self.store.submit_hook(app.id, channel, kind, rest))
 
     def local_state(self, shard: int) -> LocalState:
         """What this node really holds on ``shard``: the truth it re-asserts."""
@@ -728,18 +736,6 @@ class Hub:
                 if local is not None:
                     members[member.user_id] = local.info
         return LocalChannel(len(sockets), members, publish)
-
-    def send_webhooks(self, app_id: str, channel: str, due: Iterable[Due]) -> None:
-        """Send webhooks the store made due for this node: the transitions of a re-assertion,
-        or held webhooks this node claimed (``(name, user id or None)`` each)."""
-        app = self.config.app_by_id(app_id)
-        if app is None:
-            return
-        for name, user in due:
-            if user is None:
-                self._webhook(app, name, channel)
-            else:
-                self._webhook(app, name, channel, user_id=user)
 
     def compact(self) -> None:
         """Rebuild the channel tables: a dict keeps the size of its largest past content, so

@@ -21,6 +21,7 @@ from gateway.server.admission import Admission, AdmissionSettings
 from gateway.server.api import AdminApi, Api
 from gateway.server.frontdoor import FrontDoor, listen_backlog, start_frontdoor
 from gateway.server.hub import Hub
+from gateway.server.outbox import OutboxDispatcher
 from gateway.server.overload import LoadGuard
 from gateway.server.reload import AppsReloader, AppsSource
 from gateway.server.webhooks import WebhookSender
@@ -65,16 +66,24 @@ class GatewayNode:
             owner=self.owner,
             hold_ms=config.webhook_hold_ms,
             entry_ttl_ms=config.entry_ttl_ms,
+            # Late-bound: the hub is made below.
+            hooks=lambda app_id, channel: self.hub.hooks_for(app_id, channel),  # noqa: PLW0108
         )
         self.webhooks = WebhookSender(metrics=self.metrics)
         self.pubsub = PubSub(self.shards, self._on_message, metrics=self.metrics, lag=self._lag)
-        self.hub = Hub(config, self.store, self.pubsub, self.webhooks, self.metrics)
+        self.hub = Hub(config, self.store, self.pubsub, self.metrics)
+        self.outbox = OutboxDispatcher(
+            self.store,
+            self.webhooks,
+            lambda app_id: self.config.app_by_id(app_id),  # noqa: PLW0108 (apps get reloaded)
+            self.metrics,
+            lease_ms=config.webhook_lease_ms,
+        )
         self.healer = Healer(
             self.store,
             self.shards,
             self.hub.local_state,
             self.hub.local_channel,
-            self.hub.send_webhooks,
             self.metrics,
             HealingSettings(
                 lease_ms=config.lease_ms,
@@ -258,7 +267,7 @@ class GatewayNode:
             )
         self._loops += [
             asyncio.create_task(every(1.0, self._tick, name="activity", run_first=False)),
-            asyncio.create_task(every(0.25, self._claim_due, name="webhook-claim")),
+            asyncio.create_task(every(0.25, self.outbox.run_once, name="webhooks")),
             asyncio.create_task(every(0.5, self.hub.quotas.refresh, name="quotas")),
             asyncio.create_task(
                 every(
@@ -291,10 +300,6 @@ class GatewayNode:
         # heap pages returned to the system (glibc keeps them otherwise).
         self.hub.compact()
         release_free_memory()
-
-    async def _claim_due(self) -> None:
-        for item in await self.store.claim_due():
-            self.hub.send_webhooks(item.app_id, item.channel, [(item.name, item.user_id)])
 
     async def drain(self) -> None:
         """Leave gracefully (SIGTERM), without presence flaps; then :meth:`close`.
@@ -359,10 +364,11 @@ class GatewayNode:
         if self.hub.handing_over:  # a drain cut short: its members leave now
             await self.hub.finish_handover()
         await self.hub.drain()
-        # Held webhooks of our own leaves may already be due: send what we can claim.
-        with contextlib.suppress(Exception):
-            await self._claim_due()
+        # Webhooks in delivery get a last chance; what is left goes back to the outboxes for
+        # the other nodes (held ones of our own leaves are there already).
+        self.outbox.closing = True
         await self.webhooks.close()
+        await self.outbox.close()
         await self.writer.close()
         await self.pubsub.close()
         await self.shards.close()

@@ -49,6 +49,8 @@ from gateway.protocol.messages import FlatRoster
 
 __all__ = [
     "ERRORS",
+    "HOOK_KINDS",
+    "HOOK_LETTERS",
     "IDENTITY_KEY",
     "MESSAGES",
     "OPS",
@@ -56,7 +58,6 @@ __all__ = [
     "ChannelCounts",
     "CountMessage",
     "Due",
-    "DueWebhook",
     "ErrorName",
     "EventMessage",
     "JoinResult",
@@ -66,10 +67,12 @@ __all__ = [
     "MessageKind",
     "Op",
     "OpSpec",
+    "OutboxEntry",
     "Read",
     "ReadSpec",
     "SubsResult",
     "Terminate",
+    "ack",
     "admin_delete",
     "admin_expire",
     "cache",
@@ -94,6 +97,7 @@ __all__ = [
     "decode_subs",
     "decode_sync",
     "decode_user_ids",
+    "defer",
     "encode_count",
     "encode_event",
     "encode_member_added",
@@ -101,6 +105,7 @@ __all__ = [
     "encode_terminate",
     "entry_hash",
     "error_reason",
+    "hook",
     "lease",
     "member_entry",
     "ops_markdown",
@@ -242,14 +247,40 @@ class ChannelCounts:
     user_count: int
 
 
-@dataclass(frozen=True, slots=True)
-class DueWebhook:
-    """A held ``member_removed`` or ``channel_vacated`` webhook whose hold has passed."""
+#: Outbox kinds (one letter in the store) and the webhook event each is.
+HOOK_KINDS: dict[bytes, str] = {
+    b"a": "member_added",
+    b"m": "member_removed",
+    b"o": "channel_occupied",
+    b"v": "channel_vacated",
+    b"c": "subscription_count",
+    b"e": "client_event",
+    b"x": "cache_miss",
+}
+#: Event name to its kind letter.
+HOOK_LETTERS: dict[str, str] = {name: kind.decode() for kind, name in HOOK_KINDS.items()}
 
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A webhook event claimed from a shard's outbox.
+
+    Attributes:
+        id: Stable id (the same on every redelivery): receivers de-duplicate by it.
+        created_ms: When the transition happened (shard clock).
+        name: The webhook event name (``member_added``...).
+        app_id: The app.
+        channel: The channel.
+        rest: The user id (member events), the count (``subscription_count``) or the event's
+            JSON fields (``client_event``); empty otherwise.
+    """
+
+    id: str
+    created_ms: int
+    name: str
     app_id: str
     channel: str
-    name: str
-    user_id: str | None
+    rest: bytes
 
 
 #: A webhook a re-assertion made due: ``("channel_occupied", None)`` or
@@ -294,31 +325,45 @@ OPS: dict[str, OpSpec] = {
     spec.name: spec
     for spec in (
         OpSpec("pjoin", "channel",
-               ("owner", "user", "info", "exclude", "max", "hold", "ttl"),
+               ("owner", "user", "info", "exclude", "max", "hold", "ttl", "hooks"),
                "adds the owner's presence of the user; the user's first owner: **member_added** "
-               "(published as `M`), cancelling a held member_removed of the user",
-               "`{added, webhook, roster}`; `{-1}` when the channel has `max` users"),
-        OpSpec("pleave", "channel", ("owner", "user", "hold"),
+               "(published as `M`, its webhook in the outbox if `hooks` has `a`), cancelling a "
+               "held member_removed of the user",
+               "`{added, webhook, roster}`; `{-1}` when the channel has `max` users",
+               legacy=(7,)),
+        OpSpec("pleave", "channel", ("owner", "user", "hold", "hooks"),
                "removes it; the user's last owner: **member_removed** (published as `R`), its "
-               "webhook held `hold` ms",
-               "1 if it was the last owner"),
-        OpSpec("subs", "channel", ("owner", "count", "hold", "publish", "ttl"),
-               "sets the owner's socket count; total 0 → >0: **channel_occupied** (unless it "
-               "cancels a held vacate); >0 → 0: **channel_vacated**, held; `C<total>` published "
-               "when `publish` is 1",
-               "`{before, after, occupied_webhook}`"),
-        OpSpec("sync", "channel", ("owner", "count", "hold", "publish", "ttl", "n"),
+               "webhook held `hold` ms in the outbox (`m`)",
+               "1 if it was the last owner", legacy=(3,)),
+        OpSpec("subs", "channel", ("owner", "count", "hold", "publish", "ttl", "hooks"),
+               "sets the owner's socket count; total 0 → >0: **channel_occupied** (`o`, unless "
+               "it cancels a held vacate); >0 → 0: **channel_vacated** (`v`), held; `C<total>` "
+               "published when `publish` is 1; a new non-zero total: subscription_count (`c`)",
+               "`{before, after, occupied_webhook}`", legacy=(5,)),
+        OpSpec("sync", "channel", ("owner", "count", "hold", "publish", "ttl", "hooks", "n"),
                "re-assertion: makes the owner's entries exactly `count` and the `n` members, "
-               "through the transitions above",
-               "the webhooks due: `occupied`, `added\\0<user>`",
+               "through the transitions above (version 4: without `hooks`)",
+               "the transitions made: `occupied`, `added\\0<user>`",
                pairs=("user", "info")),
         OpSpec("publish", "channel", ("payload",),
                "publishes the payload (`E...` or `T`) on the channel key", "receivers"),
         OpSpec("cache", "channel", ("frame", "ttl"),
                "stores a cache channel's last event", "OK"),
-        OpSpec("claim", "shard", ("limit",),
-               "removes and returns held webhooks whose time has come",
-               "`{a:c}\\0m\\0<user>` or `{a:c}\\0v\\0` items"),
+        OpSpec("claim", "shard", ("limit", "lease_ms"),
+               "leases up to `limit` outbox entries to the caller for `lease_ms`: claimed ones "
+               "whose lease ran out, then due ones (version 4, `limit` only: removes due held "
+               "entries)",
+               "the shard's time (ms), then payloads `id\\0created\\0kind\\0key\\0rest`",
+               legacy=(1,)),
+        OpSpec("ack", "shard", ("ids",),
+               "removes delivered (or given up) outbox entries; `ids` one per line",
+               "entries removed"),
+        OpSpec("defer", "shard", ("ids", "delay_ms"),
+               "keeps claimed entries `delay_ms` longer (any node may claim them again after)",
+               "entries still claimed"),
+        OpSpec("hook", "channel", ("kind", "rest"),
+               "records a webhook that is no transition (`e` client_event, `x` cache_miss) in "
+               "the outbox, due now", "1"),
         OpSpec("lease", "shard", ("owner", "lease_ms", "first", "gap_ms", "grace_ms"),
                "refreshes the owner's lease (`first`: earlier incarnations of the node id are "
                "dead at once)",
@@ -349,6 +394,11 @@ def _n(value: int) -> bytes:
     return str(value).encode()
 
 
+def _hooks(kinds: str) -> bytes:
+    # Never empty nor a number: sync tells version 5's arguments from version 4's by it.
+    return kinds.encode() if kinds else b"-"
+
+
 def _flag(value: bool) -> bytes:
     return b"1" if value else b"0"
 
@@ -363,10 +413,12 @@ def pjoin(
     max_members: int,
     hold_ms: int,
     ttl_ms: int,
+    hooks: str = "",
 ) -> Op:
-    """``pjoin``: this owner holds ``user`` in the presence channel ``key``."""
+    """``pjoin``: this owner holds ``user`` in the presence channel ``key`` (``hooks``: the
+    webhook kinds wanted on the channel, see :data:`HOOK_KINDS`)."""
     args = (owner, user.encode(), (info or "").encode(), exclude.encode(), _n(max_members),
-            _n(hold_ms), _n(ttl_ms))  # fmt: skip
+            _n(hold_ms), _n(ttl_ms), _hooks(hooks))  # fmt: skip
     return (b"pjoin", key, args)
 
 
@@ -378,9 +430,9 @@ def decode_pjoin(reply: object) -> JoinResult:
     return JoinResult(items[0] == 1, items[1] == 1, FlatRoster(cast(list[bytes], items[2])))
 
 
-def pleave(key: bytes, *, owner: bytes, user: str, hold_ms: int) -> Op:
+def pleave(key: bytes, *, owner: bytes, user: str, hold_ms: int, hooks: str = "") -> Op:
     """``pleave``: this owner no longer holds ``user``."""
-    return (b"pleave", key, (owner, user.encode(), _n(hold_ms)))
+    return (b"pleave", key, (owner, user.encode(), _n(hold_ms), _hooks(hooks)))
 
 
 def decode_pleave(reply: object) -> bool:
@@ -388,9 +440,19 @@ def decode_pleave(reply: object) -> bool:
     return reply == 1
 
 
-def subs(key: bytes, *, owner: bytes, count: int, hold_ms: int, publish: bool, ttl_ms: int) -> Op:
+def subs(
+    key: bytes,
+    *,
+    owner: bytes,
+    count: int,
+    hold_ms: int,
+    publish: bool,
+    ttl_ms: int,
+    hooks: str = "",
+) -> Op:
     """``subs``: this owner's absolute socket count in the channel."""
-    return (b"subs", key, (owner, _n(count), _n(hold_ms), _flag(publish), _n(ttl_ms)))
+    args = (owner, _n(count), _n(hold_ms), _flag(publish), _n(ttl_ms), _hooks(hooks))
+    return (b"subs", key, args)
 
 
 def decode_subs(reply: object) -> SubsResult:
@@ -408,9 +470,11 @@ def sync(
     hold_ms: int,
     publish: bool,
     ttl_ms: int,
+    hooks: str = "",
 ) -> Op:
     """``sync``: this owner's entries in the channel are exactly ``count`` and ``members``."""
-    args = [owner, _n(count), _n(hold_ms), _flag(publish), _n(ttl_ms), _n(len(members))]
+    args = [owner, _n(count), _n(hold_ms), _flag(publish), _n(ttl_ms), _hooks(hooks),
+            _n(len(members))]  # fmt: skip
     for user, info in members.items():
         args += (user.encode(), (info or "").encode())
     return (b"sync", key, args)
@@ -437,22 +501,44 @@ def cache(key: bytes, *, frame: str, ttl_ms: int) -> Op:
     return (b"cache", key, (frame.encode(), _n(ttl_ms)))
 
 
-def claim(tag: bytes, *, limit: int) -> Op:
-    """``claim``: take held webhooks whose hold has passed (shard tag ``tag``)."""
-    return (b"claim", tag, (_n(limit),))
+def claim(tag: bytes, *, limit: int, lease_ms: int) -> Op:
+    """``claim``: lease up to ``limit`` outbox entries (shard tag ``tag``) for ``lease_ms``."""
+    return (b"claim", tag, (_n(limit), _n(lease_ms)))
 
 
-def decode_claim(reply: object) -> list[DueWebhook]:
-    """The reply of ``claim``."""
-    out: list[DueWebhook] = []
-    for item in cast(list[bytes], reply):
-        key, kind, user = item.split(b"\0", 2)
-        app_id, channel = parse_channel_key(key)
-        if kind == b"m":
-            out.append(DueWebhook(app_id, channel, "member_removed", user.decode()))
-        else:
-            out.append(DueWebhook(app_id, channel, "channel_vacated", None))
-    return out
+def decode_claim(reply: object) -> tuple[int, list[OutboxEntry]]:
+    """The reply of ``claim``: the shard's time (ms) and the entries (malformed ones are
+    skipped)."""
+    items = cast(list[object], reply)
+    now = cast(int, items[0])
+    out: list[OutboxEntry] = []
+    for item in cast(list[bytes], items[1:]):
+        parts = item.split(b"\0", 4)
+        name = HOOK_KINDS.get(parts[2]) if len(parts) == 5 else None
+        if name is None:
+            continue
+        try:
+            app_id, channel = parse_channel_key(parts[3])
+            created = int(parts[1])
+        except ValueError:
+            continue
+        out.append(OutboxEntry(parts[0].decode(), created, name, app_id, channel, parts[4]))
+    return now, out
+
+
+def ack(tag: bytes, ids: Sequence[str]) -> Op:
+    """``ack``: outbox entries delivered or given up."""
+    return (b"ack", tag, ("\n".join(ids).encode(),))
+
+
+def defer(tag: bytes, ids: Sequence[str], *, delay_ms: int) -> Op:
+    """``defer``: keep claimed entries for ``delay_ms`` more."""
+    return (b"defer", tag, ("\n".join(ids).encode(), _n(delay_ms)))
+
+
+def hook(key: bytes, *, kind: str, rest: str) -> Op:
+    """``hook``: record a client_event (``e``) or cache_miss (``x``) webhook in the outbox."""
+    return (b"hook", key, (kind.encode(), rest.encode()))
 
 
 def lease(
@@ -784,7 +870,7 @@ def ops_markdown() -> str:
         if spec.pairs:
             args += f" then n x ({' '.join(spec.pairs)})"
         if spec.legacy:
-            args += f" (also {', '.join(map(str, spec.legacy))} arguments: version 3)"
+            args += f" (also {', '.join(map(str, spec.legacy))}: older nodes)"
         lines.append(
             f"| `{spec.name}` ({spec.key}) | {args or '-'} | {spec.effect} | {spec.reply} |"
         )

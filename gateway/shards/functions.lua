@@ -7,12 +7,14 @@ the call was meant for this shard (uuid), under the current topology (epoch), an
 operation's tag was computed for its exact key. The framing is described in docs/write-path.md.
 ]]
 
-local LIB_VERSION = '4'
+local LIB_VERSION = '5'
 local IDENTITY = '__pg:shard'
 
 -- Set by apply() from the shard identity before any op runs: this shard's own hash tag, under
--- which its shard-wide keys live (':chans' occupied channels, ':due' held webhooks, ':nodes'
--- owner leases, ':idx:<owner>' the channels an owner has entries in, ':reaper' the reap lock).
+-- which its shard-wide keys live (':chans' occupied channels, ':nodes' owner leases,
+-- ':idx:<owner>' the channels an owner has entries in, ':reaper' the reap lock, and the
+-- webhook outbox: ':due' entries by due time, ':inflight' claimed entries by lease deadline,
+-- ':ev' their payloads, ':seq' the event counter).
 local SHARD = nil
 -- Per call: Redis time in ms, the shard's lease history (see beat()), and every owner's
 -- liveness as seen at that time.
@@ -152,9 +154,69 @@ local function index(key, owner)
   end
 end
 
+-- The webhook outbox. A transition records its webhook here in the same call that makes it,
+-- so a node killed right after loses nothing: any node claims due entries, delivers them and
+-- acknowledges them (claim, ack, defer below). An entry's payload (':ev'):
+-- id \0 created ms \0 kind \0 channel key \0 rest. Kinds: a member_added, m member_removed,
+-- o channel_occupied, v channel_vacated, c subscription_count, e client_event, x cache_miss;
+-- rest: the user id (a, m), the count (c), the event JSON (e). The id is stable: a receiver
+-- de-duplicates redeliveries by it. Ids of one millisecond sort in the order they were made
+-- (a zero-padded counter), and so do entries due at the same time. `hooks` (from the node's
+-- app settings): the kinds wanted on this channel; nil (a version-4 node) records only the
+-- held kinds, as version 4 did.
+local OUTBOX_TTL = 3600000
+
+local function wants(hooks, kind)
+  if hooks == nil then return kind == 'm' or kind == 'v' end
+  return string.find(hooks, kind, 1, true) ~= nil
+end
+
+local function new_id()
+  local n = redis.call('INCR', SHARD .. ':seq')
+  return SHARD .. ':' .. now_ms() .. ':' .. string.format('%012d', n)
+end
+
+local function outbox(kind, key, rest, at, name)
+  local id = new_id()
+  local ev, due = SHARD .. ':ev', SHARD .. ':due'
+  local payload = id .. '\0' .. now_ms() .. '\0' .. kind .. '\0' .. key .. '\0' .. rest
+  redis.call('HSET', ev, name or id, payload)
+  redis.call('ZADD', due, at, name or id)
+  for _, k in ipairs({ev, due, SHARD .. ':seq'}) do redis.call('PEXPIRE', k, OUTBOX_TTL) end
+end
+
+-- Payload of a held entry recorded by a version-4 node (a name, no payload).
+local function legacy_payload(name)
+  local key, kind, user = string.match(name, '^(.-)%z(%a)%z(.*)$')
+  if key == nil then return nil end
+  local id = new_id()
+  return id .. '\0' .. now_ms() .. '\0' .. kind .. '\0' .. key .. '\0' .. user
+end
+
+-- A held entry (named `name`, cancellable) whose time has not come: cancel it and say so. One
+-- whose time has come is due: it goes on under its own id (a new one of the same name may
+-- follow), and is not cancelled.
+local function cancel_held(name)
+  local due = SHARD .. ':due'
+  local score = redis.call('ZSCORE', due, name)
+  if not score then return false end
+  local ev = SHARD .. ':ev'
+  local val = redis.call('HGET', ev, name) or legacy_payload(name)
+  redis.call('ZREM', due, name)
+  redis.call('HDEL', ev, name)
+  if tonumber(score) > now_ms() then return true end
+  if val then
+    local id = string.match(val, '^[^%z]*')
+    redis.call('HSET', ev, id, val)
+    redis.call('ZADD', due, score, id)
+  end
+  return false
+end
+
 -- Adds an owner's presence of a user. Returns added (first owner of the user), webhook (a
--- member_added webhook is due: not when it cancels a held member_removed).
-local function add_member(key, owner, user, info, exclude)
+-- member_added webhook was recorded, or would be if wanted: not when it cancels a held
+-- member_removed).
+local function add_member(key, owner, user, info, exclude, hooks)
   local pkey = key .. ':p'
   local field = owner .. '\0' .. user
   if redis.call('HSET', pkey, field, info) == 0 then return false, false end
@@ -163,19 +225,24 @@ local function add_member(key, owner, user, info, exclude)
   -- The user id is length-prefixed: it may hold any byte, NUL included (gateway/shards/contract.py).
   -- 'M', not version 3's 'A': nodes of version 3 ignore kinds they do not know.
   redis.call('PUBLISH', key, 'M' .. exclude .. '\0' .. #user .. ':' .. user .. info)
-  return true, redis.call('ZREM', SHARD .. ':due', key .. '\0m\0' .. user) == 0
+  if cancel_held(key .. '\0m\0' .. user) then return true, false end
+  if wants(hooks, 'a') then outbox('a', key, user, now_ms()) end
+  return true, true
 end
 
 -- Removes an owner's presence of a user; on the user's last owner: member_removed, published
 -- now, its webhook held `hold` ms. Returns whether it was the last.
-local function remove_member(key, owner, user, hold)
+local function remove_member(key, owner, user, hold, hooks)
   if redis.call('HDEL', key .. ':p', owner .. '\0' .. user) == 0 then return false end
   local ukey = key .. ':u'
   if redis.call('HINCRBY', ukey, user, -1) > 0 then return false end
   redis.call('HDEL', ukey, user)
   redis.call('PUBLISH', key, 'R' .. user)
-  redis.call('ZADD', SHARD .. ':due', now_ms() + hold, key .. '\0m\0' .. user)
-  redis.call('PEXPIRE', SHARD .. ':due', hold + 600000)
+  if wants(hooks, 'm') then
+    local name = key .. '\0m\0' .. user
+    cancel_held(name)  -- an earlier one already due goes on under its own id
+    outbox('m', key, user, now_ms() + hold, name)
+  end
   return true
 end
 
@@ -185,7 +252,7 @@ end
 
 -- Sets an owner's absolute subscriber count. Returns before, after (totals over all owners)
 -- and whether a channel_occupied webhook is due.
-local function set_count(key, owner, count, hold, publish)
+local function set_count(key, owner, count, hold, publish, hooks)
   local skey = key .. ':s'
   local old = tonumber(redis.call('HGET', skey, owner) or '0')
   local before = total(skey, false)
@@ -203,11 +270,17 @@ local function set_count(key, owner, count, hold, publish)
     if redis.call('PTTL', SHARD .. ':chans') == -1 then
       redis.call('PEXPIRE', SHARD .. ':chans', 600000)
     end
-    occupied = redis.call('ZREM', SHARD .. ':due', key .. '\0v\0') == 0
+    occupied = not cancel_held(key .. '\0v\0')
+    if occupied and wants(hooks, 'o') then outbox('o', key, '', now_ms()) end
   elseif after == 0 and before > 0 then
     redis.call('SREM', SHARD .. ':chans', key)
-    redis.call('ZADD', SHARD .. ':due', now_ms() + hold, key .. '\0v\0')
-    redis.call('PEXPIRE', SHARD .. ':due', hold + 600000)
+    if wants(hooks, 'v') then
+      cancel_held(key .. '\0v\0')
+      outbox('v', key, '', now_ms() + hold, key .. '\0v\0')
+    end
+  end
+  if after > 0 and after ~= before and hooks and not is_presence(key) and wants(hooks, 'c') then
+    outbox('c', key, tostring(after), now_ms())
   end
   if publish and after > 0 and not is_presence(key) then
     -- Large channels announce their count at most every 5 s.
@@ -219,60 +292,74 @@ local function set_count(key, owner, count, hold, publish)
 end
 
 -- Presence join of one user on one gateway node (owner). args: owner, user_id, user_info,
--- exclude socket id, max members, webhook hold ms, ttl ms. Reply: {added, webhook, roster};
--- {-1} when the channel is full.
-local function pjoin(key, a, p)
+-- exclude socket id, max members, webhook hold ms, ttl ms, hooks (left out by version-4
+-- nodes). Reply: {added, webhook, roster}; {-1} when the channel is full.
+local function pjoin(key, a, p, argc)
   local owner, user, info, exclude = a[p], a[p + 1], a[p + 2], a[p + 3]
+  local hooks = argc == 8 and a[p + 7] or nil
   local ukey = key .. ':u'
   if redis.call('HEXISTS', ukey, user) == 0 and redis.call('HLEN', ukey) >= tonumber(a[p + 4]) then
     return {-1}
   end
-  local added, webhook = add_member(key, owner, user, info, exclude)
+  local added, webhook = add_member(key, owner, user, info, exclude, hooks)
   if not added then redis.call('HSET', key .. ':p', owner .. '\0' .. user, info) end
   touch(key, tonumber(a[p + 6]))
   return {added and 1 or 0, webhook and 1 or 0, roster(key)}
 end
 
--- Presence leave. args: owner, user_id, webhook hold ms. Reply: 1 if it was the last owner.
-local function pleave(key, a, p)
-  local last = remove_member(key, a[p], a[p + 1], tonumber(a[p + 2]))
+-- Presence leave. args: owner, user_id, webhook hold ms, hooks (may be left out). Reply: 1 if
+-- it was the last owner.
+local function pleave(key, a, p, argc)
+  local hooks = argc == 4 and a[p + 3] or nil
+  local last = remove_member(key, a[p], a[p + 1], tonumber(a[p + 2]), hooks)
   index(key, a[p])
   return last and 1 or 0
 end
 
 -- A node's absolute subscriber count. args: owner, count, hold ms, publish (1 = broadcast
--- pusher_internal:subscription_count), ttl ms. Reply: {before, after, occupied}.
-local function subs(key, a, p)
+-- pusher_internal:subscription_count), ttl ms, hooks (may be left out). Reply: {before, after,
+-- occupied}.
+local function subs(key, a, p, argc)
   local owner = a[p]
+  local hooks = argc == 6 and a[p + 5] or nil
   local before, after, occupied = set_count(key, owner, tonumber(a[p + 1]), tonumber(a[p + 2]),
-    a[p + 3] == '1')
+    a[p + 3] == '1', hooks)
   index(key, owner)
   touch(key, tonumber(a[p + 4]))
   return {before, after, occupied and 1 or 0}
 end
 
+-- Whether sync's arguments are version 5's (owner, count, hold, publish, ttl, hooks, n, pairs)
+-- rather than version 4's (no hooks). Hooks are letters, never a number.
+local function sync_v5(argc, a, first)
+  local n = tonumber(a[first + 6])
+  return tonumber(a[first + 5]) == nil and n ~= nil and argc >= 7 and argc == 7 + 2 * n
+end
+
 -- Re-assertion: make an owner's entries in a channel exactly what the node holds. args: owner,
--- count, hold, publish, ttl, n, then n pairs user, user_info. Reply: the webhooks due, as
--- strings 'occupied' and 'added\0<user>'.
-local function sync(key, a, p)
+-- count, hold, publish, ttl, hooks (left out by version-4 nodes), n, then n pairs user,
+-- user_info. Reply: the webhooks due, as strings 'occupied' and 'added\0<user>'.
+local function sync(key, a, p, argc)
   local owner, hold, ttl = a[p], tonumber(a[p + 2]), tonumber(a[p + 4])
-  local n = tonumber(a[p + 5])
+  local hooks, base = nil, p + 5
+  if sync_v5(argc, a, p) then hooks, base = a[p + 5], p + 6 end
+  local n = tonumber(a[base])
   local want, out = {}, {}
-  for i = 0, n - 1 do want[a[p + 6 + 2 * i]] = a[p + 7 + 2 * i] end
+  for i = 0, n - 1 do want[a[base + 1 + 2 * i]] = a[base + 2 + 2 * i] end
   local prefix = owner .. '\0'
   for _, f in ipairs(redis.call('HKEYS', key .. ':p')) do
     if string.sub(f, 1, #prefix) == prefix then
       local user = string.sub(f, #prefix + 1)
-      if want[user] == nil then remove_member(key, owner, user, hold) end
+      if want[user] == nil then remove_member(key, owner, user, hold, hooks) end
     end
   end
   for i = 0, n - 1 do
-    local user, info = a[p + 6 + 2 * i], a[p + 7 + 2 * i]
-    local added, webhook = add_member(key, owner, user, info, '')
+    local user, info = a[base + 1 + 2 * i], a[base + 2 + 2 * i]
+    local added, webhook = add_member(key, owner, user, info, '', hooks)
     if not added then redis.call('HSET', key .. ':p', owner .. '\0' .. user, info) end
     if webhook then out[#out + 1] = 'added\0' .. user end
   end
-  local _, _, occupied = set_count(key, owner, tonumber(a[p + 1]), hold, a[p + 3] == '1')
+  local _, _, occupied = set_count(key, owner, tonumber(a[p + 1]), hold, a[p + 3] == '1', hooks)
   if occupied then out[#out + 1] = 'occupied' end
   index(key, owner)
   touch(key, ttl)
@@ -344,7 +431,9 @@ local function check(key, a, p)
   if ttl > 0 then
     redis.call('PEXPIRE', idx, ttl)
     redis.call('PEXPIRE', key .. ':chans', ttl)
-    redis.call('PEXPIRE', key .. ':due', ttl)
+    for _, k in ipairs({':due', ':ev', ':inflight', ':seq'}) do
+      if redis.call('PTTL', key .. k) < ttl then redis.call('PEXPIRE', key .. k, math.max(ttl, OUTBOX_TTL)) end
+    end
   end
   return {n, tostring(sum)}
 end
@@ -358,12 +447,12 @@ local function reap_owner(key, owner, limit, hold)
   for _, ck in ipairs(redis.call('SRANDMEMBER', idx, limit)) do
     for _, f in ipairs(redis.call('HKEYS', ck .. ':p')) do
       if string.sub(f, 1, #prefix) == prefix then
-        remove_member(ck, owner, string.sub(f, #prefix + 1), hold)
+        remove_member(ck, owner, string.sub(f, #prefix + 1), hold, 'mv')
         removed = removed + 1
       end
     end
     if redis.call('HEXISTS', ck .. ':s', owner) == 1 then
-      set_count(ck, owner, 0, hold, true)
+      set_count(ck, owner, 0, hold, true, 'mv')
       removed = removed + 1
     end
     redis.call('SREM', idx, ck)
@@ -479,12 +568,86 @@ local function admin(key, a, p)
   return redis.error_reply('BADOP unknown admin action ' .. tostring(a[p]))
 end
 
--- Held webhooks whose time has come, claimed by exactly one caller. args: limit.
-local function claim(key, a, p)
-  local due = key .. ':due'
-  local items = redis.call('ZRANGEBYSCORE', due, '-inf', now_ms(), 'LIMIT', 0, tonumber(a[p]))
-  if #items > 0 then redis.call('ZREM', due, unpack(items)) end
-  return items
+-- Outbox entries to deliver (key: the shard tag). args: limit, lease ms. Entries claimed
+-- before whose lease ran out (the claiming node died or gave them back late) come first, then
+-- due ones; each is leased to the caller for `lease` ms (it acks or defers them meanwhile, or
+-- another node gets them after). Reply: the shard's time (ms), then the payloads (see
+-- outbox()).
+-- Version-4 form (args: limit): removes and returns due held entries named the version-4 way.
+local function claim(key, a, p, argc)
+  local due, inflight, ev = key .. ':due', key .. ':inflight', key .. ':ev'
+  local now, limit = now_ms(), tonumber(a[p])
+  if argc == 1 then
+    local out = {}
+    for _, name in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)) do
+      if string.find(name, '^.-%z%a%z') then
+        redis.call('ZREM', due, name)
+        redis.call('HDEL', ev, name)
+        out[#out + 1] = name
+      end
+    end
+    return out
+  end
+  local lease = tonumber(a[p + 1])
+  local out = {now}
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', inflight, '-inf', now, 'LIMIT', 0, limit)) do
+    local val = redis.call('HGET', ev, id)
+    if val then
+      redis.call('ZADD', inflight, now + lease, id)
+      out[#out + 1] = val
+    else
+      redis.call('ZREM', inflight, id)
+    end
+  end
+  if #out <= limit then
+    for _, name in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit + 1 - #out)) do
+      local val = redis.call('HGET', ev, name) or legacy_payload(name)
+      redis.call('ZREM', due, name)
+      redis.call('HDEL', ev, name)
+      if val then
+        local id = string.match(val, '^[^%z]*')
+        redis.call('HSET', ev, id, val)
+        redis.call('ZADD', inflight, now + lease, id)
+        out[#out + 1] = val
+      end
+    end
+  end
+  if #out > 1 then
+    for _, k in ipairs({ev, inflight}) do redis.call('PEXPIRE', k, OUTBOX_TTL) end
+  end
+  return out
+end
+
+-- Delivered (or given up): outbox entries leave (key: the shard tag). args: ids, one per line.
+-- Reply: entries removed.
+local function ack(key, a, p)
+  local n = 0
+  for id in string.gmatch(a[p], '[^\n]+') do
+    n = n + redis.call('ZREM', key .. ':inflight', id)
+    redis.call('HDEL', key .. ':ev', id)
+  end
+  return n
+end
+
+-- Keep claimed entries for longer, or give them back later (key: the shard tag). args: ids
+-- (one per line), delay ms: any node may claim them again that long from now. Reply: entries
+-- still claimed.
+local function defer(key, a, p)
+  local n, at = 0, now_ms() + tonumber(a[p + 1])
+  for id in string.gmatch(a[p], '[^\n]+') do
+    if redis.call('ZSCORE', key .. ':inflight', id) then
+      redis.call('ZADD', key .. ':inflight', at, id)
+      n = n + 1
+    end
+  end
+  return n
+end
+
+-- A webhook that is not a state transition (key: the channel). args: kind (e client_event, x
+-- cache_miss), rest. Recorded in the outbox, due now.
+local function hook(key, a, p)
+  outbox(a[p], key, a[p + 1], now_ms())
+  return 1
 end
 
 -- op name -> {argument count (a list: any of these; -1: variable, see arity_ok), apply(key,
@@ -499,15 +662,18 @@ local OPS = {
   hdel = {1, function(key, a, p) return redis.call('HDEL', key, a[p]) end},
   del = {0, function(key) return redis.call('DEL', key) end},
   pexpire = {1, function(key, a, p) return redis.call('PEXPIRE', key, a[p]) end},
-  pjoin = {7, pjoin},
-  pleave = {3, pleave},
-  subs = {5, subs},
+  pjoin = {{7, 8}, pjoin},
+  pleave = {{3, 4}, pleave},
+  subs = {{5, 6}, subs},
   sync = {-1, sync},
   publish = {1, function(key, a, p) return redis.call('PUBLISH', key, a[p]) end},
   cache = {2, function(key, a, p)
     return redis.call('SET', key .. ':c', a[p], 'PX', a[p + 1])
   end},
-  claim = {1, claim},
+  claim = {{1, 2}, claim},
+  ack = {1, ack},
+  defer = {2, defer},
+  hook = {2, hook},
   lease = {{3, 5}, lease},
   check = {2, check},
   reap = {{4, 5}, reap},
@@ -526,7 +692,8 @@ local function arity_ok(arity, argc, argv, first)
     return false
   end
   if arity == -1 then
-    return argc >= 6 and argc == 6 + 2 * (tonumber(argv[first + 5]) or -1)
+    return sync_v5(argc, argv, first)
+      or (argc >= 6 and argc == 6 + 2 * (tonumber(argv[first + 5]) or -1))
   end
   return arity == argc
 end
@@ -560,7 +727,7 @@ local function apply(keys, argv)
   if err then return redis.error_reply(err) end
   local prefix = argv[1] .. ':' .. argv[2] .. ':'
   local n, nargs = #keys, #argv
-  local out, starts = {}, {}
+  local out, starts, argcs = {}, {}, {}
   local p = 3
   -- First pass: framing and tags, no effect yet.
   for i = 1, n do
@@ -577,6 +744,7 @@ local function apply(keys, argv)
       out[i] = redis.error_reply('BADTAG tag does not match key ' .. keys[i])
     else
       starts[i] = first
+      argcs[i] = argc
     end
   end
   if p - 1 ~= nargs then
@@ -585,7 +753,7 @@ local function apply(keys, argv)
   -- Second pass: apply the verified operations in order.
   for i = 1, n do
     local first = starts[i]
-    if first then out[i] = OPS[argv[first - 3]][2](keys[i], argv, first) end
+    if first then out[i] = OPS[argv[first - 3]][2](keys[i], argv, first, argcs[i]) end
   end
   return out
 end

@@ -55,6 +55,9 @@ class ShardReport:
     keys_without_expiry: list[str] = field(default_factory=list)
     foreign_keys: list[str] = field(default_factory=list)
     repaired: dict[str, int] = field(default_factory=dict)
+    #: The webhook outbox: entries waiting (held or due) and entries a node is delivering.
+    webhooks_waiting: int = 0
+    webhooks_in_delivery: int = 0
 
     @property
     def problems(self) -> int:
@@ -154,6 +157,10 @@ async def _audit_shard(
                 report.keys_without_expiry.append(_text(key))
     report.keys = dict(counts)
     report.memory_bytes = dict(memory)
+    waiting, delivering = await _read(
+        conn, [("ZCARD", tag + b":due"), ("ZCARD", tag + b":inflight")]
+    )
+    report.webhooks_waiting, report.webhooks_in_delivery = int(waiting), int(delivering)
 
     dead: Counter[str] = Counter()
     unknown: Counter[str] = Counter()
@@ -304,6 +311,10 @@ def format_report(reports: list[ShardReport], *, as_json: bool = False) -> str:
         lines.append(f"  keys: {keys or 'none'}")
         mem = ", ".join(f"{k} {n / 1024:.1f} KiB" for k, n in sorted(r.memory_bytes.items()))
         lines.append(f"  memory: {mem or 'none'}")
+        lines.append(
+            f"  webhook outbox: {r.webhooks_waiting} waiting (held or due), "
+            f"{r.webhooks_in_delivery} being delivered"
+        )
         sections = (
             ("keys on the wrong shard", r.wrong_shard_keys),
             ("entries of dead owners", [f"{o}: {n}" for o, n in r.dead_owner_entries.items()]),

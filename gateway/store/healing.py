@@ -25,7 +25,7 @@ from gateway.shards import contract
 from gateway.shards.shardset import ShardLink, ShardSet
 from gateway.shards.writer import WriteFailed
 from gateway.store.lease import LeaseKeeper, LeaseSettings
-from gateway.store.presence import Due, LocalChannel, LocalState
+from gateway.store.presence import LocalChannel, LocalState
 from gateway.store.presence_redis import RedisPresenceStore
 
 __all__ = ["Healer", "HealingSettings", "digest"]
@@ -99,8 +99,6 @@ class Healer:
         local_state: Returns what the node really holds on a shard.
         local_channel: Returns what the node really holds in one channel (``app_id``,
             ``channel``), read right before that channel is re-asserted.
-        on_webhooks: Called with ``(app_id, channel, [(name, user_id)])`` for webhooks that a
-            re-assertion's transitions made due.
         metrics: Where the counters go.
         settings: Timing.
     """
@@ -111,7 +109,6 @@ class Healer:
         shards: ShardSet,
         local_state: Callable[[int], LocalState],
         local_channel: Callable[[str, str], LocalChannel],
-        on_webhooks: Callable[[str, str, list[Due]], None],
         metrics: Metrics,
         settings: HealingSettings | None = None,
     ) -> None:
@@ -119,7 +116,6 @@ class Healer:
         self.shards = shards
         self.local_state = local_state
         self.local_channel = local_channel
-        self.on_webhooks = on_webhooks
         self.metrics = metrics
         self.settings = settings or HealingSettings()
         self.token = store.owner.decode()
@@ -271,11 +267,8 @@ class Healer:
                 (app_id, channel, self.local_channel(app_id, channel)) for app_id, channel in chunk
             ]
             results = await self.store.sync_many(batch)
-            for (app_id, channel), result in zip(chunk, results, strict=True):
-                if isinstance(result, BaseException):
-                    failed += 1
-                elif result:
-                    self.on_webhooks(app_id, channel, result)
+            # A re-assertion's transitions record their webhooks in the outbox themselves.
+            failed += sum(isinstance(result, BaseException) for result in results)
         log.info(
             "shard %s: re-asserted %d channels (%s)%s",
             name,

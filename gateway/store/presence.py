@@ -16,9 +16,12 @@ The semantics, decided atomically per channel on the channel's shard:
   ``channel_vacated`` (back to 0). Member changes are published to every node listening to the
   channel; the caller whose write made an ``added``/``occupied`` transition gets a flag saying
   its webhook is due.
-* ``member_removed`` and ``channel_vacated`` webhooks are **held** for ``hold_ms``: the same
-  transition back within the hold cancels both webhooks (a page reload sends none); after it,
-  exactly one caller of :meth:`PresenceStore.claim_due` gets each.
+* Webhooks are recorded in the shard's **outbox** by the same call that makes their
+  transition (only the kinds the app wants on the channel, see ``hooks``), with a stable id.
+  ``member_removed`` and ``channel_vacated`` are **held** for ``hold_ms``: the same transition
+  back within the hold cancels both (a page reload sends none). Any node claims due entries
+  (:meth:`PresenceStore.claim_outbox`, leased), delivers them and acknowledges them; entries of
+  a node that died meanwhile are claimed again when their lease runs out (at least once).
 * Reads count only owners whose **lease** is live; the reaper removes a dead owner's entries
   through the same transitions (so ``member_removed`` goes out for users it held).
 """
@@ -30,15 +33,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.shards.contract import ChannelCounts, Due, DueWebhook, JoinResult, SubsResult
+from gateway.shards.contract import ChannelCounts, Due, JoinResult, OutboxEntry, SubsResult
 
 __all__ = [
     "ChannelCounts",
     "Due",
-    "DueWebhook",
+    "HooksFor",
     "JoinResult",
     "LocalChannel",
     "LocalState",
+    "OutboxEntry",
     "PresenceStore",
     "SubsItem",
     "SubsResult",
@@ -63,6 +67,10 @@ class LocalChannel:
 
 #: (app id, channel) -> what the node holds there.
 LocalState = dict[tuple[str, str], LocalChannel]
+
+#: The webhook kinds (letters of :data:`gateway.shards.contract.HOOK_KINDS`) an app wants
+#: recorded for a channel: ``hooks_for(app_id, channel)``.
+HooksFor = Callable[[str, str], str]
 
 #: One subscriber count to write: (app id, channel, count, publish_count), as
 #: :meth:`PresenceStore.set_subscribers` takes them.
@@ -168,9 +176,26 @@ class PresenceStore(Protocol):
         """Remember ``frame`` as the last event of a cache channel."""
         ...
 
-    async def claim_due(self, limit: int = 100) -> list[DueWebhook]:
-        """Claim held webhooks whose hold has passed, on every usable shard (each item is
-        claimed by exactly one caller in the deployment)."""
+    async def claim_outbox(
+        self, limit: int, lease_ms: int
+    ) -> list[tuple[int, int, list[OutboxEntry]]]:
+        """Lease due outbox entries on every usable shard to this node for ``lease_ms``:
+        ``(shard, shard clock ms, entries)`` per shard. Each entry goes to one node at a time;
+        if it is neither acknowledged nor deferred within the lease, any node may claim it
+        again."""
+        ...
+
+    async def ack_outbox(self, shard: int, ids: Sequence[str]) -> None:
+        """Outbox entries delivered (or given up): they leave the shard."""
+        ...
+
+    async def defer_outbox(self, shard: int, ids: Sequence[str], delay_ms: int) -> None:
+        """Keep claimed outbox entries leased ``delay_ms`` longer (0: give them back now)."""
+        ...
+
+    def submit_hook(self, app_id: str, channel: str, kind: str, rest: str) -> asyncio.Future[Any]:
+        """Record a webhook that is no transition (``e`` client_event, ``x`` cache_miss) in
+        the channel's outbox; the future completes with True or the error."""
         ...
 
     async def lease(

@@ -36,9 +36,10 @@ from gateway.shards.writer import ShardUnavailableError
 from gateway.store.presence import (
     ChannelCounts,
     Due,
-    DueWebhook,
+    HooksFor,
     JoinResult,
     LocalChannel,
+    OutboxEntry,
     SubsItem,
     SubsResult,
 )
@@ -83,7 +84,10 @@ class _Shard:
     index: int
     channels: dict[bytes, _Channel] = field(default_factory=dict)
     occupied: set[bytes] = field(default_factory=set)  # ':chans'
-    due: dict[bytes, int] = field(default_factory=dict)  # ':due': item -> due time (ms)
+    due: dict[bytes, int] = field(default_factory=dict)  # ':due': name -> due time (ms)
+    inflight: dict[bytes, int] = field(default_factory=dict)  # ':inflight': id -> deadline
+    ev: dict[bytes, bytes] = field(default_factory=dict)  # ':ev': name or id -> payload
+    seq: int = 0  # ':seq'
     nodes: dict[bytes, int] = field(default_factory=dict)  # ':nodes': owner -> deadline (ms)
     owner_index: dict[bytes, set[bytes]] = field(default_factory=dict)  # ':idx:<owner>'
     reaper: tuple[str, int] | None = None  # (token, lock expiry)
@@ -179,10 +183,17 @@ class MemoryShards:
         self._up[shard].set()
 
     def store(
-        self, owner: str, *, hold_ms: int = 3000, max_members: int = 100
+        self,
+        owner: str,
+        *,
+        hold_ms: int = 3000,
+        max_members: int = 100,
+        hooks: HooksFor | None = None,
     ) -> MemoryPresenceStore:
         """A node's view (its writes carry ``owner``)."""
-        return MemoryPresenceStore(self, owner=owner, hold_ms=hold_ms, max_members=max_members)
+        return MemoryPresenceStore(
+            self, owner=owner, hold_ms=hold_ms, max_members=max_members, hooks=hooks
+        )
 
     def subscriptions(self, on_message: OnMessage) -> MemorySubscriptions:
         """A node's Pub/Sub: messages on keys it subscribed to go to ``on_message``."""
@@ -286,8 +297,32 @@ class _Ops:
         else:
             self.shard.owner_index.get(owner, set()).discard(key)
 
+    # -- the outbox (functions.lua: outbox, cancel_held) -------------------------------------
+
+    def outbox(self, kind: str, key: bytes, rest: str, at: int, name: bytes | None = None) -> None:
+        shard = self.shard
+        shard.seq += 1
+        ident = f"mem-{shard.index}:{self.now}:{shard.seq:012d}".encode()
+        payload = b"\0".join((ident, str(self.now).encode(), kind.encode(), key, rest.encode()))
+        shard.ev[name or ident] = payload
+        shard.due[name or ident] = at
+
+    def cancel_held(self, name: bytes) -> bool:
+        shard = self.shard
+        at = shard.due.pop(name, None)
+        if at is None:
+            return False
+        payload = shard.ev.pop(name, None)
+        if at > self.now:
+            return True
+        if payload is not None:  # due already: it goes on under its own id
+            ident = payload.split(b"\0", 1)[0]
+            shard.ev[ident] = payload
+            shard.due[ident] = at
+        return False
+
     def add_member(
-        self, key: bytes, owner: bytes, user: str, info: str, exclude: str
+        self, key: bytes, owner: bytes, user: str, info: str, exclude: str, hooks: str | None
     ) -> tuple[bool, bool]:
         chan = self.channel(key)
         if (owner, user) in chan.members:
@@ -299,10 +334,15 @@ class _Ops:
         if chan.users[user] != 1:
             return False, False
         self.publish(key, c.encode_member_added(user, info or None, exclude or None))
-        cancelled = self.shard.due.pop(key + b"\0m\0" + user.encode(), None) is not None
-        return True, not cancelled
+        if self.cancel_held(key + b"\0m\0" + user.encode()):
+            return True, False
+        if _wants(hooks, "a"):
+            self.outbox("a", key, user, self.now)
+        return True, True
 
-    def remove_member(self, key: bytes, owner: bytes, user: str, hold: int) -> bool:
+    def remove_member(
+        self, key: bytes, owner: bytes, user: str, hold: int, hooks: str | None
+    ) -> bool:
         chan = self.channel(key)
         if chan.members.pop((owner, user), None) is None:
             return False
@@ -312,11 +352,14 @@ class _Ops:
             return False
         chan.users.pop(user, None)
         self.publish(key, c.encode_member_removed(user))
-        self.shard.due[key + b"\0m\0" + user.encode()] = self.now + hold
+        if _wants(hooks, "m"):
+            name = key + b"\0m\0" + user.encode()
+            self.cancel_held(name)
+            self.outbox("m", key, user, self.now + hold, name)
         return True
 
     def set_count(
-        self, key: bytes, owner: bytes, count: int, hold: int, publish: bool
+        self, key: bytes, owner: bytes, count: int, hold: int, publish: bool, hooks: str | None
     ) -> tuple[int, int, bool]:
         chan = self.channel(key)
         old = chan.counts.get(owner, 0)
@@ -332,10 +375,17 @@ class _Ops:
         occupied = False
         if before == 0 and after > 0:
             self.shard.occupied.add(key)
-            occupied = self.shard.due.pop(key + b"\0v\0", None) is None
+            occupied = not self.cancel_held(key + b"\0v\0")
+            if occupied and _wants(hooks, "o"):
+                self.outbox("o", key, "", self.now)
         elif after == 0 and before > 0:
             self.shard.occupied.discard(key)
-            self.shard.due[key + b"\0v\0"] = self.now + hold
+            if _wants(hooks, "v"):
+                self.cancel_held(key + b"\0v\0")
+                self.outbox("v", key, "", self.now + hold, key + b"\0v\0")
+        presence = b":presence-" in key
+        if after > 0 and after != before and hooks and not presence and _wants(hooks, "c"):
+            self.outbox("c", key, str(after), self.now)
         announce = after <= _COUNT_RATE_LIMIT_ABOVE or chan.count_quiet_until <= self.now
         if publish and after > 0 and b":presence-" not in key and announce:
             if after > _COUNT_RATE_LIMIT_ABOVE:
@@ -349,10 +399,10 @@ class _Ops:
         for key in list(keys)[:limit]:
             chan = self.channel(key)
             for o, user in [m for m in chan.members if m[0] == owner]:
-                self.remove_member(key, o, user, hold)
+                self.remove_member(key, o, user, hold, "mv")
                 removed += 1
             if owner in chan.counts:
-                self.set_count(key, owner, 0, hold, True)
+                self.set_count(key, owner, 0, hold, True, "mv")
                 removed += 1
             keys.discard(key)
             done += 1
@@ -367,9 +417,16 @@ class MemoryPresenceStore:
     :class:`~gateway.store.presence.PresenceStore`)."""
 
     def __init__(
-        self, shards: MemoryShards, *, owner: str, hold_ms: int = 3000, max_members: int = 100
+        self,
+        shards: MemoryShards,
+        *,
+        owner: str,
+        hold_ms: int = 3000,
+        max_members: int = 100,
+        hooks: HooksFor | None = None,
     ) -> None:
         self.shards = shards
+        self.hooks_for: HooksFor = hooks or (lambda app_id, channel: "")
         self.owner = owner.encode()
         self.hold_ms = hold_ms
         self.max_members = max_members
@@ -430,7 +487,8 @@ class MemoryPresenceStore:
         limit = self.max_members if max_members is None else max_members
         if user_id not in chan.users and len(chan.users) >= limit:
             return JoinResult(False, False, None)
-        added, webhook = ops.add_member(key, self.owner, user_id, user_info or "", exclude)
+        hooks = self.hooks_for(app_id, channel)
+        added, webhook = ops.add_member(key, self.owner, user_id, user_info or "", exclude, hooks)
         return JoinResult(added, webhook, ops.roster(chan))
 
     def submit_join(
@@ -477,7 +535,8 @@ class MemoryPresenceStore:
     async def leave(self, app_id: str, channel: str, user_id: str) -> bool:
         """See :meth:`PresenceStore.leave`."""
         ops, key = await self._ops("pleave", app_id, channel)
-        last = ops.remove_member(key, self.owner, user_id, self.hold_ms)
+        hooks = self.hooks_for(app_id, channel)
+        last = ops.remove_member(key, self.owner, user_id, self.hold_ms, hooks)
         ops.index(key, self.owner)
         return last
 
@@ -486,7 +545,10 @@ class MemoryPresenceStore:
     ) -> SubsResult:
         """See :meth:`PresenceStore.set_subscribers`."""
         ops, key = await self._ops("subs", app_id, channel)
-        before, after, occupied = ops.set_count(key, self.owner, count, self.hold_ms, publish_count)
+        hooks = self.hooks_for(app_id, channel)
+        before, after, occupied = ops.set_count(
+            key, self.owner, count, self.hold_ms, publish_count, hooks
+        )
         ops.index(key, self.owner)
         return SubsResult(before, after, occupied)
 
@@ -505,17 +567,18 @@ class MemoryPresenceStore:
     async def sync(self, app_id: str, channel: str, local: LocalChannel) -> list[Due]:
         """Re-assert one channel (see :meth:`sync_many`)."""
         ops, key = await self._ops("sync", app_id, channel)
+        hooks = self.hooks_for(app_id, channel)
         chan = ops.channel(key)
         due: list[Due] = []
         for owner, user in [m for m in chan.members if m[0] == self.owner]:
             if user not in local.members:
-                ops.remove_member(key, owner, user, self.hold_ms)
+                ops.remove_member(key, owner, user, self.hold_ms, hooks)
         for user, info in local.members.items():
-            _, webhook = ops.add_member(key, self.owner, user, info or "", "")
+            _, webhook = ops.add_member(key, self.owner, user, info or "", "", hooks)
             if webhook:
                 due.append(("member_added", user))
         _, _, occupied = ops.set_count(
-            key, self.owner, local.count, self.hold_ms, local.publish_count
+            key, self.owner, local.count, self.hold_ms, local.publish_count, hooks
         )
         if occupied:
             due.append(("channel_occupied", None))
@@ -532,22 +595,63 @@ class MemoryPresenceStore:
         ops, key = await self._ops("cache", app_id, channel)
         ops.channel(key).cache = (frame, ops.now + ttl_ms)
 
-    async def claim_due(self, limit: int = 100) -> list[DueWebhook]:
-        """See :meth:`PresenceStore.claim_due`."""
-        out: list[DueWebhook] = []
+    async def claim_outbox(
+        self, limit: int, lease_ms: int
+    ) -> list[tuple[int, int, list[OutboxEntry]]]:
+        """See :meth:`PresenceStore.claim_outbox`."""
+        out = []
         for shard in self.shards.shards:
             if not shard.up:
                 continue
             ops = await self._shard_ops("claim", shard.index)
-            ready = sorted((at, item) for item, at in ops.shard.due.items() if at <= ops.now)[
-                :limit
-            ]
-            items = []
-            for _, item in ready:
-                del ops.shard.due[item]
-                items.append(item)
-            out += c.decode_claim(items)
+            now = ops.now
+            payloads: list[bytes] = []
+            for ident, at in sorted(shard.inflight.items(), key=lambda kv: kv[1]):
+                if at > now or len(payloads) >= limit:
+                    break
+                if ident in shard.ev:
+                    shard.inflight[ident] = now + lease_ms
+                    payloads.append(shard.ev[ident])
+                else:
+                    del shard.inflight[ident]
+            due = sorted((at, name) for name, at in shard.due.items() if at <= now)
+            for _, name in due[: max(0, limit - len(payloads))]:
+                del shard.due[name]
+                payload = shard.ev.pop(name, None)
+                if payload is None:
+                    continue
+                ident = payload.split(b"\0", 1)[0]
+                shard.ev[ident] = payload
+                shard.inflight[ident] = now + lease_ms
+                payloads.append(payload)
+            _, entries = c.decode_claim([now, *payloads])
+            if entries:
+                out.append((shard.index, now, entries))
         return out
+
+    async def ack_outbox(self, shard: int, ids: Sequence[str]) -> None:
+        """See :meth:`PresenceStore.ack_outbox`."""
+        ops = await self._shard_ops("ack", shard)
+        for ident in ids:
+            ops.shard.inflight.pop(ident.encode(), None)
+            ops.shard.ev.pop(ident.encode(), None)
+
+    async def defer_outbox(self, shard: int, ids: Sequence[str], delay_ms: int) -> None:
+        """See :meth:`PresenceStore.defer_outbox`."""
+        ops = await self._shard_ops("defer", shard)
+        for ident in ids:
+            if ident.encode() in ops.shard.inflight:
+                ops.shard.inflight[ident.encode()] = ops.now + delay_ms
+
+    def submit_hook(self, app_id: str, channel: str, kind: str, rest: str) -> asyncio.Future[Any]:
+        """See :meth:`PresenceStore.submit_hook`."""
+
+        async def run() -> bool:
+            ops, key = await self._ops("hook", app_id, channel)
+            ops.outbox(kind, key, rest, ops.now)
+            return True
+
+        return asyncio.ensure_future(run())
 
     async def lease(
         self, shard: int, lease_ms: int, *, first: bool, gap_ms: int, grace_ms: int
@@ -699,3 +803,10 @@ class MemorySubscriptions:
 
     def compact(self) -> None:
         """Nothing to give back."""
+
+
+def _wants(hooks: str | None, kind: str) -> bool:
+    """Whether ``kind`` is recorded (``None``: a version-4 node's call, held kinds only)."""
+    if hooks is None:
+        return kind in "mv"
+    return kind in hooks

@@ -14,7 +14,6 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from gateway._native import ReplyError
 from gateway.shards import contract as c
 from gateway.shards.connection import ConnectionLost
 from gateway.shards.shardset import ShardSet
@@ -22,9 +21,10 @@ from gateway.shards.writer import BatchWriter, ShardUnavailableError
 from gateway.store.presence import (
     ChannelCounts,
     Due,
-    DueWebhook,
+    HooksFor,
     JoinResult,
     LocalChannel,
+    OutboxEntry,
     SubsItem,
     SubsResult,
 )
@@ -86,6 +86,7 @@ class RedisPresenceStore:
         hold_ms: How long ``member_removed`` / ``channel_vacated`` webhooks are held.
         max_members: Presence members per channel.
         entry_ttl_ms: Expiry of every entry unless refreshed by the anti-entropy check.
+        hooks: The webhook kinds an app wants recorded for a channel (default: none).
     """
 
     def __init__(
@@ -97,7 +98,9 @@ class RedisPresenceStore:
         hold_ms: int = 3000,
         max_members: int = 100,
         entry_ttl_ms: int = 300_000,
+        hooks: HooksFor | None = None,
     ) -> None:
+        self.hooks_for: HooksFor = hooks or _no_hooks
         self.shards = shards
         self.writer = writer
         self.owner = owner.encode()
@@ -161,11 +164,16 @@ class RedisPresenceStore:
             max_members=self.max_members if max_members is None else max_members,
             hold_ms=self.hold_ms,
             ttl_ms=self.ttl_ms,
+            hooks=self.hooks_for(app_id, channel),
         )
 
     def _leave_op(self, app_id: str, channel: str, user_id: str) -> c.Op:
         return c.pleave(
-            c.channel_key(app_id, channel), owner=self.owner, user=user_id, hold_ms=self.hold_ms
+            c.channel_key(app_id, channel),
+            owner=self.owner,
+            user=user_id,
+            hold_ms=self.hold_ms,
+            hooks=self.hooks_for(app_id, channel),
         )
 
     def submit_join(
@@ -207,6 +215,7 @@ class RedisPresenceStore:
                 hold_ms=self.hold_ms,
                 publish=publish,
                 ttl_ms=self.ttl_ms,
+                hooks=self.hooks_for(app_id, channel),
             )
             for app_id, channel, count, publish in items
         ]
@@ -229,6 +238,7 @@ class RedisPresenceStore:
             hold_ms=self.hold_ms,
             publish=publish_count,
             ttl_ms=self.ttl_ms,
+            hooks=self.hooks_for(app_id, channel),
         )
         return c.decode_subs(await self._write(op))
 
@@ -242,6 +252,7 @@ class RedisPresenceStore:
             hold_ms=self.hold_ms,
             publish=local.publish_count,
             ttl_ms=self.ttl_ms,
+            hooks=self.hooks_for(app_id, channel),
         )
 
     async def sync_many(
@@ -317,18 +328,38 @@ class RedisPresenceStore:
         """See :meth:`PresenceStore.cache_set`."""
         await self._write(c.cache(c.channel_key(app_id, channel), frame=frame, ttl_ms=ttl_ms))
 
-    async def claim_due(self, limit: int = 100) -> list[DueWebhook]:
-        """See :meth:`PresenceStore.claim_due`."""
-        out: list[DueWebhook] = []
-        for link in self.shards.links:
-            if not link.usable or link.identity is None or not link.identity.tag:
-                continue
-            try:
-                items = await self._write(c.claim(link.identity.tag.encode(), limit=limit))
-            except (ShardUnavailableError, ReplyError):
-                continue
-            out += c.decode_claim(items)
+    async def claim_outbox(
+        self, limit: int, lease_ms: int
+    ) -> list[tuple[int, int, list[OutboxEntry]]]:
+        """See :meth:`PresenceStore.claim_outbox`."""
+        usable = [
+            link.index
+            for link in self.shards.links
+            if link.usable and link.identity is not None and link.identity.tag
+        ]
+        ops = [c.claim(self._tag(i), limit=limit, lease_ms=lease_ms) for i in usable]
+        replies = await self.writer.submit_many(ops) if ops else []
+        out = []
+        for shard, reply in zip(usable, replies, strict=True):
+            if isinstance(reply, BaseException):
+                continue  # that shard's entries wait for the next claim
+            now, entries = c.decode_claim(reply)
+            if entries:
+                out.append((shard, now, entries))
         return out
+
+    async def ack_outbox(self, shard: int, ids: Sequence[str]) -> None:
+        """See :meth:`PresenceStore.ack_outbox`."""
+        await self._write(c.ack(self._tag(shard), ids))
+
+    async def defer_outbox(self, shard: int, ids: Sequence[str], delay_ms: int) -> None:
+        """See :meth:`PresenceStore.defer_outbox`."""
+        await self._write(c.defer(self._tag(shard), ids, delay_ms=delay_ms))
+
+    def submit_hook(self, app_id: str, channel: str, kind: str, rest: str) -> asyncio.Future[Any]:
+        """See :meth:`PresenceStore.submit_hook`."""
+        op = c.hook(c.channel_key(app_id, channel), kind=kind, rest=rest)
+        return self.writer.submit_many((op,))
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -385,3 +416,7 @@ class RedisPresenceStore:
     async def cache_get(self, app_id: str, channel: str) -> tuple[str | None, int]:
         """See :meth:`PresenceStore.cache_get`."""
         return c.decode_cache(await self._read_channel(app_id, channel, c.read_cache))
+
+
+def _no_hooks(app_id: str, channel: str) -> str:
+    return ""
