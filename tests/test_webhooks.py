@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pusher
@@ -309,3 +310,79 @@ url = "{everything.url}"
             )
             assert node.metric("pg_webhook_failures_total") >= 1
             assert "s3cr3t-t0ken" not in node.output
+
+
+# --------------------------------------------------------------------------- the dispatcher
+
+
+class _Posts:
+    """A scripted endpoint for :class:`WebhookSender` (``post=``): records the events."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.events: list[dict[str, Any]] = []
+
+    async def __call__(self, url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
+        if self.status == 200:
+            self.events += json.loads(body)["events"]
+        return self.status
+
+
+def _outbox_world(posts: _Posts, **options: Any) -> Any:
+    from gateway.server.outbox import OutboxDispatcher
+    from gateway.store.presence_memory import MemoryShards
+
+    clock = {"now": 1_000_000}
+    shards = MemoryShards(1, clock=lambda: clock["now"])
+    store = shards.store("n@1", hold_ms=100, hooks=lambda a, c: "amovcex")
+    sender = WebhookSender(batch_delay=0.01, initial_backoff=0.05, post=posts)
+    apps = {APP.id: replace(APP, webhook_url="http://h/x")}
+    dispatcher = OutboxDispatcher(store, sender, apps.get, Metrics(), **options)
+    return clock, store, sender, dispatcher
+
+
+async def test_the_dispatcher_delivers_acknowledges_and_gives_back() -> None:
+    posts = _Posts()
+    clock, store, sender, dispatcher = _outbox_world(posts, lease_ms=1000)
+    await store.set_subscribers(APP.id, "room", 1, publish_count=False)
+    await store.join(APP.id, "presence-r", "u1", None, "1.1")
+    await store.join(APP.id, "#online-u1", "u1", None, "")  # internal: never delivered
+    await dispatcher.run_once()
+    await settle(lambda: len(posts.events) >= 3, what="deliveries")
+    await dispatcher.run_once()  # acknowledges
+    assert {e["name"] for e in posts.events} == {
+        "channel_occupied",
+        "subscription_count",
+        "member_added",
+    }
+    assert [e["channel"] for e in posts.events if e["name"] == "member_added"] == ["presence-r"]
+    assert all(e["id"] for e in posts.events) and not dispatcher.claimed
+    assert await store.claim_outbox(100, 1000) == []  # nothing left
+    # A failing endpoint: the entry stays claimed and its lease is extended while retried.
+    posts.status = 500
+    await store.leave(APP.id, "presence-r", "u1")
+    clock["now"] += 200  # past the hold
+    await dispatcher.run_once()
+    assert len(dispatcher.claimed) == 1
+    (claimed,) = dispatcher.claimed.values()
+    claimed.leased_until = 0  # as if half the lease had passed
+    await dispatcher.run_once()
+    assert claimed.leased_until > 0
+    # Shutdown gives it back at once: another node claims it without waiting for the lease.
+    dispatcher.closing = True
+    await sender.close(timeout=0.1)
+    await dispatcher.close()
+    [(_, _, entries)] = await store.claim_outbox(100, 1000)
+    assert [(e.name, e.rest) for e in entries] == [("member_removed", b"u1")]
+
+
+async def test_entries_older_than_the_give_up_time_are_dropped() -> None:
+    posts = _Posts()
+    clock, store, sender, dispatcher = _outbox_world(posts, give_up=1.0)
+    await store.set_subscribers(APP.id, "room", 1, publish_count=False)
+    clock["now"] += 2000  # every node was down for longer than the give-up time
+    await dispatcher.run_once()
+    await dispatcher.run_once()
+    assert posts.events == [] and not dispatcher.claimed
+    assert dispatcher.metrics.get("pg_webhooks_dropped_total", reason="expired") == 2
+    await sender.close(timeout=0.1)

@@ -122,7 +122,13 @@ class OutboxDispatcher:
         if entry.id in self.claimed:
             return  # already being delivered here (its lease was renewed by this claim)
         app = self.app_by_id(entry.app_id)
-        endpoints = [e for e in app.endpoints if e.wants(entry.name, entry.channel)] if app else []
+        # '#' channels are internal (the reaper records their held kinds like any channel's).
+        internal = entry.channel.startswith("#")
+        endpoints = (
+            [e for e in app.endpoints if e.wants(entry.name, entry.channel)]
+            if app is not None and not internal
+            else []
+        )
         if app is None or not endpoints:
             self._ack(shard, entry.id)  # nobody wants it (any more)
             return

@@ -445,14 +445,17 @@ local function reap_owner(key, owner, limit, hold)
   local prefix = owner .. '\0'
   local done, removed = 0, 0
   for _, ck in ipairs(redis.call('SRANDMEMBER', idx, limit)) do
+    -- Held webhooks of every app's channels are recorded (the reaper does not know the apps;
+    -- nodes drop what no endpoint wants), but none of internal '#' channels.
+    local hooks = string.find(ck, ':#', 1, true) and '' or 'mv'
     for _, f in ipairs(redis.call('HKEYS', ck .. ':p')) do
       if string.sub(f, 1, #prefix) == prefix then
-        remove_member(ck, owner, string.sub(f, #prefix + 1), hold, 'mv')
+        remove_member(ck, owner, string.sub(f, #prefix + 1), hold, hooks)
         removed = removed + 1
       end
     end
     if redis.call('HEXISTS', ck .. ':s', owner) == 1 then
-      set_count(ck, owner, 0, hold, true, 'mv')
+      set_count(ck, owner, 0, hold, true, hooks)
       removed = removed + 1
     end
     redis.call('SREM', idx, ck)

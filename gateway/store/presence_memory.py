@@ -398,11 +398,12 @@ class _Ops:
         done = removed = 0
         for key in list(keys)[:limit]:
             chan = self.channel(key)
+            hooks = "" if b":#" in key else "mv"  # no webhooks of internal channels
             for o, user in [m for m in chan.members if m[0] == owner]:
-                self.remove_member(key, o, user, hold, "mv")
+                self.remove_member(key, o, user, hold, hooks)
                 removed += 1
             if owner in chan.counts:
-                self.set_count(key, owner, 0, hold, True, "mv")
+                self.set_count(key, owner, 0, hold, True, hooks)
                 removed += 1
             keys.discard(key)
             done += 1
