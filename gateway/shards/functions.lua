@@ -164,7 +164,10 @@ end
 -- (a zero-padded counter), and so do entries due at the same time. `hooks` (from the node's
 -- app settings): the kinds wanted on this channel; nil (a version-4 node) records only the
 -- held kinds, as version 4 did.
-local OUTBOX_TTL = 3600000
+-- The outbox keys expire 10 minutes after their last use (an event is given up 5 minutes after
+-- its transition anyway); the counter a second after (ids hold the millisecond, so a counter
+-- that starts again never repeats one).
+local OUTBOX_TTL = 600000
 
 local function wants(hooks, kind)
   if hooks == nil then return kind == 'm' or kind == 'v' end
@@ -173,6 +176,7 @@ end
 
 local function new_id()
   local n = redis.call('INCR', SHARD .. ':seq')
+  redis.call('PEXPIRE', SHARD .. ':seq', 1000)
   return SHARD .. ':' .. now_ms() .. ':' .. string.format('%012d', n)
 end
 
@@ -182,7 +186,8 @@ local function outbox(kind, key, rest, at, name)
   local payload = id .. '\0' .. now_ms() .. '\0' .. kind .. '\0' .. key .. '\0' .. rest
   redis.call('HSET', ev, name or id, payload)
   redis.call('ZADD', due, at, name or id)
-  for _, k in ipairs({ev, due, SHARD .. ':seq'}) do redis.call('PEXPIRE', k, OUTBOX_TTL) end
+  redis.call('PEXPIRE', ev, OUTBOX_TTL)
+  redis.call('PEXPIRE', due, OUTBOX_TTL)
 end
 
 -- Payload of a held entry recorded by a version-4 node (a name, no payload).
@@ -431,9 +436,6 @@ local function check(key, a, p)
   if ttl > 0 then
     redis.call('PEXPIRE', idx, ttl)
     redis.call('PEXPIRE', key .. ':chans', ttl)
-    for _, k in ipairs({':due', ':ev', ':inflight', ':seq'}) do
-      if redis.call('PTTL', key .. k) < ttl then redis.call('PEXPIRE', key .. k, math.max(ttl, OUTBOX_TTL)) end
-    end
   end
   return {n, tostring(sum)}
 end
