@@ -41,6 +41,7 @@ All of them skip the test when ``redis-server`` or ``redis-sentinel`` is not ins
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -134,6 +135,23 @@ def pytest_configure(config: pytest.Config) -> None:
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The loop each async test runs on: uvloop, except tests/test_lease.py.
+
+    The lease tests exercise the lease threads, not the loop, and after the failover whose
+    blocked loop never saw it, uvloop's ``loop.close()`` was seen waiting for ever (two of
+    several full runs; every gateway handle closed, no libuv work pending; not reproduced
+    alone). They run on the standard loop.
+    """
+    import uvloop
+
+    if item.path.name == "test_lease.py":
+        return {"asyncio": asyncio.new_event_loop}
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="module")
