@@ -430,6 +430,16 @@ class Hub:
         local.sockets -= 1
         return local.sockets
 
+    def _leave_member(self, pres_key: MemberId) -> None:
+        """One local socket of a member fewer; after the last, the member leaves in the store
+        (or is kept there while draining: see :meth:`finish_handover`)."""
+        if pres_key in self.presence and self._drop_presence(pres_key) == 0:
+            if self.handing_over:
+                self._handed.add(pres_key)
+            else:
+                app_id, channel, user = pres_key
+                self._pending_write(self.store.submit_leave(app_id, channel, user, _leave_written))
+
     def _leave(self, client: Client, action: Leave) -> None:
         app, channel = client.app, action.channel
         cid = (app.id, channel)
@@ -440,14 +450,7 @@ class Hub:
             return
         members.discard(client)
         if action.member is not None:
-            pres_key = (app.id, channel, action.member.user_id)
-            if pres_key in self.presence and self._drop_presence(pres_key) == 0:
-                if self.handing_over:
-                    self._handed.add(pres_key)
-                else:
-                    self._pending_write(
-                        self.store.submit_leave(app.id, channel, pres_key[2], _leave_written)
-                    )
+            self._leave_member((app.id, channel, action.member.user_id))
         if not members:
             del self.members[cid]
             self._release(cid)
@@ -577,14 +580,7 @@ class Hub:
             return
         sockets.discard(client)
         self.watchlists.unwatch(client)
-        pres_key = (client.app.id, online_channel(user_id), user_id)
-        if pres_key in self.presence and self._drop_presence(pres_key) == 0:
-            if self.handing_over:
-                self._handed.add(pres_key)
-            else:
-                self._pending_write(
-                    self.store.submit_leave(client.app.id, pres_key[1], user_id, _leave_written)
-                )
+        self._leave_member((client.app.id, online_channel(user_id), user_id))
         if not sockets:
             del self.users[ukey]
             self._forget((client.app.id, server_to_user_channel(user_id)))
@@ -720,8 +716,8 @@ class Hub:
             local = self.presence.get((app_id, channel, user))
             return LocalChannel(0, {} if local is None else {user: local.info}, False)
         if channel in QUOTA_CHANNELS:
-            mine = ((a, c) == (app_id, channel) for a, c, _ in self.quotas.local_channels())
-            count = self.quotas.own(app_id, channel) if any(mine) else 0
+            figures = self.quotas.local_channels()
+            count = next((n for a, c, n in figures if (a, c) == (app_id, channel)), 0)
             return LocalChannel(count, {}, False)
         sockets = self.members.get((app_id, channel))
         if not sockets:

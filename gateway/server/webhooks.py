@@ -67,11 +67,15 @@ class _Target:
     def __init__(self, app: AppConfig, endpoint: WebhookEndpoint, max_batch: int) -> None:
         self.app = app
         self.endpoint = endpoint
-        # Pusher batches (20 events, 250 ms); an app may turn it off: one event per request.
-        self.max_batch = max_batch if app.webhook_batching else 1
+        self.batch = max_batch
         self.events: deque[_Queued] = deque()
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def max_batch(self) -> int:
+        """Pusher batches (20 events, 250 ms); an app may turn it off: one event per request."""
+        return self.batch if self.app.webhook_batching else 1
 
 
 class WebhookSender:
@@ -159,9 +163,8 @@ class WebhookSender:
         target = self._targets.get(key)
         if target is None:
             target = self._targets[key] = _Target(app, endpoint, self.max_batch)
-        elif target.app is not app:  # apps reloaded: a rotated secret signs from now on
-            target.app = app
-            target.max_batch = self.max_batch if app.webhook_batching else 1
+        else:
+            target.app = app  # apps reloaded: a rotated secret signs from now on
         if len(target.events) >= self.max_queue:
             _finish([target.events.popleft()], False)
             self.metrics.inc(DROPPED, reason="queue_full")

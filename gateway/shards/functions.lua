@@ -180,11 +180,20 @@ local function new_id()
   return SHARD .. ':' .. now_ms() .. ':' .. string.format('%012d', n)
 end
 
-local function outbox(kind, key, rest, at, name)
+-- An entry's payload, made now under a new id; and the id of a payload.
+local function payload(kind, key, rest)
   local id = new_id()
+  return id, id .. '\0' .. now_ms() .. '\0' .. kind .. '\0' .. key .. '\0' .. rest
+end
+
+local function id_of(val)
+  return string.match(val, '^[^%z]*')
+end
+
+local function outbox(kind, key, rest, at, name)
+  local id, val = payload(kind, key, rest)
   local ev, due = SHARD .. ':ev', SHARD .. ':due'
-  local payload = id .. '\0' .. now_ms() .. '\0' .. kind .. '\0' .. key .. '\0' .. rest
-  redis.call('HSET', ev, name or id, payload)
+  redis.call('HSET', ev, name or id, val)
   redis.call('ZADD', due, at, name or id)
   redis.call('PEXPIRE', ev, OUTBOX_TTL)
   redis.call('PEXPIRE', due, OUTBOX_TTL)
@@ -194,8 +203,8 @@ end
 local function legacy_payload(name)
   local key, kind, user = string.match(name, '^(.-)%z(%a)%z(.*)$')
   if key == nil then return nil end
-  local id = new_id()
-  return id .. '\0' .. now_ms() .. '\0' .. kind .. '\0' .. key .. '\0' .. user
+  local _, val = payload(kind, key, user)
+  return val
 end
 
 -- A held entry (named `name`, cancellable) whose time has not come: cancel it and say so. One
@@ -206,12 +215,13 @@ local function cancel_held(name)
   local score = redis.call('ZSCORE', due, name)
   if not score then return false end
   local ev = SHARD .. ':ev'
-  local val = redis.call('HGET', ev, name) or legacy_payload(name)
+  local val = redis.call('HGET', ev, name)
   redis.call('ZREM', due, name)
   redis.call('HDEL', ev, name)
   if tonumber(score) > now_ms() then return true end
+  val = val or legacy_payload(name)
   if val then
-    local id = string.match(val, '^[^%z]*')
+    local id = id_of(val)
     redis.call('HSET', ev, id, val)
     redis.call('ZADD', due, score, id)
   end
@@ -610,7 +620,7 @@ local function claim(key, a, p, argc)
       redis.call('ZREM', due, name)
       redis.call('HDEL', ev, name)
       if val then
-        local id = string.match(val, '^[^%z]*')
+        local id = id_of(val)
         redis.call('HSET', ev, id, val)
         redis.call('ZADD', inflight, now + lease, id)
         out[#out + 1] = val

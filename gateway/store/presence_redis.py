@@ -207,18 +207,7 @@ class RedisPresenceStore:
         done: Callable[[list[SubsResult | BaseException]], None],
     ) -> asyncio.Future[Any]:
         """See :meth:`PresenceStore.submit_subscribers`: one submission for all items."""
-        ops = [
-            c.subs(
-                c.channel_key(app_id, channel),
-                owner=self.owner,
-                count=count,
-                hold_ms=self.hold_ms,
-                publish=publish,
-                ttl_ms=self.ttl_ms,
-                hooks=self.hooks_for(app_id, channel),
-            )
-            for app_id, channel, count, publish in items
-        ]
+        ops = [self._subs_op(*item) for item in items]
         future = self.writer.submit_many(ops)
         future.add_done_callback(functools.partial(_settle_many, c.decode_subs, done, len(ops)))
         return future
@@ -231,16 +220,19 @@ class RedisPresenceStore:
         self, app_id: str, channel: str, count: int, *, publish_count: bool
     ) -> SubsResult:
         """See :meth:`PresenceStore.set_subscribers`."""
-        op = c.subs(
+        op = self._subs_op(app_id, channel, count, publish_count)
+        return c.decode_subs(await self._write(op))
+
+    def _subs_op(self, app_id: str, channel: str, count: int, publish: bool) -> c.Op:
+        return c.subs(
             c.channel_key(app_id, channel),
             owner=self.owner,
             count=count,
             hold_ms=self.hold_ms,
-            publish=publish_count,
+            publish=publish,
             ttl_ms=self.ttl_ms,
             hooks=self.hooks_for(app_id, channel),
         )
-        return c.decode_subs(await self._write(op))
 
     def sync_op(self, app_id: str, channel: str, local: LocalChannel) -> c.Op:
         """The ``sync`` write that makes this node's entries in ``channel`` exactly ``local``."""
