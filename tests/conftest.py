@@ -44,11 +44,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from nodes import WebhookReceiver
 from support import SECURE, StoreFactory, register, shard_stack
 
@@ -130,28 +132,37 @@ def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Run every async test on uvloop, the loop the gateway runs on in production."""
-    import asyncio
-
-    import uvloop
-
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.set_event_loop_policy(_CheckedPolicy())
 
 
-def pytest_asyncio_loop_factories(
-    config: pytest.Config, item: pytest.Item
-) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """The loop each async test runs on: uvloop, except tests/test_lease.py.
+class LeakedResources(AssertionError):
+    """A test's event loop still held open transports or handles when it was closed."""
 
-    The lease tests exercise the lease threads, not the loop, and after the failover whose
-    blocked loop never saw it, uvloop's ``loop.close()`` was seen waiting for ever (two of
-    several full runs; every gateway handle closed, no libuv work pending; not reproduced
-    alone). They run on the standard loop.
+
+class CheckedLoop(uvloop.Loop):  # type: ignore[misc]
+    """A uvloop loop whose ``close()`` fails the test when something was left open.
+
+    uvloop closes the handles still open at ``close()`` with a ``ResourceWarning`` per handle,
+    raised from a libuv callback that cannot propagate it. With ``filterwarnings = error`` that
+    warning aborted the callback before the handle was closed, and ``close()`` then waited for
+    it for ever: a leaked connection hung the whole run. Here the warnings are recorded while
+    the loop closes, every handle gets closed, and the leak fails the test instead.
     """
-    import uvloop
 
-    if item.path.name == "test_lease.py":
-        return {"asyncio": asyncio.new_event_loop}
-    return {"uvloop": uvloop.new_event_loop}
+    def close(self) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            super().close()
+        leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+        if leaked:
+            raise LeakedResources("left open when the event loop closed: " + "; ".join(leaked))
+
+
+class _CheckedPolicy(asyncio.DefaultEventLoopPolicy):
+    """The event loop policy of the tests: every new loop is a :class:`CheckedLoop`."""
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return CheckedLoop()
 
 
 @pytest.fixture(scope="module")

@@ -275,8 +275,7 @@ async def test_lease_follows_a_failover_the_blocked_event_loop_has_not_seen(
             deadline = master.zscore(tag + b":nodes", owner)
             assert deadline is not None and deadline > seconds * 1000 + micros // 1000
         assert lapsed == []  # no refresh came later than the lease
-        # Let the unblocked loop finish following the failover before everything closes: a
-        # reconnection cut short by the close once left uvloop's loop.close() waiting.
+        # Once unblocked, the loop follows the failover too.
         await settle(
             lambda: stack.shards.links[shard].address != old and stack.shards.links[shard].usable,
             what="the shard set on the new master",

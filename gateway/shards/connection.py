@@ -266,4 +266,7 @@ async def open_connection(
         except (ConnectionLost, TimeoutError) as exc:
             conn.close()
             raise ConnectionLost(f"{address}: no answer to AUTH: {exc!r}") from None
+        except BaseException:  # cancelled (a closing shard set): never leave it open
+            conn.close()
+            raise
     return conn

@@ -375,6 +375,12 @@ class ShardSet:
             conn.close()
             self._down(link, f"{addr}: {exc!r}")
             return
+        except BaseException:
+            # Cancelled by close() while verifying: a connection the link does not hold yet
+            # would be left open (and its transport with it).
+            if conn is not link.conn:
+                conn.close()
+            raise
         master_changed = bool(link.run_id) and (run_id, replid) != (link.run_id, link.replid)
         link.checked_at = time.monotonic()
         link.conn = conn
