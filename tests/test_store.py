@@ -251,6 +251,11 @@ async def test_cache_and_publish(backend: Backend) -> None:
     await b.pubsub.subscribe(shard, channel_key("1", ch))
     await a.store.publish("1", ch, contract.encode_event("hello"))
     await settle(lambda: _heard(b, ch)() == [b"E\0hello"])
+    assert await _claims(ch, a, b) == []  # no webhook asked for
+    # A client event's webhook is recorded by the write that publishes it.
+    await a.store.publish("1", ch, contract.encode_event("again"), hook=("e", '{"event":"c"}'))
+    await settle(lambda: _heard(b, ch)() == [b"E\0hello", b"E\0again"])
+    assert await _claims(ch, a, b) == [("client_event", '{"event":"c"}')]
     b.pubsub.unsubscribe(shard, channel_key("1", ch))
 
 
@@ -343,6 +348,7 @@ async def test_nodes_of_library_version_4_keep_working_during_an_upgrade(
     reply = await writer.write(b"pjoin", key, owner, b"u1", b"", b"1.1", b"100", b"300", b"60000")
     assert cast(list[object], reply)[:2] == [1, 1]  # added; the webhook is the caller's to send
     assert await writer.write(b"pleave", key, owner, b"u1", b"300") == 1
+    assert await writer.write(b"publish", key, b"T") == 0  # the payload only: no webhook
     tag = store.shard_tag(store.shard_of("1", ch))
     assert tag is not None
     await asyncio.sleep(HOLD_MS / 1000 + 0.1)

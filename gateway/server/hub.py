@@ -465,19 +465,21 @@ class Hub:
         app = client.app
         frame = messages.channel_event(action.event, action.channel, action.data, action.user_id)
         payload = contract.encode_event(frame, client.session.socket_id)
+        hook = None
+        if "e" in self.hooks_for(app.id, action.channel):
+            extra: dict[str, Any] = {
+                "event": action.event,
+                "data": action.data,
+                "socket_id": client.session.socket_id,
+            }
+            if action.user_id is not None:
+                extra["user_id"] = action.user_id
+            hook = ("e", json.dumps(extra, separators=(",", ":")))
         try:
-            await self.store.publish(app.id, action.channel, payload)
+            # The event and its client_event webhook are one write: both or neither.
+            await self.store.publish(app.id, action.channel, payload, hook=hook)
         except (WriteFailed, ConnectionError, TimeoutError) as exc:
             log.warning("client event not published: %s", exc)
-            return
-        extra: dict[str, Any] = {
-            "event": action.event,
-            "data": action.data,
-            "socket_id": client.session.socket_id,
-        }
-        if action.user_id is not None:
-            extra["user_id"] = action.user_id
-        self._webhook(app, "e", action.channel, extra)
 
     async def _send_cache(self, client: Client, channel: str) -> None:
         try:
@@ -488,7 +490,7 @@ class Hub:
             client.conn.send_text(frame)
         else:
             client.conn.send_text(messages.cache_miss(channel))
-            self._webhook(client.app, "x", channel, None)
+            self._cache_miss_webhook(client.app, channel)
 
     # -- subscription counts -------------------------------------------------------------------
 
@@ -680,12 +682,11 @@ class Hub:
             self._hooks[cid] = kinds
         return kinds
 
-    def _webhook(self, app: AppConfig, kind: str, channel: str, fields: Any) -> None:
-        """A webhook that is no transition (``e`` client_event, ``x`` cache_miss): into the
-        channel's outbox when an endpoint wants it."""
-        if kind in self.hooks_for(app.id, channel):
-            rest = "" if fields is None else json.dumps(fields, separators=(",", ":"))
-            self._pending_write(self.store.submit_hook(app.id, channel, kind, rest))
+    def _cache_miss_webhook(self, app: AppConfig, channel: str) -> None:
+        """A cache_miss webhook (``x``, the only one that goes with no write of state): into
+        the channel's outbox when an endpoint wants it."""
+        if "x" in self.hooks_for(app.id, channel):
+            self._pending_write(self.store.submit_hook(app.id, channel, "x", ""))
 
     def local_state(self, shard: int) -> LocalState:
         """What this node really holds on ``shard``: the truth it re-asserts."""

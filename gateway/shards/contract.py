@@ -345,8 +345,10 @@ OPS: dict[str, OpSpec] = {
                "through the transitions above (version 4: without `hooks`)",
                "the transitions made: `occupied`, `added\\0<user>`",
                pairs=("user", "info")),
-        OpSpec("publish", "channel", ("payload",),
-               "publishes the payload (`E...` or `T`) on the channel key", "receivers"),
+        OpSpec("publish", "channel", ("payload", "kind", "rest"),
+               "publishes the payload (`E...` or `T`) on the channel key and, in the same call, "
+               "records its webhook in the outbox when `kind` is not empty (`e` client_event)",
+               "receivers", legacy=(1,)),
         OpSpec("cache", "channel", ("frame", "ttl"),
                "stores a cache channel's last event", "OK"),
         OpSpec("claim", "shard", ("limit", "lease_ms"),
@@ -362,8 +364,8 @@ OPS: dict[str, OpSpec] = {
                "keeps claimed entries `delay_ms` longer (any node may claim them again after)",
                "entries still claimed"),
         OpSpec("hook", "channel", ("kind", "rest"),
-               "records a webhook that is no transition (`e` client_event, `x` cache_miss) in "
-               "the outbox, due now", "1"),
+               "records a webhook that goes with no write of state (`x` cache_miss) in the "
+               "outbox, due now", "1"),
         OpSpec("lease", "shard", ("owner", "lease_ms", "first", "gap_ms", "grace_ms"),
                "refreshes the owner's lease (`first`: earlier incarnations of the node id are "
                "dead at once)",
@@ -491,9 +493,11 @@ def decode_sync(reply: object) -> list[Due]:
     return out
 
 
-def publish(key: bytes, payload: bytes) -> Op:
-    """``publish``: ``payload`` (see :func:`encode_event`) to every node listening to ``key``."""
-    return (b"publish", key, (payload,))
+def publish(key: bytes, payload: bytes, *, hook: tuple[str, str] | None = None) -> Op:
+    """``publish``: ``payload`` (see :func:`encode_event`) to every node listening to ``key``;
+    with ``hook`` (kind, rest), that webhook is recorded in the outbox in the same call."""
+    kind, rest = hook or ("", "")
+    return (b"publish", key, (payload, kind.encode(), rest.encode()))
 
 
 def cache(key: bytes, *, frame: str, ttl_ms: int) -> Op:

@@ -658,11 +658,20 @@ local function defer(key, a, p)
   return n
 end
 
--- A webhook that is not a state transition (key: the channel). args: kind (e client_event, x
--- cache_miss), rest. Recorded in the outbox, due now.
+-- A webhook that goes with no write of state (key: the channel). args: kind (x cache_miss),
+-- rest. Recorded in the outbox, due now.
 local function hook(key, a, p)
   outbox(a[p], key, a[p + 1], now_ms())
   return 1
+end
+
+-- Publishes the payload (`E...` or `T`) on the channel key. args: payload, then the kind and
+-- rest of the webhook recorded with it, in this same call (`e` client_event; '' for none).
+-- Version-4 nodes send the payload only.
+local function publish(key, a, p, argc)
+  local r = redis.call('PUBLISH', key, a[p])
+  if argc == 3 and a[p + 1] ~= '' then outbox(a[p + 1], key, a[p + 2], now_ms()) end
+  return r
 end
 
 -- op name -> {argument count (a list: any of these; -1: variable, see arity_ok), apply(key,
@@ -681,7 +690,7 @@ local OPS = {
   pleave = {{3, 4}, pleave},
   subs = {{5, 6}, subs},
   sync = {-1, sync},
-  publish = {1, function(key, a, p) return redis.call('PUBLISH', key, a[p]) end},
+  publish = {{1, 3}, publish},
   cache = {2, function(key, a, p)
     return redis.call('SET', key .. ':c', a[p], 'PX', a[p + 1])
   end},

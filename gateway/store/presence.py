@@ -168,8 +168,12 @@ class PresenceStore(Protocol):
         """
         ...
 
-    async def publish(self, app_id: str, channel: str, payload: bytes) -> None:
-        """Publish a Pub/Sub message (``E`` or ``T``) to every node listening to ``channel``."""
+    async def publish(
+        self, app_id: str, channel: str, payload: bytes, *, hook: tuple[str, str] | None = None
+    ) -> None:
+        """Publish a Pub/Sub message (``E`` or ``T``) to every node listening to ``channel``;
+        with ``hook`` (kind, rest: ``e`` client_event), record that webhook in the channel's
+        outbox in the same write."""
         ...
 
     async def cache_set(self, app_id: str, channel: str, frame: str, ttl_ms: int) -> None:

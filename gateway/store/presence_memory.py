@@ -586,10 +586,14 @@ class MemoryPresenceStore:
         ops.index(key, self.owner)
         return due
 
-    async def publish(self, app_id: str, channel: str, payload: bytes) -> None:
+    async def publish(
+        self, app_id: str, channel: str, payload: bytes, *, hook: tuple[str, str] | None = None
+    ) -> None:
         """See :meth:`PresenceStore.publish`."""
         ops, key = await self._ops("publish", app_id, channel)
         ops.publish(key, payload)
+        if hook is not None:
+            ops.outbox(hook[0], key, hook[1], ops.now)
 
     async def cache_set(self, app_id: str, channel: str, frame: str, ttl_ms: int) -> None:
         """See :meth:`PresenceStore.cache_set`."""

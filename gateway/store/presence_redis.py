@@ -312,9 +312,11 @@ class RedisPresenceStore:
         )
         return c.decode_reap(await self._write(op))
 
-    async def publish(self, app_id: str, channel: str, payload: bytes) -> None:
+    async def publish(
+        self, app_id: str, channel: str, payload: bytes, *, hook: tuple[str, str] | None = None
+    ) -> None:
         """See :meth:`PresenceStore.publish`."""
-        await self._write(c.publish(c.channel_key(app_id, channel), payload))
+        await self._write(c.publish(c.channel_key(app_id, channel), payload, hook=hook))
 
     async def cache_set(self, app_id: str, channel: str, frame: str, ttl_ms: int) -> None:
         """See :meth:`PresenceStore.cache_set`."""
