@@ -147,3 +147,8 @@ def test_store_doc_lists_the_contract() -> None:
         "docs/store.md is out of date: replace its ops section with the output of "
         "`python -m gateway.shards.contract`"
     )
+
+
+def test_the_outbox_bound_is_the_librarys() -> None:
+    found = re.search(r"^local OUTBOX_MAX = (\d+)$", library_source(), re.MULTILINE)
+    assert found is not None and int(found.group(1)) == contract.OUTBOX_MAX

@@ -122,7 +122,7 @@ class Node:
 
     async def claim(self) -> None:
         """Claim what the outbox has due (as the node's dispatcher does) and acknowledge it."""
-        for shard, _now, entries in await self.store.claim_outbox(1000, 60_000):
+        for shard, _now, entries, _dropped in await self.store.claim_outbox(1000, 60_000):
             await self.store.ack_outbox(shard, [e.id for e in entries])
             self.webhooks += [event_of(e) for e in entries]
 

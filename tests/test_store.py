@@ -22,7 +22,7 @@ from support import ShardStack, StoreFactory, raw_client, shard_stack
 from gateway.localcluster import LocalCluster
 from gateway.shards import contract
 from gateway.shards.admin import init_shards
-from gateway.shards.contract import channel_key
+from gateway.shards.contract import OUTBOX_MAX, channel_key
 from gateway.shards.pubsub import PubSub
 from gateway.shards.topology import load_topology
 from gateway.store.healing import digest
@@ -50,7 +50,7 @@ async def _claims(ch: str, *nodes: Node) -> list[tuple[str, str | None]]:
     """Claim and acknowledge every due outbox entry; those of ``ch`` as (name, rest)."""
     out: list[tuple[str, str | None]] = []
     for node in nodes:
-        for shard, _now, entries in await node.store.claim_outbox(1000, 60_000):
+        for shard, _now, entries, _dropped in await node.store.claim_outbox(1000, 60_000):
             await node.store.ack_outbox(shard, [e.id for e in entries])
             out += [(e.name, e.rest.decode() or None) for e in entries if e.channel == ch]
     return out
@@ -69,6 +69,11 @@ class Backend(Protocol):
 
     def lose_presence(self, app_id: str, channel: str) -> None:
         """Delete a channel's presence entries behind the gateway's back (a lost write)."""
+        ...
+
+    def fill_outbox(self, shard: int, *, empty: bool = False) -> None:
+        """Fill ``shard``'s outbox to its bound with filler entries (nobody claims them), or
+        take them out again."""
         ...
 
 
@@ -101,6 +106,17 @@ class RedisBackend:
         shard = self.topology_shard(key)
         raw_client(self.cluster.masters()[shard].addr).delete(key + b":p")
 
+    def fill_outbox(self, shard: int, *, empty: bool = False) -> None:
+        tag = self.stacks[0].store.shard_tag(shard)
+        assert tag is not None
+        with raw_client(self.cluster.masters()[shard].addr) as raw:
+            for start in range(0, OUTBOX_MAX, 10_000):
+                names = [b"filler-%d" % i for i in range(start, start + 10_000)]
+                if empty:
+                    raw.hdel(tag + b":ev", *names)
+                else:
+                    raw.hset(tag + b":ev", mapping=dict.fromkeys(names, b"x"))
+
     def topology_shard(self, key: bytes) -> int:
         return self.stacks[0].shards.table.shard_for_key(key)
 
@@ -128,6 +144,14 @@ class MemoryBackend:
         key = channel_key(app_id, channel)
         state = self.shards.shards[self.shards.shard_for_key(key)]
         state.channels[key].members.clear()
+
+    def fill_outbox(self, shard: int, *, empty: bool = False) -> None:
+        ev = self.shards.shards[shard].ev
+        for i in range(OUTBOX_MAX):
+            if empty:
+                ev.pop(b"filler-%d" % i, None)
+            else:
+                ev[b"filler-%d" % i] = b"x"
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -221,6 +245,31 @@ async def test_occupied_vacated_and_held_webhooks(backend: Backend) -> None:
     assert await _claims(ch, a) == [("subscription_count", "3"), ("subscription_count", "1")]
     await backend.elapse(HOLD_MS + 100)
     assert await _claims(ch, a, b) == [("channel_vacated", None)]
+
+
+async def test_a_full_outbox_drops_new_webhooks_and_the_next_claim_reports_them(
+    backend: Backend,
+) -> None:
+    a = await backend.node(_node_name("a"))
+    ch = f"room-full-{_uid()}"
+    shard = a.store.shard_of("1", ch)
+    backend.fill_outbox(shard)
+    try:
+        # The transition itself is made; its two webhooks find the outbox full.
+        r = await a.store.set_subscribers("1", ch, 1, publish_count=False)
+        assert (r.before, r.after, r.occupied_webhook) == (0, 1, True)
+        claims = [cl for cl in await a.store.claim_outbox(1000, 60_000) if cl.shard == shard]
+        assert [cl.dropped for cl in claims] == [2]
+        assert not [e for cl in claims for e in cl.entries if e.channel == ch]
+        # Reported once.
+        again = [cl for cl in await a.store.claim_outbox(1000, 60_000) if cl.shard == shard]
+        assert all(cl.dropped == 0 for cl in again)
+    finally:
+        backend.fill_outbox(shard, empty=True)
+    # Room again: the next transition's webhooks are recorded.
+    await a.store.set_subscribers("1", ch, 0, publish_count=False)
+    await backend.elapse(HOLD_MS + 100)
+    assert await _claims(ch, a) == [("channel_vacated", None)]
 
 
 async def test_quick_return_cancels_held_webhooks(backend: Backend) -> None:
@@ -359,6 +408,6 @@ async def test_nodes_of_library_version_4_keep_working_during_an_upgrade(
     raw = raw_client(cluster.masters()[shard].addr)
     raw.zadd(tag + b":due", {key + b"\0m\0u2": 1})
     claims = await store.claim_outbox(1000, 60_000)
-    mine = [e for _s, _n, entries in claims for e in entries if e.channel == ch]
+    mine = [e for claim in claims for e in claim.entries if e.channel == ch]
     assert [(e.name, e.rest) for e in mine] == [("member_removed", b"u2")]
     await store.ack_outbox(shard, [e.id for e in mine])

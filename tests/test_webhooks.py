@@ -372,7 +372,7 @@ async def test_the_dispatcher_delivers_acknowledges_and_gives_back() -> None:
     dispatcher.closing = True
     await sender.close(timeout=0.1)
     await dispatcher.close()
-    [(_, _, entries)] = await store.claim_outbox(100, 1000)
+    [(_, _, entries, _)] = await store.claim_outbox(100, 1000)
     assert [(e.name, e.rest) for e in entries] == [("member_removed", b"u1")]
 
 
@@ -385,4 +385,24 @@ async def test_entries_older_than_the_give_up_time_are_dropped() -> None:
     await dispatcher.run_once()
     assert posts.events == [] and not dispatcher.claimed
     assert dispatcher.metrics.get("pg_webhooks_dropped_total", reason="expired") == 2
+    await sender.close(timeout=0.1)
+
+
+async def test_webhooks_dropped_by_a_full_outbox_are_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from gateway.shards.contract import OUTBOX_MAX
+
+    posts = _Posts()
+    _clock, store, sender, dispatcher = _outbox_world(posts)
+    ev = store.shards.shards[0].ev
+    ev.update({b"filler-%d" % i: b"x" for i in range(OUTBOX_MAX)})
+    await store.set_subscribers(APP.id, "room", 1, publish_count=False)
+    with caplog.at_level("WARNING", logger="gateway.outbox"):
+        await dispatcher.run_once()
+    assert dispatcher.metrics.get("pg_webhooks_dropped_total", reason="outbox_full") == 2
+    assert "was full (100000 webhooks waiting): 2 webhooks dropped" in caplog.text
+    await dispatcher.run_once()  # reported once
+    assert dispatcher.metrics.get("pg_webhooks_dropped_total", reason="outbox_full") == 2
+    assert posts.events == []
     await sender.close(timeout=0.1)

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import AppConfig
+from gateway.logs import fields
 from gateway.metrics import Metrics
 from gateway.server.webhooks import DROPPED, WebhookSender
-from gateway.shards.contract import OutboxEntry
+from gateway.shards.contract import OUTBOX_MAX, OutboxEntry
 from gateway.shards.writer import WriteFailed
 from gateway.store.presence import PresenceStore
 
@@ -113,7 +114,17 @@ class OutboxDispatcher:
             log.warning("outbox: claim failed: %s", exc)
             return
         loop = asyncio.get_running_loop()
-        for shard, shard_now, entries in claims:
+        for shard, shard_now, entries, dropped in claims:
+            if dropped:
+                self.metrics.inc(DROPPED, dropped, reason="outbox_full")
+                log.warning(
+                    "outbox: the shard at index %d of the topology was full (%d webhooks "
+                    "waiting): %d webhooks dropped; are the webhook endpoints down?",
+                    shard,
+                    OUTBOX_MAX,
+                    dropped,
+                    extra=fields(shard=shard, reason="outbox_full"),
+                )
             self.metrics.inc("pg_webhooks_claimed_total", len(entries))
             for entry in entries:
                 self._dispatch(shard, shard_now, entry, loop.time())

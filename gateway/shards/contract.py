@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal, NamedTuple, cast
 
 from gateway._native import (
     BadOpError,
@@ -54,6 +54,7 @@ __all__ = [
     "IDENTITY_KEY",
     "MESSAGES",
     "OPS",
+    "OUTBOX_MAX",
     "READS",
     "ChannelCounts",
     "CountMessage",
@@ -67,6 +68,7 @@ __all__ = [
     "MessageKind",
     "Op",
     "OpSpec",
+    "OutboxClaim",
     "OutboxEntry",
     "Read",
     "ReadSpec",
@@ -259,6 +261,10 @@ HOOK_KINDS: dict[bytes, str] = {
 }
 #: Event name to its kind letter.
 HOOK_LETTERS: dict[str, str] = {name: kind.decode() for kind, name in HOOK_KINDS.items()}
+#: At most this many webhooks wait in one shard's outbox (due and being delivered), so that an
+#: endpoint down for long cannot grow Redis memory without bound (an entry is about 100 to
+#: 400 bytes). Webhooks beyond it are dropped and counted; the next claim reports them.
+OUTBOX_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +287,17 @@ class OutboxEntry:
     app_id: str
     channel: str
     rest: bytes
+
+
+class OutboxClaim(NamedTuple):
+    """What one shard's ``claim`` gave: its entries, and the webhooks it dropped since the
+    last claim because its outbox was full (:data:`OUTBOX_MAX`)."""
+
+    shard: int
+    #: The shard's clock (ms) at the claim.
+    now_ms: int
+    entries: list[OutboxEntry]
+    dropped: int
 
 
 #: A webhook a re-assertion made due: ``("channel_occupied", None)`` or
@@ -355,7 +372,8 @@ OPS: dict[str, OpSpec] = {
                "leases up to `limit` outbox entries to the caller for `lease_ms`: claimed ones "
                "whose lease ran out, then due ones (version 4, `limit` only: removes due held "
                "entries)",
-               "the shard's time (ms), then payloads `id\\0created\\0kind\\0key\\0rest`",
+               "the shard's time (ms), the webhooks dropped since the last claim (outbox full), "
+               "then payloads `id\\0created\\0kind\\0key\\0rest`",
                legacy=(1,)),
         OpSpec("ack", "shard", ("ids",),
                "removes delivered (or given up) outbox entries; `ids` one per line",
@@ -510,13 +528,13 @@ def claim(tag: bytes, *, limit: int, lease_ms: int) -> Op:
     return (b"claim", tag, (_n(limit), _n(lease_ms)))
 
 
-def decode_claim(reply: object) -> tuple[int, list[OutboxEntry]]:
-    """The reply of ``claim``: the shard's time (ms) and the entries (malformed ones are
-    skipped)."""
+def decode_claim(reply: object) -> tuple[int, int, list[OutboxEntry]]:
+    """The reply of ``claim``: the shard's time (ms), the webhooks dropped since the last claim
+    (outbox full) and the entries (malformed ones are skipped)."""
     items = cast(list[object], reply)
-    now = cast(int, items[0])
+    now, dropped = cast(int, items[0]), cast(int, items[1])
     out: list[OutboxEntry] = []
-    for item in cast(list[bytes], items[1:]):
+    for item in cast(list[bytes], items[2:]):
         parts = item.split(b"\0", 4)
         name = HOOK_KINDS.get(parts[2]) if len(parts) == 5 else None
         if name is None:
@@ -527,7 +545,7 @@ def decode_claim(reply: object) -> tuple[int, list[OutboxEntry]]:
         except ValueError:
             continue
         out.append(OutboxEntry(parts[0].decode(), created, name, app_id, channel, parts[4]))
-    return now, out
+    return now, dropped, out
 
 
 def ack(tag: bytes, ids: Sequence[str]) -> Op:

@@ -168,6 +168,10 @@ end
 -- its transition anyway); the counter a second after (ids hold the millisecond, so a counter
 -- that starts again never repeats one).
 local OUTBOX_TTL = 600000
+-- At most this many entries wait in a shard's outbox (due and being delivered): an endpoint down
+-- for long must not grow memory without bound. Beyond it a new webhook is dropped and counted
+-- in <tag>:dropped, which the next claim reports (and resets).
+local OUTBOX_MAX = 100000
 
 local function wants(hooks, kind)
   if hooks == nil then return kind == 'm' or kind == 'v' end
@@ -191,8 +195,13 @@ local function id_of(val)
 end
 
 local function outbox(kind, key, rest, at, name)
-  local id, val = payload(kind, key, rest)
   local ev, due = SHARD .. ':ev', SHARD .. ':due'
+  if redis.call('HLEN', ev) >= OUTBOX_MAX then
+    redis.call('INCR', SHARD .. ':dropped')
+    redis.call('PEXPIRE', SHARD .. ':dropped', OUTBOX_TTL)
+    return
+  end
+  local id, val = payload(kind, key, rest)
   redis.call('HSET', ev, name or id, val)
   redis.call('ZADD', due, at, name or id)
   redis.call('PEXPIRE', ev, OUTBOX_TTL)
@@ -586,8 +595,8 @@ end
 -- Outbox entries to deliver (key: the shard tag). args: limit, lease ms. Entries claimed
 -- before whose lease ran out (the claiming node died or gave them back late) come first, then
 -- due ones; each is leased to the caller for `lease` ms (it acks or defers them meanwhile, or
--- another node gets them after). Reply: the shard's time (ms), then the payloads (see
--- outbox()).
+-- another node gets them after). Reply: the shard's time (ms), the webhooks dropped since the
+-- last claim because the outbox was full, then the payloads (see outbox()).
 -- Version-4 form (args: limit): removes and returns due held entries named the version-4 way.
 local function claim(key, a, p, argc)
   local due, inflight, ev = key .. ':due', key .. ':inflight', key .. ':ev'
@@ -604,7 +613,8 @@ local function claim(key, a, p, argc)
     return out
   end
   local lease = tonumber(a[p + 1])
-  local out = {now}
+  local out = {now, tonumber(redis.call('GETDEL', key .. ':dropped')) or 0}
+  local head = #out
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', inflight, '-inf', now, 'LIMIT', 0, limit)) do
     local val = redis.call('HGET', ev, id)
     if val then
@@ -614,8 +624,8 @@ local function claim(key, a, p, argc)
       redis.call('ZREM', inflight, id)
     end
   end
-  if #out <= limit then
-    for _, name in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit + 1 - #out)) do
+  if #out - head < limit then
+    for _, name in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit - (#out - head))) do
       local val = redis.call('HGET', ev, name) or legacy_payload(name)
       redis.call('ZREM', due, name)
       redis.call('HDEL', ev, name)
@@ -627,7 +637,7 @@ local function claim(key, a, p, argc)
       end
     end
   end
-  if #out > 1 then
+  if #out > head then
     for _, k in ipairs({ev, inflight}) do redis.call('PEXPIRE', k, OUTBOX_TTL) end
   end
   return out

@@ -24,7 +24,13 @@ from typing import Any, TypeVar, cast
 from gateway._native import ReplyError, key_slot
 from gateway.shards import contract
 from gateway.shards.connection import ShardConnection
-from gateway.shards.contract import IDENTITY_KEY, Op, decode_lease_states, read_leases
+from gateway.shards.contract import (
+    IDENTITY_KEY,
+    OUTBOX_MAX,
+    Op,
+    decode_lease_states,
+    read_leases,
+)
 from gateway.shards.shardset import ShardSet
 from gateway.shards.topology import TopologyConfig
 from gateway.shards.writer import BatchWriter
@@ -55,9 +61,11 @@ class ShardReport:
     keys_without_expiry: list[str] = field(default_factory=list)
     foreign_keys: list[str] = field(default_factory=list)
     repaired: dict[str, int] = field(default_factory=dict)
-    #: The webhook outbox: entries waiting (held or due) and entries a node is delivering.
+    #: The webhook outbox: entries waiting (held or due), entries a node is delivering, and
+    #: webhooks dropped because it was full, not yet reported by a node's claim.
     webhooks_waiting: int = 0
     webhooks_in_delivery: int = 0
+    webhooks_dropped: int = 0
 
     @property
     def problems(self) -> int:
@@ -157,10 +165,11 @@ async def _audit_shard(
                 report.keys_without_expiry.append(_text(key))
     report.keys = dict(counts)
     report.memory_bytes = dict(memory)
-    waiting, delivering = await _read(
-        conn, [("ZCARD", tag + b":due"), ("ZCARD", tag + b":inflight")]
+    waiting, delivering, dropped = await _read(
+        conn, [("ZCARD", tag + b":due"), ("ZCARD", tag + b":inflight"), ("GET", tag + b":dropped")]
     )
     report.webhooks_waiting, report.webhooks_in_delivery = int(waiting), int(delivering)
+    report.webhooks_dropped = int(dropped or 0)
 
     dead: Counter[str] = Counter()
     unknown: Counter[str] = Counter()
@@ -314,6 +323,11 @@ def format_report(reports: list[ShardReport], *, as_json: bool = False) -> str:
         lines.append(
             f"  webhook outbox: {r.webhooks_waiting} waiting (held or due), "
             f"{r.webhooks_in_delivery} being delivered"
+            + (
+                f", {r.webhooks_dropped} dropped (outbox full: {OUTBOX_MAX} entries)"
+                if r.webhooks_dropped
+                else ""
+            )
         )
         sections = (
             ("keys on the wrong shard", r.wrong_shard_keys),

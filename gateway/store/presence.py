@@ -33,7 +33,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.shards.contract import ChannelCounts, Due, JoinResult, OutboxEntry, SubsResult
+from gateway.shards.contract import (
+    ChannelCounts,
+    Due,
+    JoinResult,
+    OutboxClaim,
+    OutboxEntry,
+    SubsResult,
+)
 
 __all__ = [
     "ChannelCounts",
@@ -42,6 +49,7 @@ __all__ = [
     "JoinResult",
     "LocalChannel",
     "LocalState",
+    "OutboxClaim",
     "OutboxEntry",
     "PresenceStore",
     "SubsItem",
@@ -180,13 +188,11 @@ class PresenceStore(Protocol):
         """Remember ``frame`` as the last event of a cache channel."""
         ...
 
-    async def claim_outbox(
-        self, limit: int, lease_ms: int
-    ) -> list[tuple[int, int, list[OutboxEntry]]]:
-        """Lease due outbox entries on every usable shard to this node for ``lease_ms``:
-        ``(shard, shard clock ms, entries)`` per shard. Each entry goes to one node at a time;
-        if it is neither acknowledged nor deferred within the lease, any node may claim it
-        again."""
+    async def claim_outbox(self, limit: int, lease_ms: int) -> list[OutboxClaim]:
+        """Lease due outbox entries on every usable shard to this node for ``lease_ms``: one
+        :class:`OutboxClaim` per shard that had entries or dropped webhooks (outbox full). Each
+        entry goes to one node at a time; if it is neither acknowledged nor deferred within the
+        lease, any node may claim it again."""
         ...
 
     async def ack_outbox(self, shard: int, ids: Sequence[str]) -> None:

@@ -39,7 +39,7 @@ from gateway.store.presence import (
     HooksFor,
     JoinResult,
     LocalChannel,
-    OutboxEntry,
+    OutboxClaim,
     SubsItem,
     SubsResult,
 )
@@ -88,6 +88,7 @@ class _Shard:
     inflight: dict[bytes, int] = field(default_factory=dict)  # ':inflight': id -> deadline
     ev: dict[bytes, bytes] = field(default_factory=dict)  # ':ev': name or id -> payload
     seq: int = 0  # ':seq'
+    dropped: int = 0  # ':dropped': webhooks dropped, the outbox being full
     nodes: dict[bytes, int] = field(default_factory=dict)  # ':nodes': owner -> deadline (ms)
     owner_index: dict[bytes, set[bytes]] = field(default_factory=dict)  # ':idx:<owner>'
     reaper: tuple[str, int] | None = None  # (token, lock expiry)
@@ -301,6 +302,9 @@ class _Ops:
 
     def outbox(self, kind: str, key: bytes, rest: str, at: int, name: bytes | None = None) -> None:
         shard = self.shard
+        if len(shard.ev) >= c.OUTBOX_MAX:
+            shard.dropped += 1
+            return
         shard.seq += 1
         ident = f"mem-{shard.index}:{self.now}:{shard.seq:012d}".encode()
         payload = b"\0".join((ident, str(self.now).encode(), kind.encode(), key, rest.encode()))
@@ -600,9 +604,7 @@ class MemoryPresenceStore:
         ops, key = await self._ops("cache", app_id, channel)
         ops.channel(key).cache = (frame, ops.now + ttl_ms)
 
-    async def claim_outbox(
-        self, limit: int, lease_ms: int
-    ) -> list[tuple[int, int, list[OutboxEntry]]]:
+    async def claim_outbox(self, limit: int, lease_ms: int) -> list[OutboxClaim]:
         """See :meth:`PresenceStore.claim_outbox`."""
         out = []
         for shard in self.shards.shards:
@@ -629,9 +631,10 @@ class MemoryPresenceStore:
                 shard.ev[ident] = payload
                 shard.inflight[ident] = now + lease_ms
                 payloads.append(payload)
-            _, entries = c.decode_claim([now, *payloads])
-            if entries:
-                out.append((shard.index, now, entries))
+            dropped, shard.dropped = shard.dropped, 0
+            _, _, entries = c.decode_claim([now, dropped, *payloads])
+            if entries or dropped:
+                out.append(OutboxClaim(shard.index, now, entries, dropped))
         return out
 
     async def ack_outbox(self, shard: int, ids: Sequence[str]) -> None:

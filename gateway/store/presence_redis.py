@@ -24,7 +24,7 @@ from gateway.store.presence import (
     HooksFor,
     JoinResult,
     LocalChannel,
-    OutboxEntry,
+    OutboxClaim,
     SubsItem,
     SubsResult,
 )
@@ -322,9 +322,7 @@ class RedisPresenceStore:
         """See :meth:`PresenceStore.cache_set`."""
         await self._write(c.cache(c.channel_key(app_id, channel), frame=frame, ttl_ms=ttl_ms))
 
-    async def claim_outbox(
-        self, limit: int, lease_ms: int
-    ) -> list[tuple[int, int, list[OutboxEntry]]]:
+    async def claim_outbox(self, limit: int, lease_ms: int) -> list[OutboxClaim]:
         """See :meth:`PresenceStore.claim_outbox`."""
         usable = [
             link.index
@@ -337,9 +335,9 @@ class RedisPresenceStore:
         for shard, reply in zip(usable, replies, strict=True):
             if isinstance(reply, BaseException):
                 continue  # that shard's entries wait for the next claim
-            now, entries = c.decode_claim(reply)
-            if entries:
-                out.append((shard, now, entries))
+            now, dropped, entries = c.decode_claim(reply)
+            if entries or dropped:
+                out.append(OutboxClaim(shard, now, entries, dropped))
         return out
 
     async def ack_outbox(self, shard: int, ids: Sequence[str]) -> None:
