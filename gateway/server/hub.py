@@ -661,23 +661,22 @@ class Hub:
     def hooks_for(self, app_id: str, channel: str) -> str:
         """The webhook kinds (letters of :data:`~gateway.shards.contract.HOOK_KINDS`) the app's
         endpoints want on ``channel``: what its store writes record in the outbox."""
+        app = self.config.app_by_id(app_id)
+        # '#' channels (#server-to-user-{id}, #online-...) are internal: no webhooks.
+        if app is None or not app.endpoints or channel.startswith("#"):
+            return ""  # the common case, and nothing kept per channel for it
         cid = (app_id, channel)
         kinds = self._hooks.get(cid)
         if kinds is None:
-            app = self.config.app_by_id(app_id)
-            # '#' channels (#server-to-user-{id}, #online-...) are internal: no webhooks.
-            if app is None or not app.endpoints or channel.startswith("#"):
-                kinds = ""
-            else:
-                wanted = {
-                    letter
-                    for name, letter in contract.HOOK_LETTERS.items()
-                    if any(e.wants(name, channel) for e in app.endpoints)
-                }
-                if not app.subscription_count:
-                    wanted.discard("c")
-                kinds = "".join(sorted(wanted))
-            if len(self._hooks) >= 65_536:
+            wanted = {
+                letter
+                for name, letter in contract.HOOK_LETTERS.items()
+                if any(e.wants(name, channel) for e in app.endpoints)
+            }
+            if not app.subscription_count:
+                wanted.discard("c")
+            kinds = "".join(sorted(wanted))
+            if len(self._hooks) >= 16_384:  # a bounded memo, not a second channel table
                 self._hooks.clear()
             self._hooks[cid] = kinds
         return kinds
