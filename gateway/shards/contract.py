@@ -528,9 +528,9 @@ def claim(tag: bytes, *, limit: int, lease_ms: int) -> Op:
     return (b"claim", tag, (_n(limit), _n(lease_ms)))
 
 
-def decode_claim(reply: object) -> tuple[int, int, list[OutboxEntry]]:
-    """The reply of ``claim``: the shard's time (ms), the webhooks dropped since the last claim
-    (outbox full) and the entries (malformed ones are skipped)."""
+def decode_claim(shard: int, reply: object) -> OutboxClaim:
+    """The reply of ``claim`` on ``shard``: the shard's time (ms), the webhooks dropped since
+    the last claim (outbox full) and the entries (malformed ones are skipped)."""
     items = cast(list[object], reply)
     now, dropped = cast(int, items[0]), cast(int, items[1])
     out: list[OutboxEntry] = []
@@ -545,7 +545,7 @@ def decode_claim(reply: object) -> tuple[int, int, list[OutboxEntry]]:
         except ValueError:
             continue
         out.append(OutboxEntry(parts[0].decode(), created, name, app_id, channel, parts[4]))
-    return now, dropped, out
+    return OutboxClaim(shard, now, out, dropped)
 
 
 def ack(tag: bytes, ids: Sequence[str]) -> Op:
@@ -559,7 +559,8 @@ def defer(tag: bytes, ids: Sequence[str], *, delay_ms: int) -> Op:
 
 
 def hook(key: bytes, *, kind: str, rest: str) -> Op:
-    """``hook``: record a client_event (``e``) or cache_miss (``x``) webhook in the outbox."""
+    """``hook``: record a webhook that goes with no write of state (``x`` cache_miss) in the
+    outbox."""
     return (b"hook", key, (kind.encode(), rest.encode()))
 
 

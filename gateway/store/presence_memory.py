@@ -632,9 +632,9 @@ class MemoryPresenceStore:
                 shard.inflight[ident] = now + lease_ms
                 payloads.append(payload)
             dropped, shard.dropped = shard.dropped, 0
-            _, _, entries = c.decode_claim([now, dropped, *payloads])
-            if entries or dropped:
-                out.append(OutboxClaim(shard.index, now, entries, dropped))
+            claimed = c.decode_claim(shard.index, [now, dropped, *payloads])
+            if claimed.entries or claimed.dropped:
+                out.append(claimed)
         return out
 
     async def ack_outbox(self, shard: int, ids: Sequence[str]) -> None:

@@ -335,9 +335,9 @@ class RedisPresenceStore:
         for shard, reply in zip(usable, replies, strict=True):
             if isinstance(reply, BaseException):
                 continue  # that shard's entries wait for the next claim
-            now, dropped, entries = c.decode_claim(reply)
-            if entries or dropped:
-                out.append(OutboxClaim(shard, now, entries, dropped))
+            claimed = c.decode_claim(shard, reply)
+            if claimed.entries or claimed.dropped:
+                out.append(claimed)
         return out
 
     async def ack_outbox(self, shard: int, ids: Sequence[str]) -> None:
