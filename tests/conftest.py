@@ -154,6 +154,9 @@ class CheckedLoop(uvloop.Loop):  # type: ignore[misc]
             warnings.simplefilter("always", ResourceWarning)
             super().close()
         leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+        for w in caught:  # any other warning goes on as it would have (an error, here)
+            if not issubclass(w.category, ResourceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if leaked:
             raise LeakedResources("left open when the event loop closed: " + "; ".join(leaked))
 
