@@ -574,6 +574,18 @@ class LocalCluster:
             return None
         return pid
 
+    @staticmethod
+    def _still_running(spec: ProcessSpec, pid: int) -> bool:
+        """Whether ``pid``, once verified as ``spec``'s process, has not exited yet.
+
+        Independent of the pidfile: Redis deletes its pidfile while shutting down, before the
+        process has closed its port and exited, so a missing pidfile does not mean gone.
+        """
+        state = _proc_state(pid)
+        if state is None or state in "ZX":
+            return False
+        return f"{spec.host}:{spec.port}" in _proc_cmdline(pid)
+
     def is_alive(self, addr: str) -> bool:
         """Whether the process on ``addr`` that this topology started is running."""
         return self.pid(self.process(addr)) is not None
@@ -709,14 +721,16 @@ class LocalCluster:
                 os.kill(pid, SIGTERM)
                 os.kill(pid, SIGCONT)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(self.pid(p) for p, _ in pids.values()):
+        while time.monotonic() < deadline and any(
+            self._still_running(p, pid) for p, pid in pids.values()
+        ):
             time.sleep(_POLL)
         for p, pid in pids.values():
-            if self.pid(p) is not None:
+            if self._still_running(p, pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, SIGKILL)
         self._wait(
-            lambda: [a for a, (p, _) in pids.items() if self.pid(p) is not None],
+            lambda: [a for a, (p, pid) in pids.items() if self._still_running(p, pid)],
             5.0,
             "killed processes to exit",
         )
@@ -1007,7 +1021,7 @@ class LocalCluster:
             )
         else:
             self._wait(
-                lambda: [] if self.pid(spec) is None else [f"{addr} still running"],
+                lambda: [f"{addr} still running"] if self._still_running(spec, pid) else [],
                 timeout,
                 f"{addr} to exit",
             )

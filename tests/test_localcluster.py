@@ -223,6 +223,41 @@ def test_down_never_signals_foreign_processes(tmp_path: Path) -> None:
             stranger.kill()
 
 
+_LINGERING = """
+import os, signal, sys, time
+pidfile = sys.argv[1]
+def term(*_):
+    # Like Redis: the pidfile goes first, the process exits a moment later.
+    os.unlink(pidfile)
+    time.sleep(1.0)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+open(pidfile, "w").write(f"{os.getpid()}\\n")
+time.sleep(60)
+"""
+
+
+def test_down_waits_for_exit_not_for_the_pidfile(tmp_path: Path) -> None:
+    local = LocalCluster(tmp_path, base_port=find_free_port_range(7))
+    spec = local.masters()[0]
+    # A stand-in whose command line names Redis and the address, as a Redis process title does.
+    with subprocess.Popen(
+        ["python3", "-c", _LINGERING, str(spec.pidfile), "redis-server", spec.addr]
+    ) as proc:
+        try:
+            deadline = time.monotonic() + 10
+            while local.pid(spec) is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert local.pid(spec) == proc.pid
+            assert local.down() == [spec.addr]
+            # down returned only once the process itself was gone (Popen has reaped it or it
+            # is a zombie waiting for us), not as soon as its pidfile disappeared.
+            assert _dead(proc.pid)
+            assert proc.wait(timeout=5) == 0
+        finally:
+            proc.kill()
+
+
 def test_failed_start_reports_logs_and_cleans_up(tmp_path: Path) -> None:
     local = LocalCluster(tmp_path, base_port=find_free_port_range(7), redis_sentinel="false")
     with pytest.raises(ClusterError, match="false"):
