@@ -16,6 +16,12 @@ and echoes everything else. Clients run in a third process.
   valid presence signature), wait for ``subscription_succeeded``, and unsubscribe, ``--cycles``
   times. The bare server's ceiling is the same frames echoed (subscribe and unsubscribe, each
   waited for). Joins+leaves/s.
+* what webhooks cost: the same churn on the same node against a second app whose webhook
+  endpoint (a local receiver, its own process, answering 200) takes every event, so each
+  transition also records its webhook in the shard's outbox and the node delivers them.
+  Measured alternately with the app without webhooks (two runs each) and reported as the
+  ratio of the two; the receiver's count (against the count expected: rejoins within the
+  hold cancel the held leaves) shows the webhooks were really sent.
 
 Also prints how many presence writes the gateway packed per Redis pipeline (from /metrics), to
 show that churn is batched rather than paid per operation. Every loop is bounded by its counts
@@ -60,6 +66,7 @@ from gateway.shards.admin import init_shards  # noqa: E402
 from gateway.shards.topology import load_topology  # noqa: E402
 
 KEY, SECRET, APP_ID = "app-key", "app-secret", "1"
+HOOKS_KEY = "app-key-hooks"  # the second app: same secret, a webhook endpoint for every event
 TIME_LIMIT = 120.0
 
 
@@ -95,6 +102,59 @@ def bare_server_main(port: int) -> None:
             await asyncio.Future()
 
     uvloop.run(run())
+
+
+# -- the webhook receiver (its own process) ----------------------------------------------------
+
+
+def sink_main(port: int) -> None:
+    """Answer every POST with 200 and count the webhook events; ``GET /count`` returns it."""
+
+    async def run() -> None:
+        received = 0
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal received
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError, ValueError):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                body = await reader.readexactly(length)
+                if head.startswith(b"GET /count"):
+                    answer = str(received).encode()
+                else:
+                    received += len(json.loads(body)["events"])
+                    answer = b""
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                    + f"Content-Length: {len(answer)}\r\n\r\n".encode()
+                    + answer
+                )
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    uvloop.run(run())
+
+
+def _sink_count(port: int) -> int:
+    return int(urllib.request.urlopen(f"http://127.0.0.1:{port}/count", timeout=5).read())
+
+
+def _sink_settled(port: int, expected: int, timeout: float = 30.0) -> int:
+    """The receiver's count once it has reached ``expected`` (or after ``timeout``), read again
+    2 s later so that a duplicate delivery would show."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _sink_count(port) < expected:
+        time.sleep(0.25)
+    time.sleep(2.0)
+    return _sink_count(port)
 
 
 # -- clients (their own process) ------------------------------------------------------------------
@@ -233,16 +293,18 @@ async def _publish_http(port: int, events: int) -> None:
     await asyncio.gather(*(worker(batches[w::4]) for w in range(4)))
 
 
-async def _churn(target: str, port: int, *, clients: int, cycles: int) -> dict[str, Any]:
+async def _churn(
+    target: str, port: int, *, clients: int, cycles: int, key: str = KEY, names: str = ""
+) -> dict[str, Any]:
     async def one(i: int) -> int:
-        path = "/app/app-key?protocol=7" if target == "gateway" else "/"
+        path = f"/app/{key}?protocol=7" if target == "gateway" else "/"
         ws = await _open(port, path)
         socket_id = "0.0"
         if target == "gateway":
             socket_id = json.loads(json.loads(await ws.recv())["data"])["socket_id"]
-        channel = f"presence-churn-{i % 10}"
-        data = json.dumps({"user_id": f"user-{i}", "user_info": {"n": i}})
-        auth = f"{KEY}:{sign(SECRET, f'{socket_id}:{channel}:{data}')}"
+        channel = f"presence-churn{names}-{i % 10}"
+        data = json.dumps({"user_id": f"user{names}-{i}", "user_info": {"n": i}})
+        auth = f"{key}:{sign(SECRET, f'{socket_id}:{channel}:{data}')}"
         sub = json.dumps(
             {
                 "event": "pusher:subscribe",
@@ -314,7 +376,13 @@ def run(clients: int, events: int, churn_clients: int, cycles: int) -> dict[str,
     """Start everything, measure both scenarios against both servers, stop everything."""
     workdir = Path(tempfile.mkdtemp(prefix="pg-bench-gw-"))
     cluster = LocalCluster(workdir, base_port=find_free_port_range(12))
-    gw_port, bare_port = _free_port(), _free_port()
+    gw_port, bare_port, sink_port = _free_port(), _free_port(), _free_port()
+    config = workdir / "apps.toml"
+    config.write_text(
+        f'[[apps]]\nid = "{APP_ID}"\nkey = "{KEY}"\nsecret = "{SECRET}"\n\n'
+        f'[[apps]]\nid = "2"\nkey = "{HOOKS_KEY}"\nsecret = "{SECRET}"\n'
+        f'webhook_url = "http://127.0.0.1:{sink_port}/hooks"\n'
+    )
     procs: list[subprocess.Popen[bytes]] = []
     try:
         cluster.up()
@@ -322,7 +390,8 @@ def run(clients: int, events: int, churn_clients: int, cycles: int) -> dict[str,
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--topology",
-                 str(cluster.topology_path), "--port", str(gw_port), "--node-id", "bench"],
+                 str(cluster.topology_path), "--port", str(gw_port), "--node-id", "bench",
+                 "--config", str(config)],
                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 env={**os.environ, **LOOPBACK_LOAD_ENV},
             )
@@ -333,8 +402,15 @@ def run(clients: int, events: int, churn_clients: int, cycles: int) -> dict[str,
                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
         )  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, "--serve-sink", str(sink_port)],
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        )  # fmt: skip
         _wait_port(gw_port)
         _wait_port(bare_port)
+        _wait_port(sink_port)
         figures: dict[str, Any] = {}
         for target, port in (("bare", bare_port), ("gateway", gw_port)):
             f = measure("fanout", target, port, clients=clients, events=events)
@@ -347,6 +423,34 @@ def run(clients: int, events: int, churn_clients: int, cycles: int) -> dict[str,
         writes = _sum(after, "pg_writes_applied_total") - _sum(before, "pg_writes_applied_total")
         batches = _sum(after, "pg_write_batches_total") - _sum(before, "pg_write_batches_total")
         figures["churn_writes_per_pipeline"] = writes / batches if batches else 0.0
+        # What webhooks cost: the same churn against the app with an endpoint, alternating.
+        plain: list[float] = []
+        hooked: list[float] = []
+        # Each hooked run has users and channels of its own, so what it sends does not depend on
+        # how long the run between took.
+        for key, rates, names in (
+            (HOOKS_KEY, hooked, "-a"),
+            (KEY, plain, ""),
+            (HOOKS_KEY, hooked, "-b"),
+        ):
+            c = measure(
+                "churn",
+                "gateway",
+                gw_port,
+                clients=churn_clients,
+                cycles=cycles,
+                key=key,
+                names=names,
+            )
+            rates.append(c["joins_and_leaves"] / c["seconds"])
+        figures["churn_webhooks"] = sum(hooked) / len(hooked)
+        figures["churn_no_webhooks"] = (figures["churn_gateway"] + plain[0]) / 2
+        # Per hooked run: each user's first member_added and last member_removed, each
+        # channel's occupied and vacated; a rejoin within the hold cancels the held leave, as
+        # Pusher does.
+        expected = 2 * (2 * churn_clients + 2 * min(churn_clients, 10))
+        figures["webhook_events_expected"] = float(expected)
+        figures["webhook_events_delivered"] = float(_sink_settled(sink_port, expected))
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGINT)
@@ -359,6 +463,7 @@ def run(clients: int, events: int, churn_clients: int, cycles: int) -> dict[str,
         shutil.rmtree(workdir, ignore_errors=True)
     figures["fanout_ratio"] = figures["fanout_gateway"] / figures["fanout_bare"]
     figures["churn_ratio"] = figures["churn_gateway"] / figures["churn_bare"]
+    figures["webhooks_ratio"] = figures["churn_webhooks"] / figures["churn_no_webhooks"]
     return {k: round(v, 3) for k, v in figures.items()}
 
 
@@ -371,9 +476,13 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=100)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--serve-bare", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-sink", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_bare:
         bare_server_main(args.serve_bare)
+        return
+    if args.serve_sink:
+        sink_main(args.serve_sink)
         return
     f = run(args.clients, args.events, args.churn_clients, args.cycles)
     print(
@@ -386,6 +495,13 @@ def main() -> None:
         f"{f['churn_gateway']:,.0f} joins+leaves/s, bare echo {f['churn_bare']:,.0f}/s, "
         f"ratio {f['churn_ratio']:.2f}; {f['churn_writes_per_pipeline']:.1f} writes per "
         "Redis pipeline"
+    )
+    print(
+        f"what webhooks cost, the same churn: app with an endpoint taking every event "
+        f"{f['churn_webhooks']:,.0f} joins+leaves/s, app without {f['churn_no_webhooks']:,.0f}/s "
+        f"(two runs each, alternating), ratio {f['webhooks_ratio']:.2f}; "
+        f"{f['webhook_events_delivered']:,.0f} webhook events delivered "
+        f"({f['webhook_events_expected']:,.0f} expected)"
     )
     if args.json:
         args.json.write_text(json.dumps(f, indent=2))
