@@ -328,14 +328,14 @@ class _Posts:
         return self.status
 
 
-def _outbox_world(posts: _Posts, **options: Any) -> Any:
+def _outbox_world(posts: Any, shards: int = 1, max_queue: int = 10_000, **options: Any) -> Any:
     from gateway.server.outbox import OutboxDispatcher
     from gateway.store.presence_memory import MemoryShards
 
     clock = {"now": 1_000_000}
-    shards = MemoryShards(1, clock=lambda: clock["now"])
-    store = shards.store("n@1", hold_ms=100, hooks=lambda a, c: "amovcex")
-    sender = WebhookSender(batch_delay=0.01, initial_backoff=0.05, post=posts)
+    world = MemoryShards(shards, clock=lambda: clock["now"])
+    store = world.store("n@1", hold_ms=100, hooks=lambda a, c: "amovcex")
+    sender = WebhookSender(batch_delay=0.01, initial_backoff=0.05, post=posts, max_queue=max_queue)
     apps = {APP.id: replace(APP, webhook_url="http://h/x")}
     dispatcher = OutboxDispatcher(store, sender, apps.get, Metrics(), **options)
     return clock, store, sender, dispatcher
@@ -374,6 +374,62 @@ async def test_the_dispatcher_delivers_acknowledges_and_gives_back() -> None:
     await dispatcher.close()
     [(_, _, entries, _)] = await store.claim_outbox(100, 1000)
     assert [(e.name, e.rest) for e in entries] == [("member_removed", b"u1")]
+
+
+class _Gated(_Posts):
+    """An endpoint that answers nothing until :attr:`gate` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def __call__(self, url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
+        await self.gate.wait()
+        return await super().__call__(url, body, headers, timeout)
+
+
+async def test_a_backlog_is_claimed_up_to_what_the_sender_queues_and_no_more() -> None:
+    posts = _Gated()
+    # The sender queues at most 7 events per endpoint; the dispatcher claims 5 per shard at a
+    # time from 2 shards. Beyond 7 in hand the sender would drop the oldest, and a dropped entry
+    # would be acknowledged: lost.
+    _clock, store, sender, dispatcher = _outbox_world(posts, shards=2, max_queue=7, limit=5)
+    assert dispatcher.cap == 7
+    for i in range(20):
+        await store.set_subscribers(APP.id, f"room-{i}", 1, publish_count=False)
+    per_shard = [len(shard.ev) for shard in store.shards.shards]
+    assert min(per_shard) >= 5, per_shard  # both shards have more due than one claim takes
+    await dispatcher.run_once()
+    assert len(dispatcher.claimed) == 7
+    assert sender.metrics.get("pg_webhooks_dropped_total", reason="queue_full") == 0
+    # What came back over the cap is claimable at once, not after the lease.
+    rest = await store.claim_outbox(100, 1000)
+    assert sum(len(c.entries) for c in rest) == 40 - 7
+    for claim in rest:
+        await store.defer_outbox(claim.shard, [e.id for e in claim.entries], 0)
+    # Once the endpoint answers, rounds of claims drain the backlog, nothing dropped twice.
+    posts.gate.set()
+    for _ in range(40):
+        await dispatcher.run_once()
+        if len(posts.events) == 40 and not dispatcher.claimed:
+            break
+        await asyncio.sleep(0.02)
+    assert len(posts.events) == 40
+    assert len({e["id"] for e in posts.events}) == 40
+    assert await store.claim_outbox(100, 1000) == []
+    assert sender.metrics.get("pg_webhooks_dropped_total", reason="queue_full") == 0
+    await sender.close(timeout=0.1)
+
+
+async def test_a_backlog_drains_in_rounds_of_claims() -> None:
+    posts = _Posts()
+    _clock, store, sender, dispatcher = _outbox_world(posts, limit=5, rounds=3)
+    for i in range(20):
+        await store.set_subscribers(APP.id, f"room-{i}", 1, publish_count=False)
+    await dispatcher.run_once()
+    # Three claims of 5 in one run: a shard with a backlog is not held to one claim a period.
+    assert dispatcher.metrics.get("pg_webhooks_claimed_total") == 15
+    await sender.close(timeout=1.0)
 
 
 async def test_entries_older_than_the_give_up_time_are_dropped() -> None:

@@ -75,6 +75,9 @@ class OutboxDispatcher:
         lease_ms: How long a claim lasts before another node may claim the entry again.
         give_up: Seconds after its transition an event is given up (Pusher's 5 minutes).
         limit: Entries claimed per shard at a time.
+        rounds: Claims made one after the other in one :meth:`run_once` while shards still
+            have due entries (a backlog drains at up to ``rounds * limit`` entries per shard a
+            round instead of ``limit``).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class OutboxDispatcher:
         lease_ms: int = 30_000,
         give_up: float = 300.0,
         limit: int = 200,
+        rounds: int = 8,
     ) -> None:
         self.store = store
         self.sender = sender
@@ -95,6 +99,10 @@ class OutboxDispatcher:
         self.lease_ms = lease_ms
         self.give_up = give_up
         self.limit = limit
+        self.rounds = rounds
+        #: Most entries in hand at once. Never more than the sender queues for one endpoint:
+        #: beyond that it would drop the oldest, and a dropped entry would be acknowledged.
+        self.cap = min(50 * limit, sender.max_queue)
         #: Entries this node claimed and still delivers, by id.
         self.claimed: dict[str, _Claimed] = {}
         self._acks: dict[int, list[str]] = {}
@@ -103,17 +111,28 @@ class OutboxDispatcher:
         self.metrics.describe("pg_webhooks_claimed_total", "Outbox entries claimed by this node.")
 
     async def run_once(self) -> None:
-        """One round: finish acknowledgements, extend leases, claim and dispatch."""
+        """One round: finish acknowledgements, extend leases, claim and dispatch; claim again
+        at once (up to ``rounds`` times) while a shard had more due than one claim takes."""
         await self.flush()
         await self._extend()
-        if len(self.claimed) >= 50 * self.limit:
-            return  # enough in hand: let endpoints catch up (others may claim the rest)
+        for _ in range(self.rounds):
+            if not await self._claim():
+                return
+
+    async def _claim(self) -> bool:
+        """Claim and dispatch once; whether a shard may have more due and there is room."""
+        room = self.cap - len(self.claimed)
+        if room <= 0:
+            return False  # enough in hand: let endpoints catch up (others may claim the rest)
+        limit = min(self.limit, room)
         try:
-            claims = await self.store.claim_outbox(self.limit, self.lease_ms)
+            claims = await self.store.claim_outbox(limit, self.lease_ms)
         except (WriteFailed, ConnectionError, TimeoutError) as exc:
             log.warning("outbox: claim failed: %s", exc)
-            return
+            return False
         loop = asyncio.get_running_loop()
+        more = False
+        back: dict[int, list[str]] = {}
         for shard, shard_now, entries, dropped in claims:
             if dropped:
                 self.metrics.inc(DROPPED, dropped, reason="outbox_full")
@@ -126,8 +145,17 @@ class OutboxDispatcher:
                     extra=fields(shard=shard, reason="outbox_full"),
                 )
             self.metrics.inc("pg_webhooks_claimed_total", len(entries))
+            more = more or len(entries) >= limit
             for entry in entries:
-                self._dispatch(shard, shard_now, entry, loop.time())
+                if len(self.claimed) >= self.cap and entry.id not in self.claimed:
+                    # Over the cap (several shards answered): another claim takes it soon.
+                    back.setdefault(shard, []).append(entry.id)
+                else:
+                    self._dispatch(shard, shard_now, entry, loop.time())
+        if back:
+            await self._give_back(back)
+            return False
+        return more
 
     def _dispatch(self, shard: int, shard_now: int, entry: OutboxEntry, now: float) -> None:
         if entry.id in self.claimed:
@@ -200,6 +228,10 @@ class OutboxDispatcher:
         for ident, claimed in self.claimed.items():
             back.setdefault(claimed.shard, []).append(ident)
         self.claimed.clear()
+        await self._give_back(back)
+
+    async def _give_back(self, back: dict[int, list[str]]) -> None:
+        """Make entries claimable again at once (by any node)."""
         for shard, ids in back.items():
             try:
                 await self.store.defer_outbox(shard, ids, 0)
