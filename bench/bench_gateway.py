@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,8 @@ from gateway.shards.admin import init_shards  # noqa: E402
 from gateway.shards.topology import load_topology  # noqa: E402
 
 KEY, SECRET, APP_ID = "app-key", "app-secret", "1"
+# Client events as fast as a socket sends them: the per-connection limit at its maximum.
+CE_RATE = "client_events_per_second = 10000"
 HOOKS_KEY = "app-key-hooks"  # the second app: same secret, a webhook endpoint for every event
 TIME_LIMIT = 120.0
 
@@ -108,10 +111,11 @@ def bare_server_main(port: int) -> None:
 
 
 def sink_main(port: int) -> None:
-    """Answer every POST with 200 and count the webhook events; ``GET /count`` returns it."""
+    """Answer every POST with 200 and count the webhook events by name; ``GET /count`` returns
+    the counts as JSON."""
 
     async def run() -> None:
-        received = 0
+        received: dict[str, int] = {}
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             nonlocal received
@@ -124,9 +128,10 @@ def sink_main(port: int) -> None:
                         length = int(value)
                 body = await reader.readexactly(length)
                 if head.startswith(b"GET /count"):
-                    answer = str(received).encode()
+                    answer = json.dumps(received).encode()
                 else:
-                    received += len(json.loads(body)["events"])
+                    for event in json.loads(body)["events"]:
+                        received[event["name"]] = received.get(event["name"], 0) + 1
                     answer = b""
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
@@ -143,18 +148,22 @@ def sink_main(port: int) -> None:
     uvloop.run(run())
 
 
-def _sink_count(port: int) -> int:
-    return int(urllib.request.urlopen(f"http://127.0.0.1:{port}/count", timeout=5).read())
+def _sink_counts(port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/count", timeout=5) as answer:
+        return dict(json.loads(answer.read()))
 
 
-def _sink_settled(port: int, expected: int, timeout: float = 30.0) -> int:
-    """The receiver's count once it has reached ``expected`` (or after ``timeout``), read again
-    2 s later so that a duplicate delivery would show."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _sink_count(port) < expected:
-        time.sleep(0.25)
+def _sink_settled(
+    port: int, enough: Callable[[dict[str, int]], bool], timeout: float = 60.0
+) -> tuple[dict[str, int], float]:
+    """The receiver's counts once ``enough`` holds (or after ``timeout``), read again 2 s later
+    so that a duplicate delivery would show; and the seconds it took to hold."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout and not enough(_sink_counts(port)):
+        time.sleep(0.1)
+    waited = time.monotonic() - start
     time.sleep(2.0)
-    return _sink_count(port)
+    return _sink_counts(port), waited
 
 
 # -- clients (their own process) ------------------------------------------------------------------
@@ -162,7 +171,7 @@ def _sink_settled(port: int, expected: int, timeout: float = 30.0) -> int:
 
 def client_main(kind: str, target: str, port: int, args: dict[str, Any], out: Any) -> None:
     """Run one measurement's clients and send the figures back through ``out``."""
-    fn = _fanout if kind == "fanout" else _churn
+    fn = {"fanout": _fanout, "churn": _churn, "client_events": _client_events}[kind]
     out.put(uvloop.run(asyncio.wait_for(fn(target, port, **args), TIME_LIMIT)))
 
 
@@ -335,6 +344,79 @@ async def _churn(
     return {"joins_and_leaves": 2 * sum(done), "seconds": elapsed}
 
 
+async def _client_events(
+    target: str, port: int, *, pairs: int, events: int, key: str, names: str
+) -> dict[str, Any]:
+    """``pairs`` private channels, two sockets on each: one sends ``events`` client events as
+    fast as it can, the other receives them. Returns client-event deliveries and seconds."""
+
+    async def subscribed(channel: str) -> Any:
+        ws = await _open(port, f"/app/{key}?protocol=7")
+        socket_id = json.loads(json.loads(await ws.recv())["data"])["socket_id"]
+        auth = f"{key}:{sign(SECRET, f'{socket_id}:{channel}')}"
+        await ws.send(
+            json.dumps({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth}})
+        )
+        while True:
+            frame = json.loads(await ws.recv())
+            if frame["event"] == "pusher_internal:subscription_succeeded":
+                return ws
+            if frame["event"] in ("pusher:error", "pusher:subscription_error"):
+                raise RuntimeError(frame)
+
+    async def pair(i: int) -> int:
+        channel = f"private-ce{names}-{i}"
+        sender, receiver = await subscribed(channel), await subscribed(channel)
+        joined.append(i)
+        if len(joined) == pairs:
+            all_in.set()
+        await ready.wait()
+        frame = json.dumps({"event": "client-x", "channel": channel, "data": {"n": 0}})
+        for _ in range(events):
+            await sender.send(frame)
+
+        async def receive() -> int:
+            got = 0
+            while got < events:
+                message = json.loads(await receiver.recv())
+                if message["event"] == "client-x":
+                    got += 1
+                elif message["event"] == "pusher:error":
+                    raise RuntimeError(message)
+            return got
+
+        async def refused() -> None:
+            # A refused client event (over a limit) is answered to the sender: fail at once
+            # instead of waiting for an event that will never come.
+            async for message in sender:
+                if json.loads(message)["event"] == "pusher:error":
+                    raise RuntimeError(f"client event refused: {message}")
+
+        receiving, watching = asyncio.create_task(receive()), asyncio.create_task(refused())
+        await asyncio.wait([receiving, watching], return_when=asyncio.FIRST_COMPLETED)
+        watching.cancel()
+        if not receiving.done():
+            receiving.cancel()
+            watching.result()  # raises the refusal (or says the sender's socket closed)
+            raise RuntimeError("the sender's socket closed")
+        for ws in (sender, receiver):
+            await ws.close()
+        return receiving.result()
+
+    joined: list[int] = []
+    all_in, ready = asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.create_task(pair(i)) for i in range(pairs)]
+    # Every socket is subscribed before the clock starts: only the events are timed. A pair
+    # that fails to subscribe ends the wait too, and gather raises its error.
+    waiter = asyncio.create_task(all_in.wait())
+    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    start = time.perf_counter()
+    ready.set()
+    done = await asyncio.gather(*tasks)
+    return {"deliveries": sum(done), "seconds": time.perf_counter() - start}
+
+
 def measure(kind: str, target: str, port: int, **args: Any) -> dict[str, Any]:
     """Run one client process and return its figures."""
     ctx = mp.get_context("spawn")
@@ -372,15 +454,22 @@ def _sum(metrics: dict[str, float], prefix: str) -> float:
     return sum(v for k, v in metrics.items() if k.startswith(prefix))
 
 
-def run(clients: int, events: int, churn_clients: int, cycles: int) -> dict[str, Any]:
+def run(
+    clients: int,
+    events: int,
+    churn_clients: int,
+    cycles: int,
+    ce_pairs: int = 20,
+    ce_events: int = 1000,
+) -> dict[str, Any]:
     """Start everything, measure both scenarios against both servers, stop everything."""
     workdir = Path(tempfile.mkdtemp(prefix="pg-bench-gw-"))
     cluster = LocalCluster(workdir, base_port=find_free_port_range(12))
     gw_port, bare_port, sink_port = _free_port(), _free_port(), _free_port()
     config = workdir / "apps.toml"
     config.write_text(
-        f'[[apps]]\nid = "{APP_ID}"\nkey = "{KEY}"\nsecret = "{SECRET}"\n\n'
-        f'[[apps]]\nid = "2"\nkey = "{HOOKS_KEY}"\nsecret = "{SECRET}"\n'
+        f'[[apps]]\nid = "{APP_ID}"\nkey = "{KEY}"\nsecret = "{SECRET}"\n{CE_RATE}\n\n'
+        f'[[apps]]\nid = "2"\nkey = "{HOOKS_KEY}"\nsecret = "{SECRET}"\n{CE_RATE}\n'
         f'webhook_url = "http://127.0.0.1:{sink_port}/hooks"\n'
     )
     procs: list[subprocess.Popen[bytes]] = []
@@ -450,7 +539,27 @@ def run(clients: int, events: int, churn_clients: int, cycles: int) -> dict[str,
         # Pusher does.
         expected = 2 * (2 * churn_clients + 2 * min(churn_clients, 10))
         figures["webhook_events_expected"] = float(expected)
-        figures["webhook_events_delivered"] = float(_sink_settled(sink_port, expected))
+        counts, _ = _sink_settled(sink_port, lambda c: sum(c.values()) >= expected)
+        figures["webhook_events_delivered"] = float(sum(counts.values()))
+        # Client events: each one is also recorded as a client_event webhook, in the same write.
+        ce_plain: list[float] = []
+        ce_hooked: list[float] = []
+        runs = ((KEY, ce_plain, "-p"), (HOOKS_KEY, ce_hooked, "-a"))
+        for key, rates, names in (*runs, *((k, r, n + "2") for k, r, n in runs)):
+            c = measure(
+                "client_events", "gateway", gw_port, pairs=ce_pairs, events=ce_events,
+                key=key, names=names,
+            )  # fmt: skip
+            rates.append(c["deliveries"] / c["seconds"])
+        figures["client_events_no_webhooks"] = sum(ce_plain) / len(ce_plain)
+        figures["client_events_webhooks"] = sum(ce_hooked) / len(ce_hooked)
+        expected_ce = 2 * ce_pairs * ce_events
+        figures["client_event_webhooks_expected"] = float(expected_ce)
+        counts, waited = _sink_settled(sink_port, lambda c: c.get("client_event", 0) >= expected_ce)
+        figures["client_event_webhooks_delivered"] = float(counts.get("client_event", 0))
+        # How far delivery lagged behind: seconds from the last run's end until every
+        # client_event webhook had arrived.
+        figures["client_event_webhooks_lag_seconds"] = waited
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGINT)
@@ -464,6 +573,9 @@ def run(clients: int, events: int, churn_clients: int, cycles: int) -> dict[str,
     figures["fanout_ratio"] = figures["fanout_gateway"] / figures["fanout_bare"]
     figures["churn_ratio"] = figures["churn_gateway"] / figures["churn_bare"]
     figures["webhooks_ratio"] = figures["churn_webhooks"] / figures["churn_no_webhooks"]
+    figures["client_events_webhooks_ratio"] = (
+        figures["client_events_webhooks"] / figures["client_events_no_webhooks"]
+    )
     return {k: round(v, 3) for k, v in figures.items()}
 
 
@@ -474,6 +586,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1000)
     parser.add_argument("--churn-clients", type=int, default=50)
     parser.add_argument("--cycles", type=int, default=100)
+    parser.add_argument("--ce-pairs", type=int, default=20, help="client-event channels")
+    parser.add_argument("--ce-events", type=int, default=1000, help="client events per channel")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--serve-bare", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-sink", type=int, help=argparse.SUPPRESS)
@@ -484,7 +598,9 @@ def main() -> None:
     if args.serve_sink:
         sink_main(args.serve_sink)
         return
-    f = run(args.clients, args.events, args.churn_clients, args.cycles)
+    f = run(
+        args.clients, args.events, args.churn_clients, args.cycles, args.ce_pairs, args.ce_events
+    )
     print(
         f"fan-out, {args.clients} clients x {args.events} events: gateway "
         f"{f['fanout_gateway']:,.0f} deliveries/s, bare websockets {f['fanout_bare']:,.0f}/s, "
@@ -502,6 +618,15 @@ def main() -> None:
         f"(two runs each, alternating), ratio {f['webhooks_ratio']:.2f}; "
         f"{f['webhook_events_delivered']:,.0f} webhook events delivered "
         f"({f['webhook_events_expected']:,.0f} expected)"
+    )
+    print(
+        f"client events, {args.ce_pairs} channels x {args.ce_events} events: app with an "
+        f"endpoint {f['client_events_webhooks']:,.0f} deliveries/s, app without "
+        f"{f['client_events_no_webhooks']:,.0f}/s (two runs each, alternating), ratio "
+        f"{f['client_events_webhooks_ratio']:.2f}; "
+        f"{f['client_event_webhooks_delivered']:,.0f} client_event webhooks delivered "
+        f"({f['client_event_webhooks_expected']:,.0f} expected), the last "
+        f"{f['client_event_webhooks_lag_seconds']:.1f} s after the last run ended"
     )
     if args.json:
         args.json.write_text(json.dumps(f, indent=2))

@@ -1,6 +1,7 @@
 """The end-to-end benchmark (``bench/bench_gateway.py``) with small counts: every scenario runs
 to the end against a real node and topology, and the app with a webhook endpoint gets exactly
-the webhooks its churn should send. Figures are printed (``-s``), never judged here."""
+the webhooks its churn and its client events should send. Figures are printed (``-s``), never
+judged here."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ pytestmark = [pytest.mark.timeout(300)]
 def test_the_gateway_benchmark_runs_and_its_webhooks_all_arrive(tmp_path: Path) -> None:
     out = tmp_path / "gateway.json"
     args = ["--clients", "5", "--events", "20", "--churn-clients", "5", "--cycles", "3"]
+    args += ["--ce-pairs", "3", "--ce-events", "50"]
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_gateway.py"), *args, "--json", str(out)],
         cwd=ROOT,
@@ -35,5 +37,15 @@ def test_the_gateway_benchmark_runs_and_its_webhooks_all_arrive(tmp_path: Path) 
     # within the hold send nothing. Fewer would be a lost webhook, more a duplicate.
     assert figures["webhook_events_expected"] == 40
     assert figures["webhook_events_delivered"] == 40
-    for name in ("fanout_gateway", "churn_gateway", "churn_webhooks", "churn_no_webhooks"):
+    # Every client event of the app with an endpoint, two runs of 3 channels x 50, once each.
+    assert figures["client_event_webhooks_expected"] == 300
+    assert figures["client_event_webhooks_delivered"] == 300
+    for name in (
+        "fanout_gateway",
+        "churn_gateway",
+        "churn_webhooks",
+        "churn_no_webhooks",
+        "client_events_webhooks",
+        "client_events_no_webhooks",
+    ):
         assert figures[name] > 0, name
