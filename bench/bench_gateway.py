@@ -1,7 +1,8 @@
 """End-to-end gateway benchmark: fan-out and presence churn vs a bare websockets server.
 
 Usage: python bench/bench_gateway.py [--clients 200] [--events 1000] [--churn-clients 50]
-                                     [--cycles 100] [--json FILE]
+                                     [--cycles 100] [--ce-pairs 20] [--ce-events 1000]
+                                     [--json FILE]
 
 Starts, in one run and on loopback only: a local Redis topology (2 shards, 1 replica each,
 3 Sentinels), one gateway node (``presence-gateway serve``, its own process) and a bare
@@ -22,6 +23,10 @@ and echoes everything else. Clients run in a third process.
   Measured alternately with the app without webhooks (two runs each) and reported as the
   ratio of the two; the receiver's count (against the count expected: rejoins within the
   hold cancel the held leaves) shows the webhooks were really sent.
+* client events with and without webhooks: ``--ce-pairs`` private channels with two sockets
+  each, one sending ``--ce-events`` client events as fast as it can, the other receiving them;
+  the same two apps, alternating, two runs each. Every ``client_event`` webhook must reach the
+  receiver; how long after the last run the last one arrived is printed.
 
 Also prints how many presence writes the gateway packed per Redis pipeline (from /metrics), to
 show that churn is batched rather than paid per operation. Every loop is bounded by its counts
