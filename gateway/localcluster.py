@@ -566,17 +566,12 @@ class LocalCluster:
             pid = int(spec.pidfile.read_text().strip())
         except (OSError, ValueError):
             return None
-        state = _proc_state(pid)
-        if state is None or state in "ZX":
-            return None
-        cmdline = _proc_cmdline(pid)
-        if "redis" not in cmdline or f"{spec.host}:{spec.port}" not in cmdline:
-            return None
-        return pid
+        return pid if self._still_running(spec, pid) else None
 
     @staticmethod
     def _still_running(spec: ProcessSpec, pid: int) -> bool:
-        """Whether ``pid``, once verified as ``spec``'s process, has not exited yet.
+        """Whether ``pid`` is a live (not zombie) Redis process whose title names ``spec``'s
+        address.
 
         Independent of the pidfile: Redis deletes its pidfile while shutting down, before the
         process has closed its port and exited, so a missing pidfile does not mean gone.
@@ -584,7 +579,8 @@ class LocalCluster:
         state = _proc_state(pid)
         if state is None or state in "ZX":
             return False
-        return f"{spec.host}:{spec.port}" in _proc_cmdline(pid)
+        cmdline = _proc_cmdline(pid)
+        return "redis" in cmdline and f"{spec.host}:{spec.port}" in cmdline
 
     def is_alive(self, addr: str) -> bool:
         """Whether the process on ``addr`` that this topology started is running."""
