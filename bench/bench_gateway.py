@@ -44,12 +44,13 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -459,6 +460,29 @@ def _sum(metrics: dict[str, float], prefix: str) -> float:
     return sum(v for k, v in metrics.items() if k.startswith(prefix))
 
 
+def _alternate(
+    kind: str, port: int, runs: Sequence[tuple[str, str]], per_second: str, **args: Any
+) -> dict[str, list[float]]:
+    """Measure ``kind`` on the gateway once per ``(app key, names)`` of ``runs``, in order;
+    each run's ``per_second`` figure, by app key. Distinct ``names`` give each run channels
+    and users of its own."""
+    rates: dict[str, list[float]] = {KEY: [], HOOKS_KEY: []}
+    for key, names in runs:
+        c = measure(kind, "gateway", port, key=key, names=names, **args)
+        rates[key].append(c[per_second] / c["seconds"])
+    return rates
+
+
+def _serve_self(flag: str, port: int) -> subprocess.Popen[bytes]:
+    """This script in its own process, serving ``--serve-bare`` or ``--serve-sink``."""
+    return subprocess.Popen(
+        [sys.executable, __file__, flag, str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def run(
     clients: int,
     events: int,
@@ -490,18 +514,7 @@ def run(
                 env={**os.environ, **LOOPBACK_LOAD_ENV},
             )
         )  # fmt: skip
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, "--serve-bare", str(bare_port)],
-                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-        )  # fmt: skip
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, "--serve-sink", str(sink_port)],
-                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-        )  # fmt: skip
+        procs += [_serve_self("--serve-bare", bare_port), _serve_self("--serve-sink", sink_port)]
         _wait_port(gw_port)
         _wait_port(bare_port)
         _wait_port(sink_port)
@@ -517,28 +530,16 @@ def run(
         writes = _sum(after, "pg_writes_applied_total") - _sum(before, "pg_writes_applied_total")
         batches = _sum(after, "pg_write_batches_total") - _sum(before, "pg_write_batches_total")
         figures["churn_writes_per_pipeline"] = writes / batches if batches else 0.0
-        # What webhooks cost: the same churn against the app with an endpoint, alternating.
-        plain: list[float] = []
-        hooked: list[float] = []
-        # Each hooked run has users and channels of its own, so what it sends does not depend on
-        # how long the run between took.
-        for key, rates, names in (
-            (HOOKS_KEY, hooked, "-a"),
-            (KEY, plain, ""),
-            (HOOKS_KEY, hooked, "-b"),
-        ):
-            c = measure(
-                "churn",
-                "gateway",
-                gw_port,
-                clients=churn_clients,
-                cycles=cycles,
-                key=key,
-                names=names,
-            )
-            rates.append(c["joins_and_leaves"] / c["seconds"])
-        figures["churn_webhooks"] = sum(hooked) / len(hooked)
-        figures["churn_no_webhooks"] = (figures["churn_gateway"] + plain[0]) / 2
+        # What webhooks cost: the same churn against the app with an endpoint, alternating
+        # (the churn just measured is the first run without). Each hooked run has users and
+        # channels of its own, so what it sends does not depend on how long the run between
+        # took.
+        churn = _alternate(
+            "churn", gw_port, [(HOOKS_KEY, "-a"), (KEY, ""), (HOOKS_KEY, "-b")],
+            "joins_and_leaves", clients=churn_clients, cycles=cycles,
+        )  # fmt: skip
+        figures["churn_webhooks"] = statistics.fmean(churn[HOOKS_KEY])
+        figures["churn_no_webhooks"] = statistics.fmean([figures["churn_gateway"], *churn[KEY]])
         # Per hooked run: each user's first member_added and last member_removed, each
         # channel's occupied and vacated; a rejoin within the hold cancels the held leave, as
         # Pusher does.
@@ -547,17 +548,13 @@ def run(
         counts, _ = _sink_settled(sink_port, lambda c: sum(c.values()) >= expected)
         figures["webhook_events_delivered"] = float(sum(counts.values()))
         # Client events: each one is also recorded as a client_event webhook, in the same write.
-        ce_plain: list[float] = []
-        ce_hooked: list[float] = []
-        runs = ((KEY, ce_plain, "-p"), (HOOKS_KEY, ce_hooked, "-a"))
-        for key, rates, names in (*runs, *((k, r, n + "2") for k, r, n in runs)):
-            c = measure(
-                "client_events", "gateway", gw_port, pairs=ce_pairs, events=ce_events,
-                key=key, names=names,
-            )  # fmt: skip
-            rates.append(c["deliveries"] / c["seconds"])
-        figures["client_events_no_webhooks"] = sum(ce_plain) / len(ce_plain)
-        figures["client_events_webhooks"] = sum(ce_hooked) / len(ce_hooked)
+        ce = _alternate(
+            "client_events", gw_port,
+            [(KEY, "-p1"), (HOOKS_KEY, "-a1"), (KEY, "-p2"), (HOOKS_KEY, "-a2")],
+            "deliveries", pairs=ce_pairs, events=ce_events,
+        )  # fmt: skip
+        figures["client_events_no_webhooks"] = statistics.fmean(ce[KEY])
+        figures["client_events_webhooks"] = statistics.fmean(ce[HOOKS_KEY])
         expected_ce = 2 * ce_pairs * ce_events
         figures["client_event_webhooks_expected"] = float(expected_ce)
         counts, waited = _sink_settled(sink_port, lambda c: c.get("client_event", 0) >= expected_ce)
